@@ -1,0 +1,25 @@
+"""The one interface of the synthetic-data stage: make [0,1] images aimed at given classes."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import Any
+
+import torch
+
+
+class SyntheticImageGenerator(ABC):
+    """A way of making inputs for a teacher. ``generate`` is called once per shard, with the
+    shard's target labels and a seed derived from the shard id, so a resumed run remakes a
+    shard exactly. Under torch.distributed every rank calls it the same number of times (a rank
+    with nothing left passes an empty ``targets``) because some methods all-reduce per step."""
+
+    method: str
+
+    @abstractmethod
+    def config(self) -> dict[str, Any]:
+        """The settings that determine the output; recorded in the manifest, checked on resume."""
+
+    @abstractmethod
+    def generate(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
+        """Images in [0,1], shape (len(targets), C, H, W) in the teacher's input format."""

@@ -1,0 +1,62 @@
+"""Stage: train a teacher on a real dataset (users bring their own; the demo and benchmarks need one)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch.nn.functional as F
+from accelerate import Accelerator
+
+from synthkd.augment import training_augmentation
+from synthkd.data import load_dataset
+from synthkd.errors import SynthkdError
+from synthkd.evaluation import evaluate
+from synthkd.io import atomic_write_json
+from synthkd.models import Classifier, InputFormat, ModelConfig
+from synthkd.training import TrainConfig, fit
+
+
+def train_teacher(
+    dataset: str,
+    arch: str,
+    out: str | os.PathLike,
+    width: float = 1.0,
+    train: TrainConfig | None = None,
+    flip: bool = True,
+    eval_dataset: str | None = None,
+    accelerator: Accelerator | None = None,
+) -> tuple[Classifier, dict[str, Any]]:
+    """Train ``arch`` on ``dataset`` with cross-entropy and save it as a model directory."""
+    accelerator = accelerator or Accelerator()
+    train = train or TrainConfig()
+    data = load_dataset(dataset)
+    if not hasattr(data, "class_names") or not data.class_names:
+        raise SynthkdError(f"{dataset} has no class labels to train a teacher on")
+    evaluation = load_dataset(eval_dataset) if eval_dataset else None
+    channels, height, width_px = data.image_shape
+    mean, std = data.channel_stats()
+    config = ModelConfig(
+        arch=arch,
+        arch_kwargs={"width": width, "in_channels": channels, "num_classes": len(data.class_names)},
+        input=InputFormat(channels, height, width_px, mean, std),
+        class_names=list(data.class_names),
+    )
+    model = Classifier.from_config(config)
+    augment = training_augmentation(height, width_px, flip=flip).to(accelerator.device)
+
+    def batch_loss(net, batch):
+        images, labels = batch
+        return F.cross_entropy(net(augment(images)), labels)
+
+    history = fit(model, data, batch_loss, train, accelerator, evaluation, description="teacher")
+    metrics: dict[str, Any] = {"dataset": dataset, "history": history, "train_seconds": sum(h["seconds"] for h in history)}
+    if evaluation is not None:
+        metrics["eval"] = evaluate(model, evaluation, accelerator)
+        metrics["eval_dataset"] = eval_dataset
+    if accelerator.is_main_process:
+        model.save_pretrained(out)
+        atomic_write_json(Path(out) / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return model, metrics

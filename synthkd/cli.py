@@ -1,0 +1,235 @@
+"""The ``synthkd`` command line. Each command is a thin layer over a stage in ``pipelines``."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from .errors import SynthkdError
+
+
+class SynthkdGroup(click.Group):
+    """Turns :class:`SynthkdError` into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SynthkdError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+
+
+def parse_floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}")
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected C,H,W, got {text!r}")
+    if len(shape) != 3:
+        raise click.BadParameter(f"expected C,H,W, got {text!r}")
+    return shape
+
+
+def model_options(name: str, weights_flag: str) -> Callable:
+    """--NAME plus the flags that describe a model given as code: weights and input format."""
+
+    def decorate(function: Callable) -> Callable:
+        options = [
+            click.option(f"--{name}", "model_spec", required=True,
+                         help="Model directory, or FILE.py:factory / package.module:factory."),
+            click.option(weights_flag, "weights", type=click.Path(dir_okay=False),
+                         help="Weights for a model given as code (safetensors or a state dict)."),
+            click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), help="C,H,W of a model given as code."),
+            click.option("--mean", callback=lambda c, p, v: parse_floats(v), help="Normalisation mean (one or per channel)."),
+            click.option("--std", callback=lambda c, p, v: parse_floats(v), help="Normalisation std (one or per channel)."),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
+    from .models import load_model
+
+    return load_model(model_spec, weights, input_shape, mean, std)
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    from accelerate import Accelerator
+
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+mixed_precision_option = click.option(
+    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+    help="Autocast on GPU.",
+)
+
+
+@click.group(cls=SynthkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="synthkd")
+def main() -> None:
+    """Distill image classifiers without their training data."""
+
+
+@main.command("train-teacher")
+@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
+@click.option("--arch", default="resnet20", show_default=True, help="Zoo architecture (see `synthkd models`).")
+@click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
+@click.option("--epochs", type=int, default=15, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips while training.")
+@click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
+@mixed_precision_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, flip, eval_dataset, mixed_precision, out):
+    """Train a teacher on a real dataset and save it as a model directory."""
+    from synthkd.pipelines.train_teacher import train_teacher
+    from synthkd.training import TrainConfig
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    accelerator = make_accelerator(mixed_precision)
+    _, metrics = train_teacher(dataset, arch, out, width, config, flip, eval_dataset, accelerator)
+    if accelerator.is_main_process and "eval" in metrics:
+        click.echo(f"teacher accuracy on {eval_dataset}: {metrics['eval']['accuracy']:.4f}")
+
+
+@main.command()
+@model_options("teacher", "--teacher-weights")
+@click.option("--method", type=click.Choice(["inversion"]), default="inversion", show_default=True)
+@click.option("--num-images", type=int, required=True)
+@click.option("--iterations", type=int, default=200, show_default=True, help="Optimisation steps per batch.")
+@click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch (and per shard).")
+@click.option("--lr", type=float, default=0.1, show_default=True)
+@click.option("--bn-weight", type=float, default=1.0, show_default=True, help="BatchNorm-statistics loss weight.")
+@click.option("--first-bn-weight", type=float, default=10.0, show_default=True, help="Extra weight of the first BN layer.")
+@click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Cross-entropy to the target classes.")
+@click.option("--tv-weight", type=float, default=1.0, show_default=True, help="Total-variation prior.")
+@click.option("--l2-weight", type=float, default=0.0, show_default=True, help="l2 image prior.")
+@click.option("--competition-weight", type=float, default=0.0, show_default=True,
+              help="Adaptive DeepInversion term: seek inputs where --student disagrees with the teacher.")
+@click.option("--student", type=click.Path(exists=True, file_okay=False), help="Student model directory for the competition term.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@mixed_precision_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
+def generate(model_spec, weights, input_shape, mean, std, method, num_images, iterations, batch_size, lr, bn_weight,
+             first_bn_weight, ce_weight, tv_weight, l2_weight, competition_weight, student, seed, mixed_precision, out):
+    """Make a synthetic training set from the teacher alone."""
+    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+    from synthkd.pipelines.generate import generate as run_generate
+    from synthkd.models import load_model
+
+    if num_images <= 0 or batch_size <= 0 or iterations <= 0:
+        raise SynthkdError("--num-images, --batch-size and --iterations must be positive")
+    teacher = open_model(model_spec, weights, input_shape, mean, std)
+    accelerator = make_accelerator(mixed_precision)
+    competitor = load_model(student).to(accelerator.device) if student else None
+    config = InversionConfig(iterations=iterations, lr=lr, bn_weight=bn_weight, first_bn_weight=first_bn_weight,
+                             ce_weight=ce_weight, tv_weight=tv_weight, l2_weight=l2_weight,
+                             competition_weight=competition_weight)
+    teacher.to(accelerator.device)
+    generator = ActivationInversion(teacher, config, competitor)
+    manifest = run_generate(teacher, generator, num_images, out, batch_size, seed, accelerator)
+    if accelerator.is_main_process:
+        click.echo(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
+
+
+@main.command()
+@model_options("teacher", "--teacher-weights")
+@click.option("--student", default="resnet20", show_default=True,
+              help="Zoo architecture, or a model directory / FILE.py:factory to start from.")
+@click.option("--student-width", type=float, default=0.5, show_default=True, help="Width multiplier of a zoo student.")
+@click.option("--data", required=True, type=click.Path(), help="Synthetic set directory from `synthkd generate`.")
+@click.option("--mode", type=click.Choice(["e2e"]), default="e2e", show_default=True)
+@click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--temperature", type=float, default=4.0, show_default=True)
+@click.option("--mixup", type=float, default=1.0, show_default=True, help="MixUp Beta alpha on synthetic images (0: off).")
+@click.option("--flip/--no-flip", default=True, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--eval-dataset", help="Dataset spec to report accuracy on each epoch, e.g. fashion-mnist:test.")
+@mixed_precision_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
+def distill(model_spec, weights, input_shape, mean, std, student, student_width, data, mode, epochs, batch_size, lr,
+            temperature, mixup, flip, seed, eval_dataset, mixed_precision, out):
+    """Distill a student from the teacher on a synthetic set."""
+    from synthkd.pipelines.distill import build_student, distill_e2e
+    from synthkd.training import TrainConfig
+
+    teacher = open_model(model_spec, weights, input_shape, mean, std)
+    student_model = build_student(student, teacher, student_width)
+    accelerator = make_accelerator(mixed_precision)
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    _, metrics = distill_e2e(teacher, student_model, data, out, config, temperature, flip, mixup, eval_dataset, accelerator)
+    if accelerator.is_main_process and "student" in metrics:
+        click.echo(
+            f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
+            f"gap {metrics['gap'] * 100:.2f} points on {eval_dataset}"
+        )
+
+
+@main.command()
+@model_options("model", "--weights")
+@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test.")
+@click.option("--batch-size", type=int, default=512, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
+def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json):
+    """Accuracy of a model on a dataset, overall and per class."""
+    from synthkd.data import load_dataset
+    from synthkd.evaluation import evaluate as run_evaluate
+
+    model = open_model(model_spec, weights, input_shape, mean, std)
+    accelerator = make_accelerator()
+    report = run_evaluate(model, load_dataset(dataset), accelerator, batch_size)
+    if not accelerator.is_main_process:
+        return
+    if as_json:
+        click.echo(json.dumps({"dataset": dataset, **report}))
+        return
+    click.echo(f"accuracy {report['accuracy']:.4f} on {report['num_images']} images of {dataset}")
+    for name, value in report["per_class"].items():
+        click.echo(f"  {name:>14}  {value:.4f}")
+
+
+@main.command()
+def models() -> None:
+    """List the zoo architectures."""
+    from .models import list_models
+
+    for name in list_models():
+        click.echo(name)
+
+
+@main.command()
+@click.option("--out", default="synthkd-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--dataset", type=click.Choice(["auto", "digits", "fashion-mnist"]), default="auto", show_default=True,
+              help="auto: Fashion-MNIST where installed, else scikit-learn digits.")
+def demo(out, dataset):
+    """The built-in default: teacher -> inversion -> student, all in minutes."""
+    from synthkd.pipelines.demo import run_demo
+
+    summary = run_demo(out, dataset)
+    click.echo(json.dumps(summary, indent=2))
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,5 @@
+"""Data: real datasets by spec string and the synthetic shard format."""
+
+from .datasets import ImageDataset, NoiseDataset, load_dataset
+
+__all__ = ["ImageDataset", "NoiseDataset", "load_dataset"]

@@ -1,0 +1,97 @@
+"""Loss terms for inversion and distillation, each a small function or module on batches."""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
+    """Hinton's KD: KL(teacher || student) on temperature-softened outputs, scaled by T^2."""
+    log_student = F.log_softmax(student_logits / temperature, dim=1)
+    log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
+    return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+def total_variation(images: torch.Tensor, p: int = 2) -> torch.Tensor:
+    """Mean (p=2: squared, p=1: absolute) difference of neighbouring pixels: a smoothness prior."""
+    dx = images[..., :, 1:] - images[..., :, :-1]
+    dy = images[..., 1:, :] - images[..., :-1, :]
+    if p == 1:
+        return dx.abs().mean() + dy.abs().mean()
+    return dx.pow(2).mean() + dy.pow(2).mean()
+
+
+def image_l2(images: torch.Tensor) -> torch.Tensor:
+    """Mean squared pixel value per image around mid-grey: keeps inverted pixels from saturating."""
+    return (images - 0.5).pow(2).flatten(1).sum(1).mean() / images[0].numel()
+
+
+def jensen_shannon(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between two classifiers' predictions, averaged over the batch."""
+    p = F.softmax(logits_a, dim=1)
+    q = F.softmax(logits_b, dim=1)
+    m = (0.5 * (p + q)).clamp_min(1e-8).log()
+    return 0.5 * (F.kl_div(m, p, reduction="batchmean") + F.kl_div(m, q, reduction="batchmean"))
+
+
+class BatchNormStatisticsLoss:
+    """Feature-statistics loss of DeepInversion, taken with hooks so any model works unchanged.
+
+    A forward pre-hook on every ``BatchNorm2d`` records the per-channel sum and sum of squares
+    of its input. :meth:`loss` compares the batch mean/variance with the layer's running
+    statistics: sum over layers of ||mean - running_mean||_2 + ||var - running_var||_2, the first
+    layer weighted by ``first_layer_weight``. When torch.distributed is initialised the sums are
+    all-reduced (one differentiable collective per step), so every rank matches the statistics
+    of the global batch rather than of its own shard.
+    """
+
+    def __init__(self, model: nn.Module, first_layer_weight: float = 10.0, distributed: bool | None = None):
+        self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.layers:
+            raise ValueError("the model has no BatchNorm2d layer, so there are no statistics to invert")
+        self.first_layer_weight = first_layer_weight
+        if distributed is None:
+            distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        self.distributed = distributed
+        self._stats: list[torch.Tensor | None] = [None] * len(self.layers)
+        self._handles = [
+            layer.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)
+        ]
+
+    def _make_hook(self, index: int):
+        def hook(module: nn.Module, inputs: tuple[torch.Tensor]) -> None:
+            x = inputs[0].float()
+            count = x.new_tensor([x.shape[0] * x.shape[2] * x.shape[3]], dtype=torch.float32)
+            self._stats[index] = torch.cat([x.sum((0, 2, 3)), x.pow(2).sum((0, 2, 3)), count])
+
+        return hook
+
+    def loss(self) -> torch.Tensor:
+        """The statistics loss of the last forward pass (global batch under torch.distributed)."""
+        if any(s is None for s in self._stats):
+            raise RuntimeError("run a forward pass through the model before asking for the loss")
+        sizes = [s.numel() for s in self._stats]
+        stacked = torch.cat(self._stats)
+        if self.distributed:
+            from torch.distributed.nn.functional import all_reduce
+
+            stacked = all_reduce(stacked)
+        total = stacked.new_zeros(())
+        for index, (layer, stats) in enumerate(zip(self.layers, stacked.split(sizes))):
+            channels = layer.num_features
+            count = stats[-1].clamp_min(1.0)
+            mean = stats[:channels] / count
+            var = stats[channels : 2 * channels] / count - mean.pow(2)
+            term = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(
+                var - layer.running_var
+            )
+            total = total + (self.first_layer_weight if index == 0 else 1.0) * term
+        self._stats = [None] * len(self.layers)
+        return total
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()

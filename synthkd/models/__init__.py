@@ -1,0 +1,54 @@
+"""Models: the zoo, the :class:`Classifier` wrapper and loading of saved or user models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ..errors import SynthkdError
+from . import resnet  # noqa: F401  (registers the zoo)
+from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap
+from .registry import create_model, is_registered, list_models, register_model
+
+__all__ = [
+    "Classifier", "InputFormat", "ModelConfig", "create_model", "import_factory", "is_registered",
+    "list_models", "load_model",
+    "register_model", "unwrap",
+]
+
+
+def load_model(
+    spec: str | os.PathLike,
+    weights: str | os.PathLike | None = None,
+    input_shape: Sequence[int] | None = None,
+    mean: Sequence[float] | None = None,
+    std: Sequence[float] | None = None,
+) -> Classifier:
+    """Load a saved model directory, or build ``FILE.py:factory`` / ``module:factory`` / a zoo
+    name with its weights and input format. The number of classes is read from the output."""
+    path = Path(spec)
+    if path.is_dir():
+        if weights is not None:
+            raise SynthkdError(f"{spec} is a model directory; it carries its own weights, drop --weights")
+        return Classifier.from_pretrained(path)
+    spec = str(spec)
+    if weights is None or input_shape is None:
+        raise SynthkdError(
+            f"{spec!r} is not a model directory; a model given by code needs its weights "
+            "(--teacher-weights/--weights FILE) and input format (--input-shape C,H,W --mean M --std S)"
+        )
+    if len(input_shape) != 3:
+        raise SynthkdError(f"--input-shape must be C,H,W, got {tuple(input_shape)}")
+    net = build_network(spec, {})
+    load_weights(net, weights)
+    fmt = InputFormat(*input_shape, mean=tuple(mean or (0.0,)), std=tuple(std or (1.0,)))
+    net.eval()
+    with torch.no_grad():
+        logits = net(fmt.normalize(torch.zeros(2, *fmt.shape)))
+    if logits.ndim != 2:
+        raise SynthkdError(f"{spec} returns a tensor of shape {tuple(logits.shape)}; a classifier returns N x classes")
+    names = [str(i) for i in range(logits.shape[1])]
+    return Classifier(net, ModelConfig(arch=spec, input=fmt, class_names=names))

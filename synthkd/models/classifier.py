@@ -1,0 +1,237 @@
+"""A classifier is a network plus the input format it expects, saved as a directory.
+
+Every stage hands images in [0, 1] to :class:`Classifier`; it resizes, converts channels and
+normalises them to what the network was trained on, so a model trained on 8x8 digits and one
+trained on 28x28 Fashion-MNIST take the same batches. On disk: ``model.safetensors`` (the
+network's state dict) and ``config.json`` (architecture, its arguments, input format, classes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..errors import SynthkdError
+from ..io import atomic_write, atomic_write_json, read_json
+from .registry import create_model, is_registered
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+
+
+@dataclass
+class InputFormat:
+    """What the network eats: channels, height, width and the normalisation of [0,1] pixels."""
+
+    channels: int
+    height: int
+    width: int
+    mean: tuple[float, ...] = (0.0,)
+    std: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self) -> None:
+        self.mean = tuple(float(m) for m in self.mean)
+        self.std = tuple(float(s) for s in self.std)
+        for name, values in (("mean", self.mean), ("std", self.std)):
+            if len(values) not in (1, self.channels):
+                raise SynthkdError(
+                    f"{name} has {len(values)} values but the input has {self.channels} channels; "
+                    f"give one value or one per channel"
+                )
+        if any(s <= 0 for s in self.std):
+            raise SynthkdError(f"std must be positive, got {self.std}")
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.channels, self.height, self.width)
+
+    def adapt(self, images: torch.Tensor) -> torch.Tensor:
+        """Resize and convert channels of [0,1] images to this format (no-op when they match)."""
+        channels = images.shape[1]
+        if channels != self.channels:
+            if channels == 1:
+                images = images.expand(-1, self.channels, -1, -1)
+            elif channels == 3 and self.channels == 1:
+                weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                images = (images * weights).sum(1, keepdim=True)
+            else:
+                raise SynthkdError(
+                    f"cannot convert {channels}-channel images to the model's {self.channels} channels"
+                )
+        if images.shape[-2:] != (self.height, self.width):
+            images = F.interpolate(
+                images, size=(self.height, self.width), mode="bilinear", align_corners=False,
+                antialias=images.shape[-1] > self.width,
+            )
+        return images
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        mean = images.new_tensor(self.mean).view(1, -1, 1, 1)
+        std = images.new_tensor(self.std).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+
+@dataclass
+class ModelConfig:
+    """Everything needed to rebuild a classifier without the code that trained it."""
+
+    arch: str
+    input: InputFormat
+    arch_kwargs: dict[str, Any] = field(default_factory=dict)
+    class_names: list[str] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "arch": self.arch,
+            "arch_kwargs": self.arch_kwargs,
+            "input_shape": list(self.input.shape),
+            "mean": list(self.input.mean),
+            "std": list(self.input.std),
+            "class_names": list(self.class_names),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        known = {"arch", "arch_kwargs", "input_shape", "mean", "std", "class_names"}
+        unknown = set(data) - known
+        if unknown or "arch" not in data or "input_shape" not in data:
+            raise SynthkdError(
+                f"bad model config: unknown keys {sorted(unknown)}" if unknown
+                else "bad model config: 'arch' and 'input_shape' are required"
+            )
+        channels, height, width = data["input_shape"]
+        return cls(
+            arch=data["arch"],
+            arch_kwargs=dict(data.get("arch_kwargs", {})),
+            input=InputFormat(channels, height, width, data.get("mean", (0.0,)), data.get("std", (1.0,))),
+            class_names=list(data.get("class_names", [])),
+        )
+
+
+def import_factory(spec: str) -> Callable[..., nn.Module]:
+    """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to a callable."""
+    if ":" not in spec:
+        raise SynthkdError(f"{spec!r} is neither a zoo architecture nor FILE.py:factory / module:factory")
+    target, name = spec.rsplit(":", 1)
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise SynthkdError(f"model file {target} does not exist; check the path in {spec!r}")
+        module_name = "synthkd_user_" + hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]
+        module_spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as error:
+            raise SynthkdError(f"cannot import module {target!r} for {spec!r}: {error}") from error
+    factory = getattr(module, name, None)
+    if not callable(factory):
+        raise SynthkdError(f"{target} has no callable {name!r} (from {spec!r})")
+    return factory
+
+
+def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
+    if is_registered(arch):
+        return create_model(arch, **arch_kwargs)
+    return import_factory(arch)(**arch_kwargs)
+
+
+class Classifier(nn.Module):
+    """A network that takes [0,1] images in any size/channels and returns logits."""
+
+    def __init__(self, net: nn.Module, config: ModelConfig):
+        super().__init__()
+        self.net = net
+        self.config = config
+
+    @property
+    def input_format(self) -> InputFormat:
+        return self.config.input
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.config.class_names)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        fmt = self.config.input
+        return self.net(fmt.normalize(fmt.adapt(images)))
+
+    @classmethod
+    def from_config(cls, config: ModelConfig) -> "Classifier":
+        return cls(build_network(config.arch, config.arch_kwargs), config)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Write ``model.safetensors`` and ``config.json`` atomically into ``directory``."""
+        directory = Path(directory)
+        state = {k: v.detach().cpu().contiguous() for k, v in unwrap(self.net).state_dict().items()}
+        atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(state, tmp))
+        atomic_write_json(directory / CONFIG_NAME, self.config.to_dict())
+
+    @classmethod
+    def from_pretrained(cls, directory: str | os.PathLike) -> "Classifier":
+        directory = Path(directory)
+        if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
+            raise SynthkdError(
+                f"{directory} is not a model directory (needs {WEIGHTS_NAME} and {CONFIG_NAME}); "
+                "train one with `synthkd train-teacher` or pass FILE.py:factory with --teacher-weights"
+            )
+        try:
+            config = ModelConfig.from_dict(read_json(directory / CONFIG_NAME))
+        except (json.JSONDecodeError, TypeError, ValueError) as error:
+            raise SynthkdError(f"{directory / CONFIG_NAME} is not a valid model config: {error}") from error
+        model = cls.from_config(config)
+        load_weights(model.net, directory / WEIGHTS_NAME)
+        return model
+
+    def fingerprint(self) -> str:
+        """A hash of config and weights: synthetic data records which teacher made it."""
+        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
+        for name, tensor in sorted(unwrap(self.net).state_dict().items()):
+            digest.update(name.encode())
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+
+def unwrap(module: nn.Module) -> nn.Module:
+    """The module inside DDP/compile wrappers."""
+    while hasattr(module, "module") and isinstance(module.module, nn.Module):
+        module = module.module
+    return getattr(module, "_orig_mod", module)
+
+
+def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
+    """Load safetensors, or a plain state dict with ``weights_only=True`` (never arbitrary pickles)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SynthkdError(f"weights file {path} does not exist")
+    if path.suffix == ".safetensors":
+        state = load_file(str(path))
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:
+            raise SynthkdError(
+                f"cannot load {path} as a state dict with weights_only=True ({error}); "
+                "save it as safetensors or as model.state_dict()"
+            ) from error
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as error:
+        raise SynthkdError(f"weights in {path} do not fit the architecture: {error}") from error

@@ -1,0 +1,95 @@
+"""One training loop, written the Accelerate way, for teachers (labels) and students (KD).
+
+The loop is plain PyTorch: ``accelerator.prepare`` wraps model, optimiser and loader, so the
+same code runs on one CPU, several GPUs or several machines. What differs between training a
+teacher and distilling a student is only the loss of a batch, passed in as a function.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset
+from tqdm.auto import tqdm
+
+from .evaluation import evaluate
+from .models import Classifier
+
+BatchLoss = Callable[[Classifier, Any], torch.Tensor]
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    weight_decay: float = 5e-4
+    momentum: float = 0.9
+    warmup_epochs: float = 0.5
+    seed: int = 0
+    channels_last: bool = True
+
+
+def fit(
+    model: Classifier,
+    dataset: Dataset,
+    batch_loss: BatchLoss,
+    config: TrainConfig,
+    accelerator: Accelerator,
+    eval_dataset: Dataset | None = None,
+    description: str = "train",
+) -> list[dict[str, Any]]:
+    """Train ``model`` in place with SGD + warmup/cosine; returns one record per epoch."""
+    if config.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    generator = torch.Generator().manual_seed(config.seed)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size, generator=generator)
+    optimizer = torch.optim.SGD(
+        model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
+    )
+    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes))
+    total_steps = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def schedule(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
+    history = []
+    for epoch in range(config.epochs):
+        prepared_model.train()
+        started = time.perf_counter()
+        total, batches = 0.0, 0
+        bar = tqdm(loader, desc=f"{description} {epoch + 1}/{config.epochs}", disable=not accelerator.is_local_main_process, leave=False)
+        for batch in bar:
+            with accelerator.autocast():
+                loss = batch_loss(prepared_model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            scheduler.step()
+            total += loss.item()
+            batches += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        record: dict[str, Any] = {
+            "epoch": epoch + 1,
+            "loss": accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item(),
+            "seconds": time.perf_counter() - started,
+        }
+        if eval_dataset is not None:
+            record["eval_accuracy"] = evaluate(accelerator.unwrap_model(prepared_model), eval_dataset, accelerator)["accuracy"]
+        history.append(record)
+        if accelerator.is_main_process:
+            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
+            tqdm.write(f"{description}: {shown}")
+    accelerator.wait_for_everyone()
+    model.to(memory_format=torch.contiguous_format)
+    return history
