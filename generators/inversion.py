@@ -87,17 +87,26 @@ class ActivationInversion(SyntheticImageGenerator):
             for step in range(cfg.iterations):
                 for group in optimizer.param_groups:
                     group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.iterations))
-                loss = self.loss(images, targets, statistics)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                with torch.no_grad():
-                    images.clamp_(0, 1)
-                if loss.item() < best_loss:
-                    best_loss, best_images = loss.item(), images.detach().clone()
+                before = images.detach().clone()
+                loss = self.step(images, targets, optimizer, statistics)
+                if loss < best_loss:  # the loss was measured on the images before the step
+                    best_loss, best_images = loss, before
         finally:
             statistics.remove()
         return best_images.contiguous()
+
+    def step(
+        self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer,
+        statistics: BatchNormStatisticsLoss,
+    ) -> float:
+        """One optimisation step on ``images`` in place; returns the loss before the step."""
+        loss = self.loss(images, targets, statistics)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            images.clamp_(0, 1)
+        return loss.item()
 
     def loss(self, images: torch.Tensor, targets: torch.Tensor, statistics: BatchNormStatisticsLoss) -> torch.Tensor:
         """The inversion objective of one step (BN statistics are global under torch.distributed)."""

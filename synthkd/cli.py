@@ -157,7 +157,7 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
 @click.option("--student", default="resnet20", show_default=True,
               help="Zoo architecture, or a model directory / FILE.py:factory to start from.")
 @click.option("--student-width", type=float, default=0.5, show_default=True, help="Width multiplier of a zoo student.")
-@click.option("--data", required=True, type=click.Path(), help="Synthetic set directory from `synthkd generate`.")
+@click.option("--data", required=True, type=click.Path(), help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference).")
 @click.option("--mode", type=click.Choice(["e2e"]), default="e2e", show_default=True)
 @click.option("--epochs", type=int, default=30, show_default=True)
 @click.option("--batch-size", type=int, default=128, show_default=True)
