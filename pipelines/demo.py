@@ -15,6 +15,7 @@ from typing import Any
 
 from accelerate import Accelerator
 
+from synthkd.accelerator import make_accelerator
 from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.data.datasets import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
 from synthkd.data.shards import is_synthetic_dir
@@ -52,7 +53,7 @@ def fashion_mnist_installed() -> bool:
 
 
 def run_demo(out: str | os.PathLike, dataset: str = "auto", accelerator: Accelerator | None = None) -> dict[str, Any]:
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     if dataset == "auto":
         dataset = "fashion-mnist" if fashion_mnist_installed() else "digits"
     setting = SETTINGS[dataset]

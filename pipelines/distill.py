@@ -11,9 +11,11 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import Dataset
 
+from synthkd.accelerator import make_accelerator
 from synthkd.augment import MixUp, training_augmentation
 from synthkd.data import load_dataset
 from synthkd.data.shards import SyntheticDataset
@@ -25,10 +27,11 @@ from synthkd.models import Classifier, ModelConfig, import_factory, is_registere
 from synthkd.training import TrainConfig, fit
 
 
-def build_student(student: str, teacher: Classifier, width: float = 1.0) -> Classifier:
+def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0) -> Classifier:
     """A zoo architecture sized to the teacher's input and classes, or an existing model
     directory / FILE.py:factory used as the starting point; classes must match the teacher's."""
     fmt = teacher.input_format
+    set_seed(seed)  # initial weights come from the global RNG
     if is_registered(student):
         config = ModelConfig(
             arch=student,
@@ -72,8 +75,8 @@ class KDObjective(nn.Module):
 
 def open_training_data(data: str | os.PathLike) -> Dataset:
     """A synthetic set directory, or a real dataset spec (for the KD-on-real-data reference)."""
-    if Path(data).exists():
-        return SyntheticDataset(data)
+    if Path(data).exists() or ":" not in str(data):
+        return SyntheticDataset(data)  # names a missing directory clearly
     return load_dataset(str(data))
 
 
@@ -91,7 +94,7 @@ def distill_e2e(
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train ``student`` to match ``teacher`` on ``data`` (a synthetic set directory or a real
     dataset spec; labels are never used, the teacher labels every augmented view); save to ``out``."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     train = train or TrainConfig(epochs=30, lr=0.05)
     training_data = open_training_data(data)
     if isinstance(training_data, SyntheticDataset):

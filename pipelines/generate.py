@@ -13,6 +13,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
+from synthkd.accelerator import make_accelerator
 from synthkd.generators.base import SyntheticImageGenerator
 from synthkd.data.shards import SyntheticWriter
 from synthkd.models import Classifier
@@ -47,7 +48,7 @@ def generate(
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
     """Generate ``num_images`` into ``out``; returns the manifest. Resumes an interrupted run."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     teacher.to(accelerator.device)
     writer = SyntheticWriter(
         out,

@@ -8,7 +8,9 @@ from typing import Any
 
 import torch.nn.functional as F
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
+from synthkd.accelerator import make_accelerator
 from synthkd.augment import training_augmentation
 from synthkd.data import load_dataset
 from synthkd.errors import SynthkdError
@@ -29,7 +31,7 @@ def train_teacher(
     accelerator: Accelerator | None = None,
 ) -> tuple[Classifier, dict[str, Any]]:
     """Train ``arch`` on ``dataset`` with cross-entropy and save it as a model directory."""
-    accelerator = accelerator or Accelerator()
+    accelerator = accelerator or make_accelerator()
     train = train or TrainConfig()
     data = load_dataset(dataset)
     if not hasattr(data, "class_names") or not data.class_names:
@@ -43,6 +45,7 @@ def train_teacher(
         input=InputFormat(channels, height, width_px, mean, std),
         class_names=list(data.class_names),
     )
+    set_seed(train.seed)  # the initial weights come from the global RNG
     model = Classifier.from_config(config)
     augment = training_augmentation(height, width_px, flip=flip).to(accelerator.device)
 

@@ -71,9 +71,9 @@ def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
 
 
 def make_accelerator(mixed_precision: str = "no"):
-    from accelerate import Accelerator
+    from .accelerator import make_accelerator as make
 
-    return Accelerator(mixed_precision=mixed_precision)
+    return make(mixed_precision)
 
 
 mixed_precision_option = click.option(
@@ -124,6 +124,9 @@ def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, fl
 @click.option("--ce-weight", type=float, default=1.0, show_default=True, help="Cross-entropy to the target classes.")
 @click.option("--tv-weight", type=float, default=1.0, show_default=True, help="Total-variation prior.")
 @click.option("--l2-weight", type=float, default=0.0, show_default=True, help="l2 image prior.")
+@click.option("--jitter", type=float, default=0.1, show_default=True, help="Random shift per step, fraction of the size.")
+@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips per step.")
+@click.option("--crop-scale", type=float, default=0.8, show_default=True, help="Smallest area of the random crop (1: none).")
 @click.option("--competition-weight", type=float, default=0.0, show_default=True,
               help="Adaptive DeepInversion term: seek inputs where --student disagrees with the teacher.")
 @click.option("--student", type=click.Path(exists=True, file_okay=False), help="Student model directory for the competition term.")
@@ -131,7 +134,8 @@ def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, fl
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
 def generate(model_spec, weights, input_shape, mean, std, method, num_images, iterations, batch_size, lr, bn_weight,
-             first_bn_weight, ce_weight, tv_weight, l2_weight, competition_weight, student, seed, mixed_precision, out):
+             first_bn_weight, ce_weight, tv_weight, l2_weight, jitter, flip, crop_scale, competition_weight, student, seed,
+             mixed_precision, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.generators.inversion import ActivationInversion, InversionConfig
     from synthkd.pipelines.generate import generate as run_generate
@@ -144,7 +148,7 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
     competitor = load_model(student).to(accelerator.device) if student else None
     config = InversionConfig(iterations=iterations, lr=lr, bn_weight=bn_weight, first_bn_weight=first_bn_weight,
                              ce_weight=ce_weight, tv_weight=tv_weight, l2_weight=l2_weight,
-                             competition_weight=competition_weight)
+                             jitter=jitter, flip=flip, crop_scale=crop_scale, competition_weight=competition_weight)
     teacher.to(accelerator.device)
     generator = ActivationInversion(teacher, config, competitor)
     manifest = run_generate(teacher, generator, num_images, out, batch_size, seed, accelerator)
@@ -176,7 +180,7 @@ def distill(model_spec, weights, input_shape, mean, std, student, student_width,
     from synthkd.training import TrainConfig
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
-    student_model = build_student(student, teacher, student_width)
+    student_model = build_student(student, teacher, student_width, seed)
     accelerator = make_accelerator(mixed_precision)
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     _, metrics = distill_e2e(teacher, student_model, data, out, config, temperature, flip, mixup, eval_dataset, accelerator)
@@ -227,7 +231,7 @@ def demo(out, dataset):
     """The built-in default: teacher -> inversion -> student, all in minutes."""
     from synthkd.pipelines.demo import run_demo
 
-    summary = run_demo(out, dataset)
+    summary = run_demo(out, dataset, accelerator=make_accelerator())
     click.echo(json.dumps(summary, indent=2))
 
 

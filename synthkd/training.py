@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
@@ -45,6 +46,7 @@ def fit(
     description: str = "train",
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD + warmup/cosine; returns one record per epoch."""
+    set_seed(config.seed)  # augmentation and MixUp draw from the global RNGs
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator().manual_seed(config.seed)

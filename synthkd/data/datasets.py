@@ -202,6 +202,8 @@ class _ArrayUnpickler(pickle.Unpickler):
         ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
         ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
         ("numpy._core.multiarray", "scalar"), ("_codecs", "encode"),
+        # pickle protocol 5 (the default from Python 3.14) stores arrays through _frombuffer
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     }
 
     def find_class(self, module: str, name: str):
@@ -249,10 +251,17 @@ def _folder(args: list[str]) -> ImageDataset:
                if f.suffix.lower() in IMAGE_SUFFIXES]
     if not classes or not entries:
         raise SynthkdError(f"no images found under {root}; expected {root}/CLASS_NAME/image.png")
-    pil = [Image.open(f) for f, _ in entries]
-    mode = "L" if all(im.mode in ("L", "1", "I;16") for im in pil) else "RGB"
-    size = pil[0].size
-    arrays = [np.asarray(im.convert(mode).resize(size, Image.BILINEAR)) for im in pil]
+    # Open one file at a time: holding every image open runs out of file descriptors.
+    modes, size = [], None
+    for f, _ in entries:
+        with Image.open(f) as im:
+            modes.append(im.mode)
+            size = size or im.size  # every image is resized to the first one's size
+    mode = "L" if all(m in ("L", "1", "I;16") for m in modes) else "RGB"
+    arrays = []
+    for f, _ in entries:
+        with Image.open(f) as im:
+            arrays.append(np.asarray(im.convert(mode).resize(size, Image.BILINEAR)))
     images = torch.from_numpy(np.stack(arrays))
     images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
     return ImageDataset(images.contiguous(), torch.tensor([l for _, l in entries]), classes, f"folder:{root}")

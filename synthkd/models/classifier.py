@@ -25,7 +25,7 @@ from torch import nn
 
 from ..errors import SynthkdError
 from ..io import atomic_write, atomic_write_json, read_json
-from .registry import create_model, is_registered
+from .registry import create_model, is_registered, list_models
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -123,7 +123,10 @@ class ModelConfig:
 def import_factory(spec: str) -> Callable[..., nn.Module]:
     """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to a callable."""
     if ":" not in spec:
-        raise SynthkdError(f"{spec!r} is neither a zoo architecture nor FILE.py:factory / module:factory")
+        raise SynthkdError(
+            f"{spec!r} is neither a zoo architecture ({', '.join(list_models())}) "
+            "nor FILE.py:factory / module:factory"
+        )
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
         path = Path(target)
