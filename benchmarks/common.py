@@ -16,6 +16,47 @@ REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SYNTHKD_BENCH_CACHE", REPO / ".cache" / "benchmarks"))
 
 
+def load_setting(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The standard setting from configs/fashion_mnist.yaml."""
+    import yaml
+
+    return yaml.safe_load(Path(path or REPO / "configs" / "fashion_mnist.yaml").read_text())
+
+
+def standard_teacher(config: dict[str, Any], epochs: int, cache: Path, timings: dict[str, float]):
+    """The cached resnet20 teacher of the standard setting (trained here on first use)."""
+    from synthkd.models import Classifier
+    from synthkd.pipelines.train_teacher import train_teacher
+    from synthkd.training import TrainConfig
+
+    teacher = config["teacher"]
+    directory = cache / f"teacher-{teacher['arch']}-w{teacher['width']}-e{epochs}"
+    if (directory / "model.safetensors").is_file():
+        return Classifier.from_pretrained(directory)
+    with timed(timings, "teacher_seconds"):
+        model, _ = train_teacher(teacher["dataset"], teacher["arch"], directory, teacher["width"], TrainConfig(epochs=epochs))
+    return model
+
+
+def standard_synthetic(config: dict[str, Any], teacher, num_images: int, iterations: int, cache: Path,
+                       timings: dict[str, float]) -> Path:
+    """The inverted synthetic set of the standard setting, kept in the cache (resumes if stopped)."""
+    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+    from synthkd.pipelines.generate import generate
+
+    gen = config["generate"]
+    directory = cache / (f"synthetic-{teacher.fingerprint()}-n{num_images}-it{iterations}-b{gen['batch_size']}-lr{gen['lr']}")
+    from synthkd.data.shards import is_synthetic_dir
+
+    if is_synthetic_dir(directory):
+        timings["generate_seconds (cached, not timed)"] = 0.0
+        return directory
+    with timed(timings, "generate_seconds"):
+        generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=gen["lr"])),
+                 num_images, directory, gen["batch_size"])
+    return directory
+
+
 def environment() -> dict[str, Any]:
     return {
         "torch": torch.__version__,

@@ -1,4 +1,5 @@
-"""Stage: distill a student from a teacher on a synthetic set (end-to-end Hinton KD)."""
+"""Stage: distill a student from a teacher on a synthetic set, end to end (Hinton KD) or
+neighbourhood by neighbourhood."""
 
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.losses import kd_loss
+from synthkd.neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller
 from synthkd.models import Classifier, ModelConfig, import_factory, is_registered, load_model
 from synthkd.training import TrainConfig, fit
 
@@ -130,5 +132,59 @@ def distill_e2e(
     if accelerator.is_main_process:
         student.save_pretrained(out)
         atomic_write_json(Path(out) / "metrics.json", metrics)
+    accelerator.wait_for_everyone()
+    return student, metrics
+
+
+def data_fingerprint(data: str | os.PathLike, dataset: Dataset) -> str:
+    """Identifies the training data: a synthetic set by its manifest's shard checksums."""
+    if isinstance(dataset, SyntheticDataset):
+        return "-".join(shard["sha256"][:8] for shard in dataset.manifest["shards"])
+    return f"{data}:{len(dataset)}"
+
+
+def distill_neighbourhood(
+    teacher: Classifier,
+    student: Classifier,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    config: NeighbourhoodConfig | None = None,
+    finetune: TrainConfig | None = None,
+    eval_dataset: str | None = None,
+    accelerator: Accelerator | None = None,
+) -> tuple[Classifier, dict[str, Any]]:
+    """Distill neighbourhood by neighbourhood (in parallel across ranks), merge, optionally
+    fine-tune end to end, save to ``out`` with ``metrics.json``."""
+    accelerator = accelerator or make_accelerator()
+    config = config or NeighbourhoodConfig()
+    training_data = open_training_data(data)
+    out = Path(out)
+    evaluation = load_dataset(eval_dataset) if eval_dataset else None
+    started = time.perf_counter()
+    distiller = NeighbourhoodDistiller(teacher, student, config, accelerator)
+    report = distiller.train(training_data, out, data_fingerprint(data, training_data))
+    student = distiller.merge()
+    metrics: dict[str, Any] = {
+        "mode": "neighbourhood", "data": str(data), "num_training_images": len(training_data),
+        "config": asdict(config), "cuts": distiller.cuts, **report,
+        "neighbourhood_seconds": time.perf_counter() - started, "num_processes": accelerator.num_processes,
+    }
+    if evaluation is not None:
+        metrics["merged"] = evaluate(student, evaluation, accelerator)
+    if finetune is not None and finetune.epochs > 0:
+        started = time.perf_counter()
+        objective = KDObjective(teacher.to(accelerator.device), config.temperature, config.flip, config.mixup).to(accelerator.device)
+        metrics["finetune_history"] = fit(student, training_data, objective, finetune, accelerator, evaluation,
+                                          description="fine-tune")
+        metrics["finetune_seconds"] = time.perf_counter() - started
+    metrics["distill_seconds"] = metrics["neighbourhood_seconds"] + metrics.get("finetune_seconds", 0.0)
+    if evaluation is not None:
+        metrics["eval_dataset"] = eval_dataset
+        metrics["student"] = evaluate(student, evaluation, accelerator)
+        metrics["teacher"] = evaluate(teacher, evaluation, accelerator)
+        metrics["gap"] = metrics["teacher"]["accuracy"] - metrics["student"]["accuracy"]
+    if accelerator.is_main_process:
+        student.save_pretrained(out)
+        atomic_write_json(out / "metrics.json", metrics)
     accelerator.wait_for_everyone()
     return student, metrics

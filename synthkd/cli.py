@@ -161,29 +161,41 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
 @click.option("--student", default="resnet20", show_default=True,
               help="Zoo architecture, or a model directory / FILE.py:factory to start from.")
 @click.option("--student-width", type=float, default=0.5, show_default=True, help="Width multiplier of a zoo student.")
-@click.option("--data", required=True, type=click.Path(), help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference).")
-@click.option("--mode", type=click.Choice(["e2e"]), default="e2e", show_default=True)
+@click.option("--data", required=True, type=click.Path(),
+              help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference).")
+@click.option("--mode", type=click.Choice(["e2e", "neighbourhood"]), default="e2e", show_default=True)
+@click.option("--cuts", default="blocks", show_default=True,
+              help="Neighbourhood mode: blocks, stages, or comma-separated module paths.")
 @click.option("--epochs", type=int, default=30, show_default=True)
+@click.option("--finetune-epochs", type=int, default=0, show_default=True,
+              help="Neighbourhood mode: end-to-end KD epochs after the merge.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
 @click.option("--lr", type=float, default=0.05, show_default=True)
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--mixup", type=float, default=1.0, show_default=True, help="MixUp Beta alpha on synthetic images (0: off).")
 @click.option("--flip/--no-flip", default=True, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--eval-dataset", help="Dataset spec to report accuracy on each epoch, e.g. fashion-mnist:test.")
+@click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
-def distill(model_spec, weights, input_shape, mean, std, student, student_width, data, mode, epochs, batch_size, lr,
-            temperature, mixup, flip, seed, eval_dataset, mixed_precision, out):
+def distill(model_spec, weights, input_shape, mean, std, student, student_width, data, mode, cuts, epochs, finetune_epochs,
+            batch_size, lr, temperature, mixup, flip, seed, eval_dataset, mixed_precision, out):
     """Distill a student from the teacher on a synthetic set."""
-    from synthkd.pipelines.distill import build_student, distill_e2e
+    from synthkd.neighbourhood_training import NeighbourhoodConfig
+    from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood
     from synthkd.training import TrainConfig
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     student_model = build_student(student, teacher, student_width, seed)
     accelerator = make_accelerator(mixed_precision)
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
-    _, metrics = distill_e2e(teacher, student_model, data, out, config, temperature, flip, mixup, eval_dataset, accelerator)
+    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
+    if mode == "e2e":
+        _, metrics = distill_e2e(teacher, student_model, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
+    else:
+        config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+                                     mixup=mixup, flip=flip, seed=seed)
+        finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=lr / 5, seed=seed, warmup_epochs=0.0)
+        _, metrics = distill_neighbourhood(teacher, student_model, data, out, config, finetune, eval_dataset, accelerator)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "

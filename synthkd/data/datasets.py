@@ -2,7 +2,7 @@
 
 Specs: ``fashion-mnist:train``, ``fashion-mnist:/root:test``, ``digits:test``,
 ``cifar10:/path/to/cifar-10-batches-py:train``, ``folder:/path`` (one sub-folder per class),
-``noise:gaussian`` / ``noise:uniform``. Any spec may end in a slice, ``digits:train[:200]``.
+``noise:gaussian[:N]`` / ``noise:uniform[:N]``. Any spec may end in a slice, ``digits:train[:200]``.
 """
 
 from __future__ import annotations
@@ -268,4 +268,6 @@ def _folder(args: list[str]) -> ImageDataset:
 
 
 def _noise(args: list[str]) -> NoiseDataset:
-    return NoiseDataset(args[0] if args else "gaussian")
+    if len(args) > 1 and not args[1].isdigit():
+        raise SynthkdError(f"noise takes a kind and an optional size: noise:gaussian:5000, got noise:{':'.join(args)}")
+    return NoiseDataset(args[0] if args else "gaussian", int(args[1]) if len(args) > 1 else 1000)

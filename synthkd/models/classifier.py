@@ -91,9 +91,11 @@ class ModelConfig:
     input: InputFormat
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     class_names: list[str] = field(default_factory=list)
+    # 1x1 convolutions after cut modules, left by merging neighbourhoods of a narrower student.
+    cut_adapters: dict[str, int] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "arch": self.arch,
             "arch_kwargs": self.arch_kwargs,
             "input_shape": list(self.input.shape),
@@ -101,10 +103,13 @@ class ModelConfig:
             "std": list(self.input.std),
             "class_names": list(self.class_names),
         }
+        if self.cut_adapters:
+            data["cut_adapters"] = dict(self.cut_adapters)
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {"arch", "arch_kwargs", "input_shape", "mean", "std", "class_names"}
+        known = {"arch", "arch_kwargs", "input_shape", "mean", "std", "class_names", "cut_adapters"}
         unknown = set(data) - known
         if unknown or "arch" not in data or "input_shape" not in data:
             raise SynthkdError(
@@ -117,6 +122,7 @@ class ModelConfig:
             arch_kwargs=dict(data.get("arch_kwargs", {})),
             input=InputFormat(channels, height, width, data.get("mean", (0.0,)), data.get("std", (1.0,))),
             class_names=list(data.get("class_names", [])),
+            cut_adapters={str(k): int(v) for k, v in data.get("cut_adapters", {}).items()},
         )
 
 
@@ -176,7 +182,12 @@ class Classifier(nn.Module):
 
     @classmethod
     def from_config(cls, config: ModelConfig) -> "Classifier":
-        return cls(build_network(config.arch, config.arch_kwargs), config)
+        net = build_network(config.arch, config.arch_kwargs)
+        if config.cut_adapters:
+            from ..neighbourhoods import attach_cut_adapters
+
+            attach_cut_adapters(net, config.cut_adapters)
+        return cls(net, config)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Write ``model.safetensors`` and ``config.json`` atomically into ``directory``."""

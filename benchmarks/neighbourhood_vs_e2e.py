@@ -1,0 +1,105 @@
+"""Neighbourhood distillation against end-to-end KD on the standard Fashion-MNIST setting.
+
+Same teacher, same student architecture, same synthetic set and the same number of processes
+for both methods, in one run: wall time of each to reach its final accuracy, the accuracies
+and the speed-up. Also both methods on plain Gaussian-noise inputs (the seed's claim: small
+neighbourhoods learn from such inputs better than the whole network). Run it under
+``accelerate launch --num_processes N`` to compare at N processes.
+
+    python benchmarks/neighbourhood_vs_e2e.py [--quick] [--out results.json]
+    accelerate launch --multi_gpu --num_processes 2 benchmarks/neighbourhood_vs_e2e.py --out results-2p.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, timed, write_json  # noqa: E402
+
+from synthkd.accelerator import make_accelerator  # noqa: E402
+from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
+from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood  # noqa: E402
+from synthkd.training import TrainConfig  # noqa: E402
+
+QUICK = {"teacher_epochs": 1, "num_images": 512, "iterations": 20, "e2e_epochs": 4, "neighbourhood_epochs": 2,
+         "finetune_epochs": 1, "noise_images": 512}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
+    parser.add_argument("--e2e-epochs", type=int)
+    parser.add_argument("--neighbourhood-epochs", type=int, default=None)
+    parser.add_argument("--finetune-epochs", type=int, default=None)
+    parser.add_argument("--cuts", default="blocks")
+    parser.add_argument("--noise-images", type=int, default=None)
+    parser.add_argument("--no-noise", action="store_true", help="skip the Gaussian-noise comparison")
+    parser.add_argument("--cache", default=str(CACHE))
+    parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
+    parser.add_argument("--out")
+    args = parser.parse_args()
+    config = load_setting(args.config)
+    settings = {
+        "teacher_epochs": config["teacher"]["epochs"], "num_images": config["generate"]["num_images"],
+        "iterations": config["generate"]["iterations"], "e2e_epochs": config["distill"]["epochs"],
+        "neighbourhood_epochs": config["distill"]["epochs"] // 4, "finetune_epochs": config["distill"]["epochs"] // 10,
+        "noise_images": config["generate"]["num_images"],
+    }
+    if args.quick:
+        settings.update(QUICK)
+    for key in ("e2e_epochs", "neighbourhood_epochs", "finetune_epochs", "noise_images"):
+        if getattr(args, key) is not None:
+            settings[key] = getattr(args, key)
+    accelerator = make_accelerator()
+    cache = Path(args.cache)
+    timings: dict[str, float] = {}
+    teacher = standard_teacher(config, settings["teacher_epochs"], cache, timings)
+    synthetic = standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings)
+    dist = config["distill"]
+    eval_spec = config["eval_dataset"]
+    inputs = {"inverted": str(synthetic)}
+    if not args.no_noise:
+        inputs["gaussian noise"] = f"noise:gaussian:{settings['noise_images']}"
+    rows, results = [], {}
+    for name, data in inputs.items():
+        tag = name.replace(" ", "-")
+        e2e_train = TrainConfig(epochs=settings["e2e_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        with timed(timings, f"e2e_{tag}_seconds"):
+            _, e2e = distill_e2e(teacher, student, data, cache / f"nb-bench-e2e-{tag}", e2e_train, dist["temperature"],
+                                 mixup=dist["mixup"], eval_dataset=eval_spec, accelerator=accelerator)
+        neighbourhood = NeighbourhoodConfig(cuts=args.cuts, epochs=settings["neighbourhood_epochs"], batch_size=dist["batch_size"],
+                                            lr=dist["lr"], temperature=dist["temperature"], mixup=dist["mixup"])
+        finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=dist["lr"] / 5,
+                               warmup_epochs=0.0)
+        out = cache / f"nb-bench-neighbourhood-{tag}-p{accelerator.num_processes}"
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        with timed(timings, f"neighbourhood_{tag}_seconds"):
+            _, nb = distill_neighbourhood(teacher, student, data, out, neighbourhood, finetune, eval_spec, accelerator)
+        e2e_time, nb_time = timings[f"e2e_{tag}_seconds"], timings[f"neighbourhood_{tag}_seconds"]
+        results[name] = {
+            "e2e": {"accuracy": e2e["student"]["accuracy"], "seconds": e2e_time, "epochs": settings["e2e_epochs"]},
+            "neighbourhood": {"accuracy": nb["student"]["accuracy"], "merged_accuracy": nb["merged"]["accuracy"],
+                              "seconds": nb_time, "neighbourhood_seconds": nb["neighbourhood_seconds"],
+                              "finetune_seconds": nb.get("finetune_seconds", 0.0),
+                              "local_errors": {k: v["relative_mse"] for k, v in nb["neighbourhoods"].items()}},
+            "speedup": e2e_time / nb_time,
+            "accuracy_difference_points": 100 * (nb["student"]["accuracy"] - e2e["student"]["accuracy"]),
+        }
+        rows.append({"inputs": name, "method": "e2e KD", "accuracy": e2e["student"]["accuracy"], "seconds": e2e_time})
+        rows.append({"inputs": name, "method": "neighbourhood (merged)", "accuracy": nb["merged"]["accuracy"],
+                     "seconds": nb["neighbourhood_seconds"]})
+        rows.append({"inputs": name, "method": f"neighbourhood + {settings['finetune_epochs']} ep fine-tune",
+                     "accuracy": nb["student"]["accuracy"], "seconds": nb_time, "speedup": e2e_time / nb_time})
+    if accelerator.is_main_process:
+        print_table(rows, f"Fashion-MNIST test accuracy, {accelerator.num_processes} process(es), {settings}")
+        write_json(args.out, {"benchmark": "neighbourhood_vs_e2e", "quick": args.quick, "settings": settings,
+                              "num_processes": accelerator.num_processes, "teacher_accuracy": e2e["teacher"]["accuracy"],
+                              "results": results, "timings": timings})
+
+
+if __name__ == "__main__":
+    main()

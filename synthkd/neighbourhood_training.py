@@ -1,0 +1,284 @@
+"""Neighbourhood distillation: every student neighbourhood learns its teacher neighbourhood
+independently, from the teacher's activation at the cut before it.
+
+Each rank owns a set of neighbourhoods (balanced by counted FLOPs). All ranks read the whole
+training set in the same order with the same augmentations (seeded per batch), so a
+neighbourhood trains identically whichever rank owns it: the same seed gives the same student
+for any number of processes. The teacher runs once per batch, only as deep as the deepest
+neighbourhood the rank owns, and its activations are shared by all of them. Finished
+neighbourhoods are written to ``out/neighbourhoods/`` so a rerun trains only the missing ones.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import gather_object
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
+
+from .augment import MixUp, training_augmentation
+from .io import atomic_write, atomic_write_json, read_json
+from .losses import kd_loss
+from .models import Classifier, unwrap
+from .neighbourhoods import CutAdapter, attach_cut_adapters, adapter_key, cut_channel_pairs, fuse_adapters, resolve_cuts, split_network
+
+
+@dataclass
+class NeighbourhoodConfig:
+    cuts: str | list[str] = "blocks"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    warmup_epochs: float = 0.5
+    temperature: float = 4.0
+    mixup: float = 1.0
+    flip: bool = True
+    seed: int = 0
+    holdout: int = 512  # training images kept aside to measure each neighbourhood's local error
+
+
+class StudentNeighbourhood(nn.Module):
+    """A student piece with optional 1x1 adapters from/to the teacher's channels at its cuts."""
+
+    def __init__(self, piece: nn.Module, in_adapter: CutAdapter | None, out_adapter: CutAdapter | None):
+        super().__init__()
+        self.piece = piece
+        self.in_adapter = in_adapter
+        self.out_adapter = out_adapter
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.in_adapter is not None:
+            x = self.in_adapter(x)
+        x = self.piece(x)
+        return self.out_adapter(x) if self.out_adapter is not None else x
+
+
+def balance(costs: list[float], num_ranks: int) -> list[list[int]]:
+    """Longest-processing-time-first assignment of neighbourhoods to ranks (deterministic)."""
+    loads = [0.0] * num_ranks
+    owned: list[list[int]] = [[] for _ in range(num_ranks)]
+    for index in sorted(range(len(costs)), key=lambda i: (-costs[i], i)):
+        rank = min(range(num_ranks), key=lambda r: (loads[r], r))
+        loads[rank] += costs[index]
+        owned[rank].append(index)
+    return [sorted(o) for o in owned]
+
+
+def count_flops(module: nn.Module, x: torch.Tensor) -> int:
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        module(x)
+    return counter.get_total_flops()
+
+
+class NeighbourhoodDistiller:
+    def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodConfig, accelerator: Accelerator):
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.student = student
+        # The student's starting weights, not just its config: a model directory given as the
+        # student is a starting point, and another one of the same architecture must retrain.
+        self.student_fingerprint = student.fingerprint()
+        self.config = config
+        self.accelerator = accelerator
+        self.cuts = resolve_cuts(unwrap(teacher.net), config.cuts)
+        student_cuts = resolve_cuts(unwrap(student.net), self.cuts)
+        self.teacher_split = split_network(teacher.net, self.cuts)
+        self.student_split = split_network(student.net, student_cuts)
+        fmt = teacher.input_format
+        probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0)))
+        student.eval()
+        self.channel_pairs = cut_channel_pairs(self.teacher_split, self.student_split, probe)
+        self.neighbourhoods = nn.ModuleList()
+        for k, piece in enumerate(self.student_split.pieces):
+            torch.manual_seed(config.seed * 7919 + k)  # adapters: same on every rank
+            before = self.channel_pairs[k - 1] if k > 0 else None
+            after = self.channel_pairs[k]
+            self.neighbourhoods.append(StudentNeighbourhood(
+                piece,
+                CutAdapter(before[0], before[1]) if before else None,
+                CutAdapter(after[1], after[0]) if after else None,
+            ))
+        inputs = [probe]
+        for piece in self.teacher_split.pieces[:-1]:
+            with torch.no_grad():
+                inputs.append(piece(inputs[-1]))
+        self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
+        self.assignment = balance([float(f) for f in self.flops], accelerator.num_processes)
+        self.owned = self.assignment[accelerator.process_index]
+
+    @property
+    def names(self) -> list[str]:
+        return self.student_split.names
+
+    def fingerprint(self, data_fingerprint: str) -> str:
+        """Key of a finished neighbourhood file: teacher, student, cuts, data and settings."""
+        payload = json.dumps({
+            "teacher": self.teacher.fingerprint(), "student": self.student_fingerprint,
+            "config": asdict(self.config), "cuts": self.cuts, "data": data_fingerprint,
+        }, sort_keys=True)
+        return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+    def train(self, dataset: Dataset, out: Path, data_fingerprint: str) -> dict[str, Any]:
+        """Train the owned neighbourhoods (or load finished ones) and gather all of them on every
+        rank; :meth:`merge` then makes the student."""
+        accelerator, config = self.accelerator, self.config
+        device = accelerator.device
+        self.teacher.to(device)
+        self.neighbourhoods.to(device)
+        key = self.fingerprint(data_fingerprint)
+        folder = out / "neighbourhoods"
+        holdout = min(config.holdout, len(dataset) // 5)
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
+        train_set, held_out = Subset(dataset, order[holdout:]), Subset(dataset, order[:holdout])
+        todo, results = [], {}
+        for k in self.owned:
+            finished = self._load_finished(folder, k, key)
+            if finished is not None:
+                results[k] = finished
+            else:
+                todo.append(k)
+        if todo:
+            results.update(self._train(todo, train_set, held_out, folder, key))
+        gathered = gather_object([(k, {n: t.cpu() for n, t in self.neighbourhoods[k].state_dict().items()}, results[k])
+                                  for k in self.owned])
+        metrics = {}
+        for k, state, record in sorted(gathered, key=lambda item: item[0]):
+            self.neighbourhoods[k].load_state_dict(state)
+            metrics[self.names[k]] = record
+        self.neighbourhoods.cpu()
+        return {"neighbourhoods": metrics, "assignment": {str(r): [self.names[k] for k in ks] for r, ks in enumerate(self.assignment)},
+                "flops": dict(zip(self.names, self.flops))}
+
+    def _load_finished(self, folder: Path, k: int, key: str) -> dict[str, Any] | None:
+        weights, record = folder / f"{k:02d}.safetensors", folder / f"{k:02d}.json"
+        if not (weights.is_file() and record.is_file()):
+            return None
+        meta = read_json(record)
+        if meta.get("key") != key:
+            return None
+        try:
+            self.neighbourhoods[k].load_state_dict(load_file(str(weights)))
+        except Exception:
+            return None  # unreadable or from another student: train it again
+        return {**meta["metrics"], "resumed": True}
+
+    def _schedule(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
+        total = self.config.epochs * steps_per_epoch
+        warmup = int(self.config.warmup_epochs * steps_per_epoch)
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+    def _teacher_activations(self, images: torch.Tensor, depth: int) -> list[torch.Tensor]:
+        """Input and outputs of the teacher's neighbourhoods 0..depth (shared by owned pieces)."""
+        fmt = self.teacher.input_format
+        activations = [fmt.normalize(fmt.adapt(images))]
+        with torch.no_grad():
+            for piece in self.teacher_split.pieces[: depth + 1]:
+                # A piece may start with an in-place op (a ReLU(inplace=True) after a cut at a
+                # BatchNorm): on a clone, so it cannot overwrite the previous piece's target,
+                # which would then depend on how deep this rank runs the teacher.
+                activations.append(piece(activations[-1].clone()))
+        return activations
+
+    def _loss(self, k: int, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if k == len(self.neighbourhoods) - 1:
+            return kd_loss(output.float(), target.float(), self.config.temperature)
+        return F.mse_loss(output.float(), target.float())
+
+    def _train(self, todo: list[int], train_set: Dataset, held_out: Dataset, folder: Path, key: str) -> dict[int, dict]:
+        config, accelerator = self.config, self.accelerator
+        device = accelerator.device
+        fmt = self.teacher.input_format
+        augment = nn.Sequential(training_augmentation(fmt.height, fmt.width, config.flip),
+                                MixUp(config.mixup, 0.5 if config.mixup > 0 else 0.0)).to(device)
+        steps_per_epoch = len(train_set) // config.batch_size or 1
+        optimizers = {k: torch.optim.SGD(self.neighbourhoods[k].parameters(), lr=config.lr, momentum=config.momentum,
+                                         weight_decay=config.weight_decay, nesterov=True) for k in todo}
+        schedulers = {k: self._schedule(optimizers[k], steps_per_epoch) for k in todo}
+        seconds = {k: 0.0 for k in todo}
+        depth = max(todo)
+        for k in todo:
+            self.neighbourhoods[k].train()
+        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"neighbourhoods (rank {accelerator.process_index})",
+                   disable=not accelerator.is_local_main_process, leave=False)
+        for epoch in range(config.epochs):
+            loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
+                                generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+            for step, batch in enumerate(loader):
+                torch.manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step)  # same views on every rank
+                views = augment(batch[0].to(device))
+                activations = self._teacher_activations(views, depth)
+                for k in todo:
+                    started = time.perf_counter()
+                    with accelerator.autocast():
+                        loss = self._loss(k, self.neighbourhoods[k](activations[k]), activations[k + 1])
+                    optimizers[k].zero_grad(set_to_none=True)
+                    loss.backward()
+                    optimizers[k].step()
+                    schedulers[k].step()
+                    seconds[k] += time.perf_counter() - started
+                bar.update(1)
+        bar.close()
+        results = {}
+        errors = self.local_errors(todo, held_out)
+        for k in todo:
+            results[k] = {"relative_mse": errors[k], "seconds": seconds[k], "flops": self.flops[k],
+                          "rank": accelerator.process_index, "epochs": config.epochs}
+            state = {n: t.detach().cpu().contiguous() for n, t in self.neighbourhoods[k].state_dict().items()}
+            atomic_write(folder / f"{k:02d}.safetensors", lambda tmp, state=state: save_file(state, tmp))
+            atomic_write_json(folder / f"{k:02d}.json", {"key": key, "name": self.names[k], "metrics": results[k]})
+        return results
+
+    @torch.no_grad()
+    def local_errors(self, indices: list[int], held_out: Dataset) -> dict[int, float]:
+        """Relative MSE ||s_k - t_k||^2 / ||t_k||^2 of each neighbourhood on held-out inputs
+        (for the head: on logits)."""
+        device = self.accelerator.device
+        error = {k: 0.0 for k in indices}
+        norm = {k: 0.0 for k in indices}
+        for k in indices:
+            self.neighbourhoods[k].eval()
+        for batch in DataLoader(held_out, batch_size=256):
+            activations = self._teacher_activations(batch[0].to(device), max(indices))
+            for k in indices:
+                output = self.neighbourhoods[k](activations[k]).float()
+                error[k] += (output - activations[k + 1]).pow(2).sum().item()
+                norm[k] += activations[k + 1].pow(2).sum().item()
+        return {k: error[k] / max(norm[k], 1e-12) for k in indices}
+
+    def merge(self) -> Classifier:
+        """The student made of the trained neighbourhoods. The pieces hold the student's own
+        modules, so only each cut's adapter pair is left to fuse into one 1x1 convolution."""
+        channels, fused = {}, {}
+        for k, cut in enumerate(self.cuts):
+            if self.channel_pairs[k] is None:
+                continue
+            channels[cut] = self.channel_pairs[k][1]
+            fused[cut] = fuse_adapters(self.neighbourhoods[k].out_adapter, self.neighbourhoods[k + 1].in_adapter)
+        if not channels:
+            return self.student
+        net = unwrap(self.student.net)
+        attach_cut_adapters(net, channels)
+        for cut, adapter in fused.items():
+            net.cut_adapters[adapter_key(cut)].load_state_dict(adapter.state_dict())
+        self.student.config.cut_adapters = channels
+        return self.student
