@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -33,18 +32,16 @@ from .augment import MixUp, training_augmentation
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import kd_loss
 from .models import Classifier, unwrap
+from .training import TrainConfig, warmup_cosine
 from .neighbourhoods import CutAdapter, attach_cut_adapters, adapter_key, cut_channel_pairs, fuse_adapters, resolve_cuts, split_network
 
 
 @dataclass
-class NeighbourhoodConfig:
+class NeighbourhoodConfig(TrainConfig):
+    """The optimiser settings of every neighbourhood, plus where to cut and the KD settings."""
+
     cuts: str | list[str] = "blocks"
-    epochs: int = 10
-    batch_size: int = 128
     lr: float = 0.05
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    warmup_epochs: float = 0.5
     temperature: float = 4.0
     mixup: float = 1.0
     flip: bool = True
@@ -171,21 +168,14 @@ class NeighbourhoodDistiller:
         if meta.get("key") != key:
             return None
         try:
-            self.neighbourhoods[k].load_state_dict(load_file(str(weights)))
+            state = load_file(str(weights))
         except Exception:
-            return None  # unreadable or from another student: train it again
+            return None  # unreadable: train it again
+        current = self.neighbourhoods[k].state_dict()
+        if state.keys() != current.keys() or any(state[n].shape != current[n].shape for n in state):
+            return None  # from another student: train it again
+        self.neighbourhoods[k].load_state_dict(state)
         return {**meta["metrics"], "resumed": True}
-
-    def _schedule(self, optimizer: torch.optim.Optimizer, steps_per_epoch: int):
-        total = self.config.epochs * steps_per_epoch
-        warmup = int(self.config.warmup_epochs * steps_per_epoch)
-
-        def factor(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def _teacher_activations(self, images: torch.Tensor, depth: int) -> list[torch.Tensor]:
         """Input and outputs of the teacher's neighbourhoods 0..depth (shared by owned pieces)."""
@@ -213,7 +203,7 @@ class NeighbourhoodDistiller:
         steps_per_epoch = len(train_set) // config.batch_size or 1
         optimizers = {k: torch.optim.SGD(self.neighbourhoods[k].parameters(), lr=config.lr, momentum=config.momentum,
                                          weight_decay=config.weight_decay, nesterov=True) for k in todo}
-        schedulers = {k: self._schedule(optimizers[k], steps_per_epoch) for k in todo}
+        schedulers = {k: warmup_cosine(optimizers[k], config, steps_per_epoch) for k in todo}
         seconds = {k: 0.0 for k in todo}
         depth = max(todo)
         for k in todo:

@@ -36,6 +36,19 @@ class TrainConfig:
     channels_last: bool = True
 
 
+def warmup_cosine(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Linear warm-up for ``config.warmup_epochs``, then cosine decay to zero, stepped per batch."""
+    total = config.epochs * steps_per_epoch
+    warmup = int(config.warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
 def fit(
     model: Classifier,
     dataset: Dataset,
@@ -55,15 +68,7 @@ def fit(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
     steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes))
-    total_steps = config.epochs * steps_per_epoch
-    warmup = int(config.warmup_epochs * steps_per_epoch)
-
-    def schedule(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total_steps - warmup)))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    scheduler = warmup_cosine(optimizer, config, steps_per_epoch)
     prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     history = []
     for epoch in range(config.epochs):
