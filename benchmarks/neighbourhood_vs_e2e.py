@@ -95,7 +95,7 @@ def main() -> None:
         rows.append({"inputs": name, "method": f"neighbourhood + {settings['finetune_epochs']} ep fine-tune",
                      "accuracy": nb["student"]["accuracy"], "seconds": nb_time, "speedup": e2e_time / nb_time})
     if accelerator.is_main_process:
-        print_table(rows, f"Fashion-MNIST test accuracy, {accelerator.num_processes} process(es), {settings}")
+        print_table(rows, f"{eval_spec} accuracy, {accelerator.num_processes} process(es), {settings}")
         write_json(args.out, {"benchmark": "neighbourhood_vs_e2e", "quick": args.quick, "settings": settings,
                               "num_processes": accelerator.num_processes, "teacher_accuracy": e2e["teacher"]["accuracy"],
                               "results": results, "timings": timings})

@@ -26,8 +26,8 @@ from .base import SyntheticImageGenerator
 
 @dataclass
 class InversionConfig:
-    iterations: int = 200
-    lr: float = 0.1
+    iterations: int = 100
+    lr: float = 0.25
     bn_weight: float = 1.0
     first_bn_weight: float = 10.0
     ce_weight: float = 1.0

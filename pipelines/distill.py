@@ -130,7 +130,8 @@ def distill_e2e(
     teacher.to(accelerator.device)
     objective = KDObjective(teacher, temperature, flip, mixup).to(accelerator.device)
     started = time.perf_counter()
-    history = fit(student, training_data, objective, train, accelerator, evaluation, description="distill")
+    history = fit(student, training_data, objective, train, accelerator, evaluation, description="distill",
+                  checkpoint_dir=out)
     metrics: dict[str, Any] = {
         "mode": "e2e",
         "data": str(data),

@@ -53,7 +53,7 @@ def train_teacher(
         images, labels = batch
         return F.cross_entropy(net(augment(images)), labels)
 
-    history = fit(model, data, batch_loss, train, accelerator, evaluation, description="teacher")
+    history = fit(model, data, batch_loss, train, accelerator, evaluation, description="teacher", checkpoint_dir=out)
     metrics: dict[str, Any] = {"dataset": dataset, "history": history, "train_seconds": sum(h["seconds"] for h in history)}
     if evaluation is not None:
         metrics["eval"] = evaluate(model, evaluation, accelerator)

@@ -8,18 +8,23 @@ teacher and distilling a student is only the loss of a batch, passed in as a fun
 from __future__ import annotations
 
 import math
+import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .evaluation import evaluate
-from .models import Classifier
+from .errors import SynthkdError
+from .io import atomic_write
+from .models import Classifier, unwrap
 
 BatchLoss = Callable[[Classifier, Any], torch.Tensor]
 
@@ -34,6 +39,46 @@ class TrainConfig:
     warmup_epochs: float = 0.5
     seed: int = 0
     channels_last: bool = True
+
+
+class Checkpoint:
+    """Training state after the last finished epoch: ``training_state.pt`` (tensors and plain
+    values only, read back with ``weights_only=True``) written atomically by the main process."""
+
+    NAME = "training_state.pt"
+
+    def __init__(self, directory: str | os.PathLike, config: TrainConfig, accelerator: Accelerator):
+        self.path = Path(directory) / self.NAME
+        self.config = asdict(config)
+        self.accelerator = accelerator
+
+    def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> list[dict[str, Any]]:
+        found = torch.tensor([float(self.path.is_file())], device=self.accelerator.device)
+        if self.accelerator.gather(found).min().item() < 1:
+            return []  # not every rank sees it (no shared disk): start afresh everywhere
+        state = torch.load(self.path, map_location="cpu", weights_only=True)
+        if state["config"] != self.config:
+            changed = sorted(k for k in self.config if state["config"].get(k) != self.config[k])
+            raise SynthkdError(
+                f"{self.path} was written with other training settings ({', '.join(changed)}); "
+                "use another output directory or delete the checkpoint to start again"
+            )
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if self.accelerator.is_main_process:
+            tqdm.write(f"resuming after epoch {len(state['history'])} from {self.path}")
+        return list(state["history"])
+
+    def save(self, model: nn.Module, optimizer, scheduler, history: list[dict[str, Any]]) -> None:
+        if self.accelerator.is_main_process:
+            state = {
+                "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "history": history, "config": self.config,
+            }
+            atomic_write(self.path, lambda tmp: torch.save(state, tmp))
+        self.accelerator.wait_for_everyone()
 
 
 def warmup_cosine(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
@@ -57,8 +102,12 @@ def fit(
     accelerator: Accelerator,
     eval_dataset: Dataset | None = None,
     description: str = "train",
+    checkpoint_dir: str | os.PathLike | None = None,
 ) -> list[dict[str, Any]]:
-    """Train ``model`` in place with SGD + warmup/cosine; returns one record per epoch."""
+    """Train ``model`` in place with SGD + warmup/cosine; returns one record per epoch.
+
+    With ``checkpoint_dir`` the state is saved after every epoch and a rerun resumes after the
+    last finished epoch (a checkpoint of different settings is refused)."""
     set_seed(config.seed)  # augmentation and MixUp draw from the global RNGs
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -67,11 +116,14 @@ def fit(
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
-    steps_per_epoch = max(1, math.ceil(len(loader) / accelerator.num_processes))
-    scheduler = warmup_cosine(optimizer, config, steps_per_epoch)
+    # Accelerate steps a prepared scheduler once per process for every optimiser step, so the
+    # schedule counts the batches of the whole (unsharded) loader.
+    scheduler = warmup_cosine(optimizer, config, max(1, len(loader)))
+    checkpoint = Checkpoint(checkpoint_dir, config, accelerator) if checkpoint_dir else None
+    history = checkpoint.restore(model, optimizer, scheduler) if checkpoint else []
     prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
-    history = []
-    for epoch in range(config.epochs):
+    for epoch in range(len(history), config.epochs):
+        generator.manual_seed(config.seed * 1_000_003 + epoch)  # the same order after a resume
         prepared_model.train()
         started = time.perf_counter()
         total, batches = 0.0, 0
@@ -97,6 +149,8 @@ def fit(
         if accelerator.is_main_process:
             shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
             tqdm.write(f"{description}: {shown}")
+        if checkpoint:
+            checkpoint.save(accelerator.unwrap_model(prepared_model), optimizer, scheduler, history)
     accelerator.wait_for_everyone()
     model.to(memory_format=torch.contiguous_format)
     return history

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 from synthkd.augment import MixUp, training_augmentation
 from synthkd.data import load_dataset
+from synthkd.errors import SynthkdError
 from synthkd.evaluation import accuracy_report, evaluate, predict
 from synthkd.models import Classifier, InputFormat, ModelConfig
 from synthkd.pipelines.train_teacher import train_teacher
@@ -54,6 +55,39 @@ def test_training_is_reproducible_from_its_seed(tmp_path, accelerator):
     assert run(0, "b") == first
     assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
     assert run(1, "c") != first
+
+
+def test_an_interrupted_fit_resumes_after_its_last_epoch(tmp_path, accelerator):
+    data = load_dataset("digits:train[:256]")
+    config = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+    uninterrupted = _model()
+    expected = fit(uninterrupted, data, _cross_entropy, config, accelerator)
+
+    calls = {"n": 0}
+
+    def dies_in_the_third_epoch(net, batch):
+        calls["n"] += 1
+        if calls["n"] > 2 * (256 // 32):
+            raise KeyboardInterrupt
+        return _cross_entropy(net, batch)
+
+    with pytest.raises(KeyboardInterrupt):
+        fit(_model(), data, dies_in_the_third_epoch, config, accelerator, checkpoint_dir=tmp_path)
+    resumed_model = _model(seed=1)  # the checkpoint, not the fresh weights, must win
+    resumed = fit(resumed_model, data, _cross_entropy, config, accelerator, checkpoint_dir=tmp_path)
+    assert [h["epoch"] for h in resumed] == [1, 2, 3]
+    assert [h["loss"] for h in resumed] == pytest.approx([h["loss"] for h in expected], rel=1e-4)
+    for resumed_tensor, expected_tensor in zip(resumed_model.state_dict().values(), uninterrupted.state_dict().values()):
+        assert torch.allclose(resumed_tensor.float(), expected_tensor.float(), atol=1e-5)
+
+
+def test_a_checkpoint_of_other_settings_is_refused(tmp_path, accelerator):
+    data = load_dataset("digits:train[:64]")
+    fit(_model(), data, _cross_entropy, TrainConfig(epochs=1, batch_size=32), accelerator, checkpoint_dir=tmp_path)
+    before = (tmp_path / "training_state.pt").read_bytes()
+    with pytest.raises(SynthkdError, match="lr"):
+        fit(_model(), data, _cross_entropy, TrainConfig(epochs=1, batch_size=32, lr=0.5), accelerator, checkpoint_dir=tmp_path)
+    assert (tmp_path / "training_state.pt").read_bytes() == before
 
 
 def test_predict_and_accuracy_report(accelerator):
