@@ -1,7 +1,9 @@
 """Neighbourhood distillation: every student neighbourhood learns its teacher neighbourhood
 independently, from the teacher's activation at the cut before it.
 
-Each rank owns a set of neighbourhoods (balanced by counted FLOPs). All ranks read the whole
+Each rank owns a set of neighbourhoods (balanced by counted FLOPs); with more ranks than
+neighbourhoods the extra ranks train the costliest ones data-parallel (each replica takes its
+share of every batch; gradients are averaged in a process group). All ranks read the whole
 training set in the same order with the same augmentations (seeded per batch), so a
 neighbourhood trains identically whichever rank owns it: the same seed gives the same student
 for any number of processes. The teacher runs once per batch, only as deep as the deepest
@@ -76,6 +78,20 @@ def balance(costs: list[float], num_ranks: int) -> list[list[int]]:
     return [sorted(o) for o in owned]
 
 
+def replicate(assignment: list[list[int]], costs: list[float]) -> list[list[int]]:
+    """Ranks of each neighbourhood. With more ranks than neighbourhoods the extra (empty) ranks
+    join the neighbourhood with the highest cost per rank, which then trains data-parallel."""
+    ranks = [[] for _ in costs]
+    for rank, owned in enumerate(assignment):
+        for index in owned:
+            ranks[index].append(rank)
+    for rank, owned in enumerate(assignment):
+        if not owned and costs:
+            index = max(range(len(costs)), key=lambda i: (costs[i] / len(ranks[i]), -i))
+            ranks[index].append(rank)
+    return ranks
+
+
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         module(x)
@@ -115,7 +131,10 @@ class NeighbourhoodDistiller:
                 inputs.append(piece(inputs[-1]))
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
         self.assignment = balance([float(f) for f in self.flops], accelerator.num_processes)
-        self.owned = self.assignment[accelerator.process_index]
+        self.ranks = replicate(self.assignment, [float(f) for f in self.flops])
+        self.owned = [k for k, ranks in enumerate(self.ranks) if accelerator.process_index in ranks]
+        # Every rank creates every group, in the same order, as torch.distributed requires.
+        self.groups = {k: torch.distributed.new_group(ranks) for k, ranks in enumerate(self.ranks) if len(ranks) > 1}
 
     @property
     def names(self) -> list[str]:
@@ -150,14 +169,16 @@ class NeighbourhoodDistiller:
                 todo.append(k)
         if todo:
             results.update(self._train(todo, train_set, held_out, folder, key))
+        leader = [k for k in self.owned if self.ranks[k][0] == self.accelerator.process_index]
         gathered = gather_object([(k, {n: t.cpu() for n, t in self.neighbourhoods[k].state_dict().items()}, results[k])
-                                  for k in self.owned])
+                                  for k in leader])
         metrics = {}
         for k, state, record in sorted(gathered, key=lambda item: item[0]):
             self.neighbourhoods[k].load_state_dict(state)
             metrics[self.names[k]] = record
         self.neighbourhoods.cpu()
-        return {"neighbourhoods": metrics, "assignment": {str(r): [self.names[k] for k in ks] for r, ks in enumerate(self.assignment)},
+        return {"neighbourhoods": metrics, "assignment": {str(r): [self.names[k] for k, ranks in enumerate(self.ranks) if r in ranks]
+                               for r in range(self.accelerator.num_processes)},
                 "flops": dict(zip(self.names, self.flops))}
 
     def _load_finished(self, folder: Path, k: int, key: str) -> dict[str, Any] | None:
@@ -219,10 +240,13 @@ class NeighbourhoodDistiller:
                 activations = self._teacher_activations(views, depth)
                 for k in todo:
                     started = time.perf_counter()
+                    rows = self._rows(k)
                     with accelerator.autocast():
-                        loss = self._loss(k, self.neighbourhoods[k](activations[k]), activations[k + 1])
+                        output = self.neighbourhoods[k](activations[k][rows])
+                        loss = self._loss(k, output, activations[k + 1][rows])
                     optimizers[k].zero_grad(set_to_none=True)
                     loss.backward()
+                    self._average_gradients(k)
                     optimizers[k].step()
                     schedulers[k].step()
                     seconds[k] += time.perf_counter() - started
@@ -232,11 +256,27 @@ class NeighbourhoodDistiller:
         errors = self.local_errors(todo, held_out)
         for k in todo:
             results[k] = {"relative_mse": errors[k], "seconds": seconds[k], "flops": self.flops[k],
-                          "rank": accelerator.process_index, "epochs": config.epochs}
+                          "rank": accelerator.process_index, "ranks": self.ranks[k], "epochs": config.epochs}
+            if self.ranks[k][0] != accelerator.process_index:
+                continue  # a data-parallel replica: its leader writes the files
             state = {n: t.detach().cpu().contiguous() for n, t in self.neighbourhoods[k].state_dict().items()}
             atomic_write(folder / f"{k:02d}.safetensors", lambda tmp, state=state: save_file(state, tmp))
             atomic_write_json(folder / f"{k:02d}.json", {"key": key, "name": self.names[k], "metrics": results[k]})
         return results
+
+    def _rows(self, k: int) -> slice:
+        """This rank's share of a batch for neighbourhood k (all of it unless replicated)."""
+        ranks = self.ranks[k]
+        return slice(ranks.index(self.accelerator.process_index), None, len(ranks))
+
+    def _average_gradients(self, k: int) -> None:
+        if k not in self.groups:
+            return
+        size = len(self.ranks[k])
+        for parameter in self.neighbourhoods[k].parameters():
+            if parameter.grad is not None:
+                torch.distributed.all_reduce(parameter.grad, group=self.groups[k])
+                parameter.grad.div_(size)
 
     @torch.no_grad()
     def local_errors(self, indices: list[int], held_out: Dataset) -> dict[int, float]:

@@ -442,3 +442,24 @@ def test_same_student_from_one_or_two_processes(teacher_dir, synthetic_dir, tmp_
         assert state.keys() == reference.keys()
         for name, tensor in reference.items():
             assert torch.allclose(state[name].float(), tensor.float(), atol=1e-5), (out.name, name)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="several ranks on one GPU: NCCL refuses a shared device")
+def test_extra_ranks_train_the_costliest_neighbourhood_data_parallel(teacher_dir, synthetic_dir, tmp_path):
+    out = tmp_path / "four"
+    launch = [*launcher(), "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "4",
+              "--num_machines", "1", "--main_process_port", str(free_port())]
+    done = subprocess.run([*launch, "-m", "synthkd", "distill", "--teacher", str(teacher_dir), "--student", "resnet8",
+                           "--student-width", str(STUDENT_WIDTH), "--data", str(synthetic_dir), "--mode", "neighbourhood",
+                           "--cuts", "stem,layer1", "--epochs", "2", "--batch-size", "8", "--out", str(out)],
+                          cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    metrics = json.loads((out / "metrics.json").read_text())
+    replicated = {name: record["ranks"] for name, record in metrics["neighbourhoods"].items() if len(record["ranks"]) > 1}
+    assert len(metrics["neighbourhoods"]) == 3 and len(replicated) == 1, metrics["neighbourhoods"]
+    (ranks,) = replicated.values()
+    assert sorted(ranks) == sorted(set(ranks)) and 3 in ranks  # the spare rank joined it
+    assert all(metrics["assignment"][str(r)] for r in range(4))
+    model = Classifier.from_pretrained(out)
+    assert torch.isfinite(model.eval()(torch.rand(2, *model.input_format.shape))).all()
