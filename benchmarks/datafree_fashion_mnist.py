@@ -12,6 +12,7 @@ the same student is also distilled with KD on the real training images (the refe
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -49,6 +50,8 @@ def main() -> None:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     cache = Path(args.cache)
+    for stale in ("student-synthetic", "student-real"):  # time training, not a resume of an earlier run
+        shutil.rmtree(cache / stale, ignore_errors=True)
     timings: dict[str, float] = {}
     eval_spec = config["eval_dataset"]
 

@@ -13,6 +13,7 @@ neighbourhoods learn from such inputs better than the whole network). Run it und
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from pathlib import Path
 
@@ -65,20 +66,24 @@ def main() -> None:
         inputs["gaussian noise"] = f"noise:gaussian:{settings['noise_images']}"
     rows, results = [], {}
     for name, data in inputs.items():
-        tag = name.replace(" ", "-")
+        tag = f"{name.replace(' ', '-')}-p{accelerator.num_processes}"
+        e2e_out, nb_out = cache / f"nb-bench-e2e-{tag}", cache / f"nb-bench-neighbourhood-{tag}"
+        if accelerator.is_main_process:  # time training, not a resume of an earlier run
+            for directory in (e2e_out, nb_out):
+                shutil.rmtree(directory, ignore_errors=True)
+        accelerator.wait_for_everyone()
         e2e_train = TrainConfig(epochs=settings["e2e_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
         with timed(timings, f"e2e_{tag}_seconds"):
-            _, e2e = distill_e2e(teacher, student, data, cache / f"nb-bench-e2e-{tag}", e2e_train, dist["temperature"],
+            _, e2e = distill_e2e(teacher, student, data, e2e_out, e2e_train, dist["temperature"],
                                  mixup=dist["mixup"], eval_dataset=eval_spec, accelerator=accelerator)
         neighbourhood = NeighbourhoodConfig(cuts=args.cuts, epochs=settings["neighbourhood_epochs"], batch_size=dist["batch_size"],
                                             lr=dist["lr"], temperature=dist["temperature"], mixup=dist["mixup"])
         finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=dist["lr"] / 5,
                                warmup_epochs=0.0)
-        out = cache / f"nb-bench-neighbourhood-{tag}-p{accelerator.num_processes}"
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
         with timed(timings, f"neighbourhood_{tag}_seconds"):
-            _, nb = distill_neighbourhood(teacher, student, data, out, neighbourhood, finetune, eval_spec, accelerator)
+            _, nb = distill_neighbourhood(teacher, student, data, nb_out, neighbourhood, finetune, eval_spec, accelerator)
         e2e_time, nb_time = timings[f"e2e_{tag}_seconds"], timings[f"neighbourhood_{tag}_seconds"]
         results[name] = {
             "e2e": {"accuracy": e2e["student"]["accuracy"], "seconds": e2e_time, "epochs": settings["e2e_epochs"]},

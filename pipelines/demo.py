@@ -18,7 +18,6 @@ from accelerate import Accelerator
 from synthkd.accelerator import make_accelerator
 from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.data.datasets import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
-from synthkd.data.shards import is_synthetic_dir
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
 from synthkd.training import TrainConfig
@@ -43,7 +42,7 @@ class DemoSetting:
 
 SETTINGS = {
     "digits": DemoSetting("digits", "resnet8", 30, "resnet8", 0.5, 1024, 100, 40, flip=False),
-    "fashion-mnist": DemoSetting("fashion-mnist", "resnet8", 3, "resnet8", 0.5, 1024, 100, 15, flip=True),
+    "fashion-mnist": DemoSetting("fashion-mnist", "resnet8", 3, "resnet8", 0.5, 2048, 100, 60, flip=True),
 }
 
 
@@ -72,10 +71,9 @@ def run_demo(out: str | os.PathLike, dataset: str = "auto", accelerator: Acceler
     timings["teacher_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    data_dir = out / "synthetic"
-    if not is_synthetic_dir(data_dir):
-        generator = ActivationInversion(teacher.to(accelerator.device), InversionConfig(iterations=setting.iterations, flip=setting.flip))
-        generate(teacher, generator, setting.num_images, data_dir, batch_size=256, accelerator=accelerator)
+    data_dir = out / "synthetic"  # a finished set is verified and reused, an interrupted one resumed
+    generator = ActivationInversion(teacher.to(accelerator.device), InversionConfig(iterations=setting.iterations, flip=setting.flip))
+    generate(teacher, generator, setting.num_images, data_dir, batch_size=256, accelerator=accelerator)
     timings["generate_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -8,6 +8,7 @@ import shutil
 
 import pytest
 
+from synthkd.errors import SynthkdError
 from synthkd.data.shards import SyntheticDataset
 from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.pipelines.demo import run_demo
@@ -46,19 +47,14 @@ def test_data_free_distillation_on_digits(tmp_path, accelerator):
     assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
     assert json.loads((tmp_path / "student" / "metrics.json").read_text())["student"]["accuracy"] == student_accuracy
 
-    # The demo reuses finished stages: with the teacher and the set in its layout it only distills
-    # (its digits setting: 40 epochs at batch 128, no flips).
+    # The demo reuses a finished teacher, and checks a synthetic set already in its layout against
+    # its own settings: this one was made with others, so it says which and rewrites nothing.
     demo = tmp_path / "demo"
     shutil.copytree(tmp_path / "teacher", demo / "teacher")
     shutil.copytree(tmp_path / "synthetic", demo / "synthetic")
     kept = {p.name: p.stat().st_ino for p in [*(demo / "teacher").iterdir(), *(demo / "synthetic").glob("*.*")]}
-    summary = run_demo(demo, "digits", accelerator=accelerator)
-    assert summary["dataset"] == "digits"
-    assert summary["teacher_accuracy"] == pytest.approx(teacher_metrics["eval"]["accuracy"])
-    assert summary["student_accuracy"] > 0.3
-    assert summary["gap_points"] == pytest.approx(100 * (summary["teacher_accuracy"] - summary["student_accuracy"]))
-    assert json.loads((demo / "summary.json").read_text()) == json.loads(json.dumps(summary))
+    with pytest.raises(SynthkdError, match="num_images"):
+        run_demo(demo, "digits", accelerator=accelerator)
     for path in [*(demo / "teacher").iterdir(), *(demo / "synthetic").glob("*.*")]:
-        if path.name in kept:
-            assert path.stat().st_ino == kept[path.name], f"{path} was rewritten"
+        assert path.stat().st_ino == kept[path.name], f"{path} was rewritten"
     assert len(SyntheticDataset(demo / "synthetic")) == 256
