@@ -78,9 +78,8 @@ def main() -> None:
             _, e2e = distill_e2e(teacher, student, data, e2e_out, e2e_train, dist["temperature"],
                                  mixup=dist["mixup"], eval_dataset=eval_spec, accelerator=accelerator)
         neighbourhood = NeighbourhoodConfig(cuts=args.cuts, epochs=settings["neighbourhood_epochs"], batch_size=dist["batch_size"],
-                                            lr=dist["lr"], temperature=dist["temperature"], mixup=dist["mixup"])
-        finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=dist["lr"] / 5,
-                               warmup_epochs=0.0)
+                                            temperature=dist["temperature"], mixup=dist["mixup"])
+        finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=0.01, warmup_epochs=0.0)
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
         with timed(timings, f"neighbourhood_{tag}_seconds"):
             _, nb = distill_neighbourhood(teacher, student, data, nb_out, neighbourhood, finetune, eval_spec, accelerator)

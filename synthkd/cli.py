@@ -170,7 +170,7 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
 @click.option("--finetune-epochs", type=int, default=0, show_default=True,
               help="Neighbourhood mode: end-to-end KD epochs after the merge.")
 @click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=0.05, show_default=True)
+@click.option("--lr", type=float, help="Learning rate: default 0.05 (e2e, SGD) or 0.01 (each neighbourhood, Adam).")
 @click.option("--temperature", type=float, default=4.0, show_default=True)
 @click.option("--mixup", type=float, default=1.0, show_default=True, help="MixUp Beta alpha on synthetic images (0: off).")
 @click.option("--flip/--no-flip", default=True, show_default=True)
@@ -188,13 +188,13 @@ def distill(model_spec, weights, input_shape, mean, std, student, student_width,
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     student_model = build_student(student, teacher, student_width, seed)
     accelerator = make_accelerator(mixed_precision)
-    train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     if mode == "e2e":
+        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
         _, metrics = distill_e2e(teacher, student_model, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
     else:
-        config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=lr, temperature=temperature,
+        config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=0.01 if lr is None else lr, temperature=temperature,
                                      mixup=mixup, flip=flip, seed=seed)
-        finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=lr / 5, seed=seed, warmup_epochs=0.0)
+        finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=0.01, seed=seed, warmup_epochs=0.0)
         _, metrics = distill_neighbourhood(teacher, student_model, data, out, config, finetune, eval_dataset, accelerator)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
