@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
-from synthkd.augment import MixUp, training_augmentation
+from synthkd.augment import distillation_augmentation
 from synthkd.data import load_dataset
 from synthkd.data.shards import SyntheticDataset
 from synthkd.errors import SynthkdError
@@ -65,7 +65,7 @@ class KDObjective(nn.Module):
         fmt = teacher.input_format
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = temperature
-        self.augment = nn.Sequential(training_augmentation(fmt.height, fmt.width, flip=flip), MixUp(alpha=mixup, p=0.5 if mixup > 0 else 0.0))
+        self.augment = distillation_augmentation(fmt.height, fmt.width, flip, mixup)
 
     def forward(self, student: nn.Module, batch) -> torch.Tensor:
         images = batch[0]

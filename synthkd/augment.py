@@ -34,3 +34,9 @@ class MixUp(nn.Module):
         weights = weights.view(n, 1, 1, 1).to(images.dtype)
         partner = images[torch.randperm(n, device=images.device)]
         return weights * images + (1 - weights) * partner
+
+
+def distillation_augmentation(height: int, width: int, flip: bool, mixup: float) -> nn.Module:
+    """The views a student is distilled on: pad-and-crop, flips and (when ``mixup`` > 0) MixUp
+    on half the batch; the teacher labels whatever comes out."""
+    return nn.Sequential(training_augmentation(height, width, flip), MixUp(alpha=mixup, p=0.5 if mixup > 0 else 0.0))

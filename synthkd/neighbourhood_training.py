@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .augment import MixUp, training_augmentation
+from .augment import distillation_augmentation
 from .errors import SynthkdError
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import kd_loss
@@ -51,7 +51,6 @@ class NeighbourhoodConfig(TrainConfig):
     temperature: float = 4.0
     mixup: float = 1.0
     flip: bool = True
-    seed: int = 0
     holdout: int = 512  # training images kept aside to measure each neighbourhood's local error
 
 
@@ -134,8 +133,9 @@ class NeighbourhoodDistiller:
             with torch.no_grad():
                 inputs.append(piece(inputs[-1]))
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
-        self.assignment = balance([float(f) for f in self.flops], accelerator.num_processes)
-        self.ranks = replicate(self.assignment, [float(f) for f in self.flops])
+        costs = [float(f) for f in self.flops]
+        self.assignment = balance(costs, accelerator.num_processes)
+        self.ranks = replicate(self.assignment, costs)
         self.owned = [k for k, ranks in enumerate(self.ranks) if accelerator.process_index in ranks]
         # Every rank creates every group, in the same order, as torch.distributed requires.
         self.groups = {k: torch.distributed.new_group(ranks) for k, ranks in enumerate(self.ranks) if len(ranks) > 1}
@@ -223,8 +223,7 @@ class NeighbourhoodDistiller:
         config, accelerator = self.config, self.accelerator
         device = accelerator.device
         fmt = self.teacher.input_format
-        augment = nn.Sequential(training_augmentation(fmt.height, fmt.width, config.flip),
-                                MixUp(config.mixup, 0.5 if config.mixup > 0 else 0.0)).to(device)
+        augment = distillation_augmentation(fmt.height, fmt.width, config.flip, config.mixup).to(device)
         steps_per_epoch = len(train_set) // config.batch_size or 1
         optimizers = {k: self._optimizer(self.neighbourhoods[k]) for k in todo}
         schedulers = {k: warmup_cosine(optimizers[k], config, steps_per_epoch) for k in todo}

@@ -111,7 +111,7 @@ def fit(
     set_seed(config.seed)  # augmentation and MixUp draw from the global RNGs
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    generator = torch.Generator().manual_seed(config.seed)
+    generator = torch.Generator()  # seeded per epoch below
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size, generator=generator)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
