@@ -1,0 +1,7 @@
+"""The ``synthkd`` command line. Each command is a thin layer over a stage in ``pipelines``;
+each module here registers the commands of one area on the group ``main``."""
+
+from .base import main, make_accelerator
+from . import data_free  # noqa: F401  (registers its commands)
+
+__all__ = ["main", "make_accelerator"]

@@ -1,0 +1,85 @@
+"""The command group and the options several commands share."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import click
+
+from ..errors import SynthkdError
+
+
+class SynthkdGroup(click.Group):
+    """Turns :class:`SynthkdError` into a one-line message and exit code 2."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except SynthkdError as error:
+            click.echo(f"error: {error}", err=True)
+            ctx.exit(2)
+
+
+def parse_floats(text: str | None) -> tuple[float, ...] | None:
+    if text is None:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected comma-separated numbers, got {text!r}")
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None:
+        return None
+    try:
+        shape = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise click.BadParameter(f"expected C,H,W, got {text!r}")
+    if len(shape) != 3:
+        raise click.BadParameter(f"expected C,H,W, got {text!r}")
+    return shape
+
+
+def model_options(name: str, weights_flag: str) -> Callable:
+    """--NAME plus the flags that describe a model given as code: weights and input format."""
+
+    def decorate(function: Callable) -> Callable:
+        options = [
+            click.option(f"--{name}", "model_spec", required=True,
+                         help="Model directory, or FILE.py:factory / package.module:factory."),
+            click.option(weights_flag, "weights", type=click.Path(dir_okay=False),
+                         help="Weights for a model given as code (safetensors or a state dict)."),
+            click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), help="C,H,W of a model given as code."),
+            click.option("--mean", callback=lambda c, p, v: parse_floats(v), help="Normalisation mean (one or per channel)."),
+            click.option("--std", callback=lambda c, p, v: parse_floats(v), help="Normalisation std (one or per channel)."),
+        ]
+        for option in reversed(options):
+            function = option(function)
+        return function
+
+    return decorate
+
+
+def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
+    from ..models import load_model
+
+    return load_model(model_spec, weights, input_shape, mean, std)
+
+
+def make_accelerator(mixed_precision: str = "no"):
+    from ..accelerator import make_accelerator as make
+
+    return make(mixed_precision)
+
+
+mixed_precision_option = click.option(
+    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
+    help="Autocast on GPU.",
+)
+
+
+@click.group(cls=SynthkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="synthkd")
+def main() -> None:
+    """Distill image classifiers without their training data."""
