@@ -76,7 +76,7 @@ def load_pipeline(spec: str):
     try:
         pipeline = DiffusionPipeline.from_pretrained(spec)
     except (OSError, ValueError, KeyError, TypeError, AttributeError, ImportError) as error:
-        where = "the directory" if path.exists() else "the hub (is it reachable from here?)"
+        where = "the directory" if path.exists() else "the hub (no such local directory; is the hub reachable?)"
         raise SynthkdError(f"cannot load the diffusers pipeline {spec} from {where}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

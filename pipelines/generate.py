@@ -141,11 +141,9 @@ class ShardDraws:
         targets = torch.tensor([target for *_, target in self.kept], dtype=torch.long)
         images = torch.stack([image for image, _, _ in self.kept]) if self.kept else torch.zeros(0)
         logits = torch.stack([logit for _, logit, _ in self.kept]) if self.kept else self.pool_logits[:0]
-        report = {
-            "wanted": torch.bincount(self.plan, minlength=len(self.quota)).tolist(),
-            "accepted": accepted.tolist(), "filled": filled.tolist(), "drawn": self.drawn.tolist(),
-            "tries": self.tries,
-        }
+        report = {"accepted": accepted.tolist(), "filled": filled.tolist(), "drawn": self.drawn.tolist(), "tries": self.tries}
+        if self.selection.balance or self.aims:  # the plan's share per class means something
+            report["wanted"] = torch.bincount(self.plan, minlength=len(self.quota)).tolist()
         return images, logits, targets, report
 
     def _pool(self, images: torch.Tensor, logits: torch.Tensor) -> None:

@@ -83,9 +83,11 @@ def echo_report(manifest: dict[str, Any]) -> None:
     if not report:
         return
     click.echo(f"selection: {sum(report['drawn'])} images drawn in {report['tries']} tries")
-    for name, wanted, accepted, filled in zip(manifest["teacher"]["class_names"], report["wanted"],
-                                              report["accepted"], report["filled"]):
-        click.echo(f"  {name:>14}  wanted {wanted:>5}  accepted {accepted:>5}  filled with rejects {filled:>5}")
+    wanted = report.get("wanted", ["-"] * len(report["accepted"]))
+    for name, share, accepted, filled, drawn in zip(manifest["teacher"]["class_names"], wanted, report["accepted"],
+                                                    report["filled"], report["drawn"]):
+        click.echo(f"  {name:>14}  wanted {share:>5}  accepted {accepted:>5}  filled with rejects {filled:>5}  "
+                   f"drawn {drawn:>6}")
 
 
 @main.command("train-diffusion")
