@@ -16,7 +16,6 @@ from click.testing import CliRunner
 from synthkd.cli import main
 from synthkd.data.shards import SyntheticDataset, shard_name
 from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator
-from synthkd.models import Classifier
 from synthkd.pipelines.generate import Selection, generate
 
 from conftest import REPO, free_port, subprocess_env
