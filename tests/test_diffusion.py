@@ -273,3 +273,32 @@ def test_two_ranks_sample_distinct_shards(teacher_dir, ddpm_dir, tmp_path, accel
     assert torch.equal(single.images, both.images) and torch.equal(single.targets, both.targets)
     assert single.manifest["report"] == manifest["report"]
     assert len({tuple(both.images[i].flatten()[:8].tolist()) for i in range(0, 40, 10)}) == 4
+
+
+def test_selection_with_inversion(teacher, tmp_path, accelerator):
+    """Selection is the pipeline's, so an aimed, collective generator gets it too."""
+    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+
+    manifest = generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=3)), 20, tmp_path / "set",
+                        batch_size=10, accelerator=accelerator, selection=Selection(balance=True, max_tries=3))
+    report = manifest["report"]
+    assert manifest["counts_per_class"] == [2] * 10 == report["wanted"]
+    assert [a + f for a, f in zip(report["accepted"], report["filled"])] == report["wanted"]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
+def test_two_ranks_invert_with_balancing_in_lockstep(teacher_dir, tmp_path):
+    """Inversion all-reduces every step: ranks must draw in step even when one needs more tries."""
+    out = tmp_path / "set"
+    cmd = [*launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
+           "-m", "synthkd", "generate", "--teacher", str(teacher_dir), "--num-images", "30", "--batch-size", "10",
+           "--iterations", "3", "--balance", "--max-tries", "3", "--out", str(out)]
+    if cmd[0] != shutil.which("accelerate"):
+        cmd.remove("launch")
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0]
+    assert manifest["counts_per_class"] == [3] * 10 and manifest["report"]["tries"] >= 3
