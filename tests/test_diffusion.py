@@ -210,6 +210,18 @@ def test_generate_cli_with_diffusion(teacher_dir, ddpm_dir, tmp_path):
     assert manifest["counts_per_class"] == [2] * 10
 
 
+def test_generate_cli_text_to_image_with_a_class_table_file(teacher_dir, text_to_image_dir, tmp_path):
+    table = tmp_path / "names.json"
+    table.write_text(json.dumps({str(i): f"digit {i}" for i in range(10)}))
+    out = tmp_path / "set"
+    ok("generate", "--teacher", teacher_dir, "--method", "diffusion", "--pipeline", text_to_image_dir, "--steps", 2,
+       "--class-table", table, "--prompt-template", "a drawing of a {name}", "--guidance-scale", 1.5,
+       "--num-images", 10, "--batch-size", 10, "--out", out)
+    config = json.loads((out / "manifest.json").read_text())["config"]
+    assert config["class_table"]["7"] == "digit 7" and config["prompt_template"] == "a drawing of a {name}"
+    assert config["conditioning"] == "text" and config["pipeline_output_shape"] == [3, 16, 16]
+
+
 def test_bad_inputs_exit_2(teacher_dir, ddpm_dir, text_to_image_dir, tmp_path):
     base = ["generate", "--teacher", teacher_dir, "--method", "diffusion", "--num-images", 10, "--out", tmp_path / "set"]
 
