@@ -264,19 +264,23 @@ def test_train_diffusion_cli_saves_a_loadable_ddpm_and_resumes(tmp_path):
     assert "must be divisible by 2" in error_line(CliRunner().invoke(main, [str(a) for a in [*args[:-2], "--image-size", 9, "--out", tmp_path / "x"]]))
 
 
+def generate_with_two_ranks(*args: str) -> None:
+    """`accelerate launch` two ranks (CPU processes over gloo without a GPU) of `synthkd generate`."""
+    cmd = [*launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+           "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "synthkd", "generate", *args]
+    if cmd[0] != shutil.which("accelerate"):
+        cmd.remove("launch")  # `python -m accelerate.commands.launch` takes no subcommand
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
 def test_two_ranks_sample_distinct_shards(teacher_dir, ddpm_dir, tmp_path, accelerator):
     out = tmp_path / "set"
     options = ["--method", "diffusion", "--pipeline", str(ddpm_dir), "--steps", str(STEPS), "--num-images", "40",
                "--batch-size", "10", "--balance", "--max-tries", "3"]
-    cmd = [*launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "synthkd", "generate", "--teacher", str(teacher_dir), *options, "--out", str(out)]
-    if cmd[0] != shutil.which("accelerate"):
-        cmd.remove("launch")
-    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    generate_with_two_ranks("--teacher", str(teacher_dir), *options, "--out", str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0, 1]
     # Seeds come from the shard, not the rank: one process makes the very same set.
@@ -303,14 +307,8 @@ def test_selection_with_inversion(teacher, tmp_path, accelerator):
 def test_two_ranks_invert_with_balancing_in_lockstep(teacher_dir, tmp_path):
     """Inversion all-reduces every step: ranks must draw in step even when one needs more tries."""
     out = tmp_path / "set"
-    cmd = [*launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-           "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-           "-m", "synthkd", "generate", "--teacher", str(teacher_dir), "--num-images", "30", "--batch-size", "10",
-           "--iterations", "3", "--balance", "--max-tries", "3", "--out", str(out)]
-    if cmd[0] != shutil.which("accelerate"):
-        cmd.remove("launch")
-    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    generate_with_two_ranks("--teacher", str(teacher_dir), "--num-images", "30", "--batch-size", "10",
+                            "--iterations", "3", "--balance", "--max-tries", "3", "--out", str(out))
     manifest = json.loads((out / "manifest.json").read_text())
     assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0]
     assert manifest["counts_per_class"] == [3] * 10 and manifest["report"]["tries"] >= 3
