@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from accelerate import Accelerator
+from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data import load_dataset
@@ -20,6 +21,7 @@ from synthkd.models import Classifier
 from synthkd.neighbourhood_training import NeighbourhoodConfig
 from synthkd.search import DEFAULT_CANDIDATES, Budget, Exploration, candidate_space, parse_budget, select
 from synthkd.search.costs import describe, measure_latency
+from synthkd.search.explore import hold_at_zero
 from synthkd.search.report import plot_frontier
 from synthkd.training import TrainConfig
 
@@ -45,6 +47,19 @@ def explore(
                               accelerator)
     exploration.distill(training_data, data_fingerprint(data, training_data), Path(cache_dir) if cache_dir else default_cache_dir())
     return exploration
+
+
+def finetune_merged(
+    exploration: Exploration, student: Classifier, choice: tuple[int, ...], training_data: Dataset, finetune: TrainConfig,
+    accelerator: Accelerator, evaluation: Dataset | None = None,
+) -> dict[str, Any]:
+    """End-to-end KD of an assembled student; the pruned entries of its pruned pieces stay zero."""
+    hooks = hold_at_zero(exploration.pruned_masks(student, choice))
+    try:
+        return kd_finetune(exploration.teacher, student, training_data, exploration.config, finetune, accelerator, evaluation)
+    finally:
+        for hook in hooks:
+            hook.remove()
 
 
 def search(
@@ -85,7 +100,7 @@ def search(
         "cuts": exploration.cuts, "candidates": [asdict(c) for c in exploration.space], "config": asdict(config),
         "sparsity_epochs": exploration.sparsity_epochs,
         "chosen": exploration.describe(chosen.choice), "chosen_costs": exploration.total_costs(chosen.choice),
-        "chosen_error": chosen.error, "whole_network_latency": whole_latency,
+        "choice": list(chosen.choice), "chosen_error": chosen.error, "whole_network_latency": whole_latency,
         "frontier": [{"cost": s.cost, "error": s.error, "candidates": [exploration.options[k][i].candidate.name for k, i in enumerate(s.choice)]}
                      for s in frontier],
         "uniform": {name: {"costs": costs, "error": error} for name, (costs, error) in uniform.items()},
@@ -102,7 +117,7 @@ def search(
     if evaluation is not None:
         metrics["merged"] = evaluate(student, evaluation, accelerator)
     if finetune is not None and finetune.epochs > 0:
-        metrics.update(kd_finetune(teacher, student, training_data, config, finetune, accelerator, evaluation))
+        metrics.update(finetune_merged(exploration, student, chosen.choice, training_data, finetune, accelerator, evaluation))
     student, metrics = finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
     for key in ("merged", "student", "teacher", "eval_dataset", "finetune_seconds"):
         if key in metrics:

@@ -202,6 +202,21 @@ def test_search_end_to_end(teacher, synthetic_dir, cache_dir, tmp_path, accelera
         assert option.costs["params"] < dense.costs["params"] and option.costs["flops"] == dense.costs["flops"]
 
 
+def test_pruned_weights_stay_zero_through_the_finetune(teacher, synthetic_dir, cache_dir, tmp_path, accelerator):
+    # Only the teacher's width, dense or pruned: 60% of the teacher's parameters needs pruned pieces.
+    out = tmp_path / "student"
+    _, report = search(teacher, synthetic_dir, out, "params=0.6", "width=1;sparsity=0.5", NeighbourhoodConfig(**CONFIG),
+                       finetune=TrainConfig(epochs=1, batch_size=16, lr=0.01), cache_dir=cache_dir, accelerator=accelerator)
+    sparse = [k for k, row in enumerate(report["chosen"]) if row["candidate"] == "w1-s0.5"]
+    assert sparse
+    loaded = Classifier.from_pretrained(out)
+    assert count_parameters(loaded.net) == report["chosen_costs"]["params"] <= report["limit"]
+    for k in sparse:
+        for layer in loaded.net.pieces[k].modules():
+            if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+                assert (layer.weight == 0).sum() >= layer.weight.numel() // 2
+
+
 def test_second_search_trains_nothing(teacher, synthetic_dir, cache_dir, tmp_path, accelerator):
     """Another budget (and kind) over the same space: every piece comes from the cache."""
     config = NeighbourhoodConfig(**CONFIG)

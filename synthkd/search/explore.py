@@ -193,22 +193,22 @@ class Exploration:
         atomic_write_json(cache_dir / key / "candidate.json", {"candidate": asdict(candidate), "cuts": self.cuts,
                                                                 "teacher": self.teacher.fingerprint(), "data": data_fingerprint,
                                                                 "config": asdict(self.config)})
-        records = []
+        records = [((index[id(task)], 0.0), _copy(distiller.neighbourhoods[task.neighbourhood]), report[self.names[task.neighbourhood]])
+                   for task in tasks]
         sparse_config = replace(self.config, epochs=self.sparsity_epochs)
-        for task in tasks:
-            k = task.neighbourhood
-            dense = {n: t.clone() for n, t in distiller.neighbourhoods[k].state_dict().items()}
-            records.append(((index[id(task)], 0.0), dense, report[self.names[k]]))
-            for sparsity in task.sparse:
-                pruned = self._distiller(candidate, sparse_config, owned=[k])
-                pruned.neighbourhoods[k].load_state_dict(dense)
-                hooks = hold_at_zero(prune_by_magnitude(pruned.neighbourhoods[k].piece, sparsity))
-                folder = hashlib.sha256(json.dumps([key, sparsity, asdict(sparse_config)]).encode()).hexdigest()[:16]
-                metrics = pruned.train(dataset, cache_dir / f"{key}-sparse-{folder}", data_fingerprint)["neighbourhoods"]
-                for hook in hooks:
-                    hook.remove()
-                state = {n: t.clone() for n, t in pruned.neighbourhoods[k].state_dict().items()}
-                records.append(((index[id(task)], sparsity), state, metrics[self.names[k]]))
+        for sparsity in sorted({s for task in tasks for s in task.sparse}):
+            pruning = [task for task in tasks if sparsity in task.sparse]
+            pruned = self._distiller(candidate, sparse_config, owned=[task.neighbourhood for task in pruning])
+            hooks = []
+            for task in pruning:
+                pruned.neighbourhoods[task.neighbourhood].load_state_dict(distiller.neighbourhoods[task.neighbourhood].state_dict())
+                hooks += hold_at_zero(prune_by_magnitude(pruned.neighbourhoods[task.neighbourhood].piece, sparsity))
+            folder = hashlib.sha256(json.dumps([key, sparsity, asdict(sparse_config)]).encode()).hexdigest()[:16]
+            metrics = pruned.train(dataset, cache_dir / f"{key}-sparse-{folder}", data_fingerprint)["neighbourhoods"]
+            for hook in hooks:
+                hook.remove()
+            records += [((index[id(task)], sparsity), _copy(pruned.neighbourhoods[task.neighbourhood]), metrics[self.names[task.neighbourhood]])
+                        for task in pruning]
         return records
 
     # --- costs --------------------------------------------------------------------------------
@@ -288,6 +288,13 @@ class Exploration:
         return {c.name: tuple(next(i for i, o in enumerate(options) if c.name in o.candidates) for options in self.options)
                 for c in self.space}
 
+    def pruned_masks(self, student: Classifier, choice: tuple[int, ...]) -> list[tuple[nn.Parameter, torch.Tensor]]:
+        """(weight, kept entries) of the chosen pruned pieces of an assembled student, so that a
+        fine-tune can hold the pruned entries at zero."""
+        return [(layer.weight, layer.weight.detach() != 0)
+                for k, i in enumerate(choice) if self.options[k][i].candidate.sparsity
+                for layer in student.net.pieces[k].modules() if isinstance(layer, (nn.Conv2d, nn.Linear))]
+
     def describe(self, choice: tuple[int, ...]) -> list[dict[str, Any]]:
         return [{"neighbourhood": self.names[k], "candidate": o.candidate.name, "same_piece_as": o.candidates,
                  "relative_mse": o.relative_mse, "costs": o.costs}
@@ -313,6 +320,10 @@ class Exploration:
         for cut, adapter in fused.items():
             student.net.adapters[adapter_key(cut)].load_state_dict(adapter.state_dict())
         return student
+
+
+def _copy(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {n: t.detach().cpu().clone() for n, t in module.state_dict().items()}
 
 
 def _adapter(state: dict[str, torch.Tensor], prefix: str) -> CutAdapter | None:
