@@ -40,7 +40,7 @@ class NeighbourhoodChain(nn.Module):
         return x
 
 
-@register_model("neighbourhood-chain")
+@register_model("neighbourhood-chain", listed=False)
 def neighbourhood_chain(cuts: list[str], sources: list[dict[str, Any]], adapters: dict[str, list[int]] | None = None) -> NeighbourhoodChain:
     """Pieces of several networks chained at shared cuts, with 1x1 adapters where channels differ."""
     return NeighbourhoodChain(cuts, sources, adapters or {})
