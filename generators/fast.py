@@ -52,7 +52,7 @@ class FastConfig(InversionLossConfig):
     bn_momentum: float = 0.9  # weight of past batches in the statistics a batch must match
     warmup_batches: int = 10  # meta-learning batches before the first shard (images discarded)
     latent_dim: int = 128
-    channels: int = 32  # width of the generator's last conv layer (the others have twice as many)
+    channels: int = 16  # width of the generator's last conv layer (the others have twice as many)
 
     def check(self) -> None:
         """Refuse settings that cannot work, naming the option to change."""
@@ -77,7 +77,7 @@ class ImageGenerator(nn.Module):
     """Latent vector -> [0,1] image of a given (C, H, W): a linear projection to a quarter of
     the size, two upsample-conv stages and a sigmoid (the generator of CMI / Fast-DFKD)."""
 
-    def __init__(self, latent_dim: int, shape: tuple[int, int, int], channels: int = 32):
+    def __init__(self, latent_dim: int, shape: tuple[int, int, int], channels: int = 16):
         super().__init__()
         out_channels, height, width = shape
         self.start = (math.ceil(height / 4), math.ceil(width / 4))

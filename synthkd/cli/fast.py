@@ -34,7 +34,7 @@ def fast_generator_options(function: Callable) -> Callable:
         click.option("--warmup-batches", type=int, default=10, show_default=True,
                      help="Fast generator: meta-learning batches before the first shard (not kept)."),
         click.option("--latent-dim", type=int, default=128, show_default=True, help="Fast generator: latent size."),
-        click.option("--generator-channels", type=int, default=32, show_default=True, help="Fast generator: width."),
+        click.option("--generator-channels", type=int, default=16, show_default=True, help="Fast generator: width."),
     ])
 
 
