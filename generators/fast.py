@@ -221,7 +221,7 @@ class FastGenerator(SyntheticImageGenerator):
             raise SynthkdError(f"{path} does not fit this generator ({error}); {fix}") from error
         history = [tensors[f"bn_history.{i}"] for i in range(sum(k.startswith("bn_history.") for k in tensors))]
         self.objective.history = [h.to(self.device) for h in history] or None
-        self.batches = int(metadata.get("batches", 0))
+        fresh, self.batches = self.batches == 0, int(metadata.get("batches", 0))
         self.meta.to(self.device)
-        if self.batches and (not _distributed() or dist.get_rank() == 0):
+        if fresh and self.batches and (not _distributed() or dist.get_rank() == 0):
             print(f"synthkd: resuming the fast generator after {self.batches} batches from {path}", file=sys.stderr)
