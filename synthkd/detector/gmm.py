@@ -22,17 +22,21 @@ COVARIANCES = ("full", "diag")
 
 
 def kmeans_plus_plus(x: torch.Tensor, k: int, generator: torch.Generator, lloyd_steps: int = 10) -> torch.Tensor:
-    """k centres: k-means++ seeding (each new centre drawn with probability ~ squared distance),
-    refined by a few Lloyd steps."""
+    """k centres: greedy k-means++ seeding (each step draws 2 + log k candidates with probability ~
+    squared distance and keeps the one that lowers the total squared distance most), refined by a
+    few Lloyd steps."""
     n = len(x)
+    trials = 2 + int(math.log(k))
     centres = x[torch.randint(n, (1,), generator=generator)]
     nearest = ((x - centres[0]) ** 2).sum(1)
     for _ in range(1, k):
         total = nearest.sum()
         probabilities = (nearest / total if total > 0 else torch.full_like(nearest, 1.0 / n)).cpu()
-        centre = x[torch.multinomial(probabilities, 1, generator=generator).to(x.device)]
-        centres = torch.cat([centres, centre])
-        nearest = torch.minimum(nearest, ((x - centre) ** 2).sum(1))
+        candidates = x[torch.multinomial(probabilities, trials, replacement=True, generator=generator).to(x.device)]
+        updated = torch.minimum(nearest[None], torch.cdist(candidates, x) ** 2)  # trials x N
+        best = int(updated.sum(1).argmin())
+        centres = torch.cat([centres, candidates[best:best + 1]])
+        nearest = updated[best]
     for _ in range(lloyd_steps):
         assignment = torch.cdist(x, centres).argmin(1)
         counts = torch.bincount(assignment, minlength=k).to(x.dtype)
