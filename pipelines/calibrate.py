@@ -72,13 +72,13 @@ def calibrate(
     fit_part = data_features.select(order[num_calibration:])
     calibration_part = data_features.select(order[:num_calibration])
 
-    mean = fit_part.features.mean(0)
-    std = fit_part.features.std(0)
+    fit_features = torch.nn.functional.normalize(fit_part.features, dim=1)  # the detector models directions
+    mean, std = fit_features.mean(0), fit_features.std(0)
     std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant features stay finite
     device = accelerator.device
     density_model = DENSITIES[density](components, seed)
     started = time.perf_counter()
-    density_model.fit_features(((fit_part.features - mean) / std).to(device))
+    density_model.fit_features(((fit_features - mean) / std).to(device))
     fit_seconds = time.perf_counter() - started
     baselines = {
         "mahalanobis": Mahalanobis().fit_features(fit_part.features.to(device), fit_part.predictions.to(device)),
@@ -88,7 +88,7 @@ def calibrate(
         "data": str(data), "holdout": holdout, "seed": seed, "num_fit": len(fit_part),
         "num_calibration": len(calibration_part), "feature_dim": int(mean.numel()), "fit_seconds": fit_seconds,
     }
-    detector = Detector(model, density_model, layer, mean, std, None, alpha, baselines, info)
+    detector = Detector(model, density_model, layer, mean, std, None, alpha, baselines, info, normalize=True)
     detector.calibration_scores = detector.score_features(calibration_part.features.to(device))
     if accelerator.is_main_process:
         detector.save_pretrained(out)

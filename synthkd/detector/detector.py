@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from ..errors import SynthkdError
@@ -45,6 +46,7 @@ class Detector:
         baselines: dict[str, FeatureScorer] | None = None,
         info: dict[str, Any] | None = None,
         model_fingerprint: str | None = None,
+        normalize: bool = True,
     ):
         self.model = model.eval()
         self.density = density
@@ -56,10 +58,15 @@ class Detector:
         self.baselines = dict(baselines or {})
         self.info = dict(info or {})
         self.model_fingerprint = model_fingerprint or model.fingerprint()
+        self.normalize = normalize
 
     # ------------------------------------------------------------------ scores
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
-        return (features.float() - self.feature_mean.to(features.device)) / self.feature_std.to(features.device)
+        """What the density sees: the feature's direction (unit length, with ``normalize``), standardised
+        by the fitting mean/std. Directions transfer from synthetic to real inputs much better than raw
+        features, whose length differs between the two (see the README's detector figures)."""
+        features = F.normalize(features.float(), dim=1) if self.normalize else features.float()
+        return (features - self.feature_mean.to(features.device)) / self.feature_std.to(features.device)
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """Density score of raw features of this model's layer (higher = more typical)."""
@@ -114,7 +121,7 @@ class Detector:
         atomic_write(directory / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
         atomic_write_json(directory / CONFIG_NAME, {
             "format": FORMAT, "version": VERSION, "density": self.density.kind, "layer": self.layer,
-            "alpha": self.alpha, "model_fingerprint": self.model_fingerprint,
+            "alpha": self.alpha, "model_fingerprint": self.model_fingerprint, "normalize": self.normalize,
             "baselines": sorted(self.baselines), **self.info,
         })
 
@@ -144,6 +151,7 @@ class Detector:
             baselines={name: FeatureScorer.from_pretrained(directory / "baselines" / name) for name in config.pop("baselines", [])},
             info={k: v for k, v in config.items() if k not in ("format", "version", "density")},
             model_fingerprint=fingerprint,
+            normalize=bool(config.pop("normalize")),
         )
         detector.check_model(stored)  # the stored copy itself must be intact
         if model is not None:
