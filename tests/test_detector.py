@@ -9,6 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import kstest, rankdata
 
 from synthkd.data import load_dataset
@@ -182,7 +183,7 @@ def test_detector_round_trip_and_predict(detector_dir, teacher):
     detector = Detector.from_pretrained(detector_dir, teacher)
     info = json.loads((detector_dir / "detector.json").read_text())
     assert info["layer"] == "fc" and info["num_fit"] + info["num_calibration"] == len(load_dataset("digits:train"))
-    assert sorted(detector.baselines) == ["knn", "mahalanobis"]
+    assert sorted(detector.baselines) == ["knn", "mahalanobis"] and detector.normalize
     test = load_dataset("digits:test")
     images = test.images.float() / 255
     scores = detector.score(images)
@@ -253,6 +254,12 @@ def test_cli_calibrate_detect_evaluate(teacher_dir, tmp_path):
     assert all(r["flagged"] == (r["p_value"] < 0.1) for r in rows)
     text = ok("detect", "--detector", out, "--inputs", "noise:uniform[:10]", "--model", teacher_dir).stdout
     assert "flagged 10 of 10 inputs at alpha 0.1" in text
+    folder = tmp_path / "images"  # a flat folder of unlabelled images, any size
+    folder.mkdir()
+    for index in range(3):
+        Image.fromarray((load_dataset("digits:test").images[index, 0].numpy())).resize((16, 16)).save(folder / f"{index}.png")
+    rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", folder, "--json").stdout.splitlines()]
+    assert [r["index"] for r in rows] == [0, 1, 2]
 
     report_dir = tmp_path / "report"
     text = ok("evaluate", "--model", teacher_dir, "--detector", out, "--dataset", "digits:test[:120]",
