@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import gzip
 import os
+import signal
 import socket
 import struct
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +41,28 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     env.update(extra)
     return env
+
+
+def kill_once(command: list[str], ready: Path, what: str, timeout: float) -> int:
+    """Run ``command`` until the file ``ready`` appears, then SIGKILL it, as a crash would;
+    returns the exit code. Fails the test if it exits first or ``ready`` takes over ``timeout`` s."""
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + timeout
+        while not ready.exists():
+            if process.poll() is not None:
+                pytest.fail(f"the process exited ({process.returncode}) before {what}: {process.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail(f"no {what} within {timeout:.0f} s")
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    return process.returncode
 
 
 def free_port() -> int:

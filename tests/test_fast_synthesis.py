@@ -7,7 +7,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -27,7 +26,7 @@ from synthkd.pipelines.distill import build_student, distill_neighbourhood
 from synthkd.pipelines.generate import generate
 from synthkd.training import TrainConfig
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, kill_once, subprocess_env
 from test_cli import error_line, invoke
 from test_multiprocess import launcher
 
@@ -187,22 +186,7 @@ def interleaved_command(teacher_dir, data, out, epochs: int) -> list[str]:
 def test_interleaved_distillation_resumes_after_sigkill(teacher_dir, tmp_path):
     data, out = tmp_path / "data", tmp_path / "student"
     command = interleaved_command(teacher_dir, data, out, epochs=6)
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + 180
-        while not (out / "training_state.pt").exists():  # written after the first epoch
-            if process.poll() is not None:
-                pytest.fail(f"distill exited ({process.returncode}) early: {process.stderr.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail("no epoch finished within 180 s")
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
+    kill_once(command, out / "training_state.pt", "finished epoch", 180)  # written after the first epoch
     before = {p.name: p.stat().st_ino for p in data.glob("shard-*.safetensors")}
     assert 2 <= len(before) < 6 and not (data / "manifest.json").exists()
     assert (data / STATE_NAME).is_file()

@@ -8,7 +8,6 @@ import json
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.models import Classifier
 from synthkd.pipelines.generate import generate
 
-from conftest import REPO, subprocess_env
+from conftest import REPO, kill_once, subprocess_env
 
 NUM_IMAGES, BATCH, ITERATIONS = 128, 8, 20  # 16 shards of 8, ~0.15 s each on one core
 NUM_SHARDS = NUM_IMAGES // BATCH
@@ -34,26 +33,8 @@ def command(teacher_dir, out) -> list[str]:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_generate_resumes_after_sigkill(teacher_dir, tmp_path, accelerator):
     out = tmp_path / "set"
-    process = subprocess.Popen(
-        command(teacher_dir, out), cwd=REPO, env=subprocess_env(),
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
-    try:
-        deadline = time.monotonic() + 120
-        while not (out / shard_name(0)).exists():
-            if process.poll() is not None:
-                pytest.fail(f"generate exited ({process.returncode}) before writing a shard: {process.stderr.read()}")
-            if time.monotonic() > deadline:
-                pytest.fail("no shard appeared within 120 s")
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
-    assert process.returncode == -signal.SIGKILL
+    returncode = kill_once(command(teacher_dir, out), out / shard_name(0), "shard written", 120)
+    assert returncode == -signal.SIGKILL
 
     # Killed mid-run: not finished, some shards made.
     assert not (out / "manifest.json").exists()

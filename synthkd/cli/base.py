@@ -41,6 +41,13 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
     return shape
 
 
+def add_options(function: Callable, options: list[Callable]) -> Callable:
+    """Apply click option decorators so they show in ``--help`` in the order listed."""
+    for option in reversed(options):
+        function = option(function)
+    return function
+
+
 def model_options(name: str, weights_flag: str) -> Callable:
     """--NAME plus the flags that describe a model given as code: weights and input format."""
 
@@ -54,9 +61,7 @@ def model_options(name: str, weights_flag: str) -> Callable:
             click.option("--mean", callback=lambda c, p, v: parse_floats(v), help="Normalisation mean (one or per channel)."),
             click.option("--std", callback=lambda c, p, v: parse_floats(v), help="Normalisation std (one or per channel)."),
         ]
-        for option in reversed(options):
-            function = option(function)
-        return function
+        return add_options(function, options)
 
     return decorate
 

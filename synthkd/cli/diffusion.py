@@ -9,7 +9,7 @@ from typing import Any, Callable
 import click
 
 from ..errors import SynthkdError
-from .base import main, make_accelerator, mixed_precision_option
+from .base import add_options, main, make_accelerator, mixed_precision_option
 
 DIFFUSION_OPTIONS = [
     click.option("--pipeline", help="--method diffusion: a diffusers pipeline directory or hub id."),
@@ -45,9 +45,7 @@ def grouped(name: str, options: list[Callable]) -> Callable:
             kwargs[name] = {key: kwargs.pop(key) for key in keys}
             return function(*args, **kwargs)
 
-        for option in reversed(options):
-            command = option(command)
-        return command
+        return add_options(command, options)
 
     return decorate
 

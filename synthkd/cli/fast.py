@@ -8,19 +8,15 @@ from typing import Any, Callable
 
 import click
 
+from .base import add_options
+
 FAST_OPTIONS = ("steps_per_batch", "generator_lr", "latent_lr", "meta_lr", "bn_momentum", "warmup_batches",
                 "latent_dim", "generator_channels")
 
 
-def _apply(function: Callable, options: list[Callable]) -> Callable:
-    for option in reversed(options):
-        function = option(function)
-    return function
-
-
 def fast_generator_options(function: Callable) -> Callable:
     """The settings of the meta-learned generator (``--method fast`` / ``--synthesize fast``)."""
-    return _apply(function, [
+    return add_options(function, [
         click.option("--steps-per-batch", type=int, default=5, show_default=True,
                      help="Fast generator: optimisation steps per batch, from the meta-learned weights."),
         click.option("--generator-lr", type=float, default=0.005, show_default=True,
@@ -52,7 +48,7 @@ def fast_generator(teacher, loss: dict[str, Any], student, seed: int, options: d
 
 def activation_options(function: Callable) -> Callable:
     """Settings of ``generate --method activations``."""
-    return _apply(function, [
+    return add_options(function, [
         click.option("--cuts", "activation_cuts", default="blocks", show_default=True,
                      help="Activations: where the teacher is cut (blocks, stages or module paths), as for distill."),
         click.option("--activation-lr", type=float, default=0.1, show_default=True,
@@ -64,7 +60,7 @@ def activation_options(function: Callable) -> Callable:
 
 def synthesis_options(function: Callable) -> Callable:
     """``distill`` options to make the data during distillation, or to train on activations."""
-    return _apply(function, [
+    return add_options(function, [
         click.option("--synthesize", type=click.Choice(["none", "fast"]), default="none", show_default=True,
                      help="fast: make new batches into --data with the fast generator while the student "
                           "trains (e2e), the student being the competitor; resumable, the set reusable."),
