@@ -103,21 +103,13 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
 def distill(model_spec, weights, input_shape, mean, std, student, student_width, data, mode, cuts, epochs, finetune_epochs,
             batch_size, lr, temperature, mixup, flip, seed, eval_dataset, mixed_precision, out):
     """Distill a student from the teacher on a synthetic set."""
-    from synthkd.neighbourhood_training import NeighbourhoodConfig
-    from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood
-    from synthkd.training import TrainConfig
+    from synthkd.pipelines.distill import build_student, distill_student
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     student_model = build_student(student, teacher, student_width, seed)
     accelerator = make_accelerator(mixed_precision)
-    if mode == "e2e":
-        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
-        _, metrics = distill_e2e(teacher, student_model, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
-    else:
-        config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=0.01 if lr is None else lr, temperature=temperature,
-                                     mixup=mixup, flip=flip, seed=seed)
-        finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=0.01, seed=seed, warmup_epochs=0.0)
-        _, metrics = distill_neighbourhood(teacher, student_model, data, out, config, finetune, eval_dataset, accelerator)
+    _, metrics = distill_student(teacher, student_model, data, out, mode, epochs, batch_size, lr, temperature, mixup, flip,
+                                 seed, cuts, finetune_epochs, eval_dataset=eval_dataset, accelerator=accelerator)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
