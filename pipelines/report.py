@@ -145,8 +145,8 @@ def sample_grid(run_dir: Path, config: RunConfig) -> list[Block]:
             axis = axes[row][column]
             axis.axis("off")
             if column < len(members):
-                image = data.images[members[column]].float().clamp(0, 1)
-                axis.imshow(image[0] if image.shape[0] == 1 else image.permute(1, 2, 0), cmap="gray", vmin=0, vmax=1)
+                image = data.images[members[column]].float().clamp(0, 1).numpy()
+                axis.imshow(image[0] if image.shape[0] == 1 else image.transpose(1, 2, 0), cmap="gray", vmin=0, vmax=1)
         axes[row][0].text(-0.1, 0.5, name, transform=axes[row][0].transAxes, ha="right", va="center", fontsize=8)
     path = save(figure, run_dir, "samples.png")
     return [("h2", "Synthetic samples"),

@@ -297,9 +297,9 @@ def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = Fals
         summary = write_report(run_dir, config, steps) if main else {}
         if main:
             print(f"report: {run_dir / 'report.html'}")
-    if tracker:
-        accelerator.end_training()
     accelerator.wait_for_everyone()
+    if tracker:
+        accelerator.end_training()  # closes the trackers (and the process group: last)
     return summary
 
 

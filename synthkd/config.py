@@ -251,6 +251,9 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
     if teacher.model is not None and not Path(teacher.model).is_dir() and (teacher.weights is None or teacher.input_shape is None):
         errors.append(f"teacher.model: {teacher.model!r} is not a model directory; a teacher given as code needs "
                       "teacher.weights and teacher.input_shape (and mean/std)")
+    if config.generate.competition_weight != 0:
+        errors.append("generate.competition_weight: a run has no student yet when it generates; "
+                      "use `synthkd generate --student DIR --competition-weight W` for the competition term")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
         errors.append(f"teacher.input_shape: expected [C, H, W], got {_show(teacher.input_shape)}")
     for section, prefix in ((config, ""), (teacher, "teacher."), (config.student, "student.")):
