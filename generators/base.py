@@ -9,12 +9,20 @@ import torch
 
 
 class SyntheticImageGenerator(ABC):
-    """A way of making inputs for a teacher. ``generate`` is called once per shard, with the
-    shard's target labels and a seed derived from the shard id, so a resumed run remakes a
-    shard exactly. Under torch.distributed every rank calls it the same number of times (a rank
-    with nothing left passes an empty ``targets``) because some methods all-reduce per step."""
+    """A way of making inputs for a teacher. ``generate`` is called once per draw for a shard
+    (once per shard unless the teacher's selection rejects images), with the targets to draw and
+    a seed derived from the shard id and the draw, so a resumed run remakes a shard exactly.
+    Under torch.distributed a ``collective`` generator is called the same number of times on
+    every rank (a rank with nothing left passes an empty ``targets``) because some methods
+    all-reduce per step."""
 
     method: str
+    # False where ``generate`` never communicates across ranks: ranks may then call it a
+    # different number of times (each fills its own shards at its own pace).
+    collective: bool = True
+    # False for generators that cannot aim (an unconditional diffusion model): the teacher's
+    # label of each image becomes its target.
+    aims_at_targets: bool = True
 
     @abstractmethod
     def config(self) -> dict[str, Any]:

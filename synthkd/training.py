@@ -47,7 +47,8 @@ class Checkpoint:
 
     NAME = "training_state.pt"
 
-    def __init__(self, directory: str | os.PathLike, config: TrainConfig, accelerator: Accelerator):
+    def __init__(self, directory: str | os.PathLike, config: Any, accelerator: Accelerator):
+        """``config``: the run's settings as a dataclass (TrainConfig, DiffusionTrainConfig, ...)."""
         self.path = Path(directory) / self.NAME
         self.config = asdict(config)
         self.accelerator = accelerator

@@ -8,6 +8,7 @@ import click
 
 from ..errors import SynthkdError
 from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .diffusion import build_diffusion_generator, build_selection, diffusion_options, echo_report, selection_options
 
 
 @main.command("train-teacher")
@@ -36,7 +37,7 @@ def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, fl
 
 @main.command()
 @model_options("teacher", "--teacher-weights")
-@click.option("--method", type=click.Choice(["inversion"]), default="inversion", show_default=True)
+@click.option("--method", type=click.Choice(["inversion", "diffusion"]), default="inversion", show_default=True)
 @click.option("--num-images", type=int, required=True)
 @click.option("--iterations", type=int, default=100, show_default=True, help="Optimisation steps per batch.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch (and per shard).")
@@ -52,12 +53,14 @@ def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, fl
 @click.option("--competition-weight", type=float, default=0.0, show_default=True,
               help="Adaptive DeepInversion term: seek inputs where --student disagrees with the teacher.")
 @click.option("--student", type=click.Path(exists=True, file_okay=False), help="Student model directory for the competition term.")
+@diffusion_options
+@selection_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
 def generate(model_spec, weights, input_shape, mean, std, method, num_images, iterations, batch_size, lr, bn_weight,
-             first_bn_weight, ce_weight, tv_weight, l2_weight, jitter, flip, crop_scale, competition_weight, student, seed,
-             mixed_precision, out):
+             first_bn_weight, ce_weight, tv_weight, l2_weight, jitter, flip, crop_scale, competition_weight, student,
+             diffusion, selection, seed, mixed_precision, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.generators.inversion import ActivationInversion, InversionConfig
     from synthkd.pipelines.generate import generate as run_generate
@@ -72,10 +75,14 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
                              ce_weight=ce_weight, tv_weight=tv_weight, l2_weight=l2_weight,
                              jitter=jitter, flip=flip, crop_scale=crop_scale, competition_weight=competition_weight)
     teacher.to(accelerator.device)
-    generator = ActivationInversion(teacher, config, competitor)
-    manifest = run_generate(teacher, generator, num_images, out, batch_size, seed, accelerator)
+    if method == "diffusion":
+        generator = build_diffusion_generator(teacher, accelerator, batch_size, diffusion)
+    else:
+        generator = ActivationInversion(teacher, config, competitor)
+    manifest = run_generate(teacher, generator, num_images, out, batch_size, seed, accelerator, build_selection(selection))
     if accelerator.is_main_process:
         click.echo(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
+        echo_report(manifest)
 
 
 @main.command()

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from synthkd.errors import SynthkdError
@@ -90,6 +91,26 @@ def _load_shard(path: Path) -> dict[str, torch.Tensor]:
     if missing:
         raise ValueError(f"missing tensors {missing}")
     return tensors
+
+
+def _shard_report(path: Path) -> dict | None:
+    """The report a shard carries in its metadata, if any (for shards adopted on resume)."""
+    with safe_open(str(path), framework="pt") as f:
+        text = (f.metadata() or {}).get("report")
+    return json.loads(text) if text else None
+
+
+def _sum_reports(reports: list[dict]) -> dict:
+    """Numbers added, lists added element-wise, over the shards' reports."""
+    total: dict[str, Any] = {}
+    for report in reports:
+        for key, value in report.items():
+            if isinstance(value, list):
+                previous = total.get(key, [0] * len(value))
+                total[key] = [a + b for a, b in zip(previous, value)]
+            else:
+                total[key] = total.get(key, 0) + value
+    return total
 
 
 class _SingleProcess:
@@ -220,8 +241,14 @@ class SyntheticWriter:
         return list(self._pending)
 
     # ------------------------------------------------------------------ writing
-    def write_shard(self, shard_id: int, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor) -> None:
-        """Save one shard atomically, then record it in this rank's progress file (resume point)."""
+    def write_shard(
+        self, shard_id: int, images: torch.Tensor, logits: torch.Tensor, targets: torch.Tensor,
+        report: dict[str, Any] | None = None,
+    ) -> None:
+        """Save one shard atomically, then record it in this rank's progress file (resume point).
+
+        ``report``: counts about how the shard was made (numbers, or lists per class), kept in the
+        shard's metadata and summed over all shards into the manifest's ``report``."""
         self._check_id(shard_id)
         name = shard_name(shard_id)
         if shard_id not in self._pending and name not in self._own_entries:
@@ -255,6 +282,9 @@ class SyntheticWriter:
         path = self.out_dir / name
         tensors = {"images": images, "logits": logits, "targets": targets}
         metadata = {"format": FORMAT, "version": str(VERSION), "shard": str(shard_id)}
+        if report is not None:
+            report = _plain_json(report, "report")
+            metadata["report"] = json.dumps(report, sort_keys=True)
         atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
         self._own_entries[name] = {
             "file": name,
@@ -262,6 +292,7 @@ class SyntheticWriter:
             "sha256": sha256_file(path),
             "rank": self.rank,
             "counts_per_class": torch.bincount(targets, minlength=self.num_classes).tolist(),
+            **({"report": report} if report is not None else {}),
         }
         self._write_progress(self.rank, self._own_entries.values())
 
@@ -303,6 +334,10 @@ class SyntheticWriter:
                 "counts_per_class": counts,
                 "shards": shards,
             }
+            reports = [merged[shard_name(i)].get("report") for i in range(self.num_shards)]
+            if any(report is not None for report in reports):
+                manifest["report"] = _sum_reports([report for report in reports if report is not None])
+                manifest["report"]["shards_without_report"] = sum(report is None for report in reports)
             atomic_write_json(self._manifest_path, manifest)
         self.accelerator.wait_for_everyone()
         self._manifest = read_json(self._manifest_path)
@@ -466,15 +501,17 @@ class SyntheticWriter:
             if not ok:
                 _warn(f"{path.name} has the wrong shapes for this run; regenerating it")
                 continue
-            adopted.append(
-                {
-                    "file": path.name,
-                    "count": count,
-                    "sha256": current_hash(path.name),
-                    "rank": self.rank,
-                    "counts_per_class": torch.bincount(targets, minlength=self.num_classes).tolist(),
-                }
-            )
+            entry = {
+                "file": path.name,
+                "count": count,
+                "sha256": current_hash(path.name),
+                "rank": self.rank,
+                "counts_per_class": torch.bincount(targets, minlength=self.num_classes).tolist(),
+            }
+            report = _shard_report(path)
+            if report is not None:
+                entry["report"] = report
+            adopted.append(entry)
         if adopted:
             own = self._progress_dir / f"rank-{self.rank}.json"
             self._write_progress(self.rank, [*self._read_progress_file(own), *adopted])

@@ -1,0 +1,175 @@
+"""Stage: train a small unconditional DDPM on a real dataset, for when no pretrained diffusion
+model is at hand. The result is a diffusers pipeline directory (``DDPMPipeline.save_pretrained``)
+that ``synthkd generate --method diffusion --pipeline DIR`` and ``DDPMPipeline.from_pretrained``
+load. Training follows diffusers' ``train_unconditional`` example: noise an image at a random
+timestep, regress the noise with MSE, AdamW with warm-up and cosine decay, under Accelerate.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+from diffusers.optimization import get_cosine_schedule_with_warmup
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from synthkd.accelerator import make_accelerator
+from synthkd.data import load_dataset
+from synthkd.errors import SynthkdError
+from synthkd.io import atomic_write_json, read_json
+from synthkd.models import InputFormat, unwrap
+from synthkd.training import Checkpoint
+
+METRICS_NAME = "metrics.json"
+
+
+@dataclass
+class DiffusionTrainConfig:
+    epochs: int = 2
+    max_steps: int | None = None  # optimiser steps; overrides epochs when given
+    batch_size: int = 128
+    lr: float = 1e-3
+    warmup_steps: int = 100
+    image_size: int = 32  # images are resized to this side; the UNet halves it once per extra block
+    block_out_channels: tuple[int, ...] = (16, 32, 64)  # 0.66 s per step of 128 on 2 CPU cores; (32, 64, 64): 1.3 s
+    layers_per_block: int = 1
+    num_train_timesteps: int = 1000
+    seed: int = 0
+
+
+def build_unet(config: DiffusionTrainConfig, channels: int) -> UNet2DModel:
+    """A small UNet2DModel: plain ResNet blocks, self-attention only at the coarsest resolution."""
+    levels = len(config.block_out_channels)
+    return UNet2DModel(
+        sample_size=config.image_size,
+        in_channels=channels,
+        out_channels=channels,
+        layers_per_block=config.layers_per_block,
+        block_out_channels=tuple(config.block_out_channels),
+        down_block_types=("DownBlock2D",) * (levels - 1) + ("AttnDownBlock2D",),
+        up_block_types=("AttnUpBlock2D",) + ("UpBlock2D",) * (levels - 1),
+        norm_num_groups=min(8, min(config.block_out_channels)),
+    )
+
+
+def check_config(config: DiffusionTrainConfig) -> None:
+    if config.epochs < 1 or (config.max_steps is not None and config.max_steps < 1):
+        raise SynthkdError("--epochs and --max-steps must be positive")
+    if config.batch_size < 1 or config.lr <= 0:
+        raise SynthkdError("--batch-size and --lr must be positive")
+    factor = 2 ** (len(config.block_out_channels) - 1)
+    if config.image_size % factor:
+        raise SynthkdError(
+            f"--image-size {config.image_size} must be divisible by {factor} "
+            f"for a UNet with {len(config.block_out_channels)} levels"
+        )
+    groups = min(8, min(config.block_out_channels))
+    if any(c % groups for c in config.block_out_channels):
+        raise SynthkdError(f"every block width must be divisible by {groups} (group normalisation)")
+
+
+def train_diffusion(
+    dataset: str,
+    out: str | os.PathLike,
+    config: DiffusionTrainConfig | None = None,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """Train a DDPM on ``dataset`` and save it to ``out``; returns the metrics. A stopped run
+    resumes after its last finished epoch; a finished one is returned as it is."""
+    config = config or DiffusionTrainConfig()
+    check_config(config)
+    accelerator = accelerator or make_accelerator()
+    out = Path(out)
+    if (out / METRICS_NAME).is_file() and (out / "model_index.json").is_file():
+        metrics = read_json(out / METRICS_NAME)
+        if metrics.get("config") == _plain(asdict(config)) and metrics.get("dataset") == dataset:
+            return metrics
+    data = load_dataset(dataset)
+    channels = data[0][0].shape[0]
+    model_format = InputFormat(channels, config.image_size, config.image_size)
+
+    set_seed(config.seed)  # the initial weights come from the global RNG
+    unet = build_unet(config, channels)
+    noise_scheduler = DDPMScheduler(num_train_timesteps=config.num_train_timesteps)
+    order = torch.Generator()  # seeded per epoch, so a resumed run sees the same order
+    loader = DataLoader(data, batch_size=config.batch_size, shuffle=True, drop_last=len(data) > config.batch_size,
+                        generator=order)
+    steps_per_epoch = len(loader)
+    total_steps = config.max_steps or config.epochs * steps_per_epoch
+    epochs = math.ceil(total_steps / steps_per_epoch)
+    optimizer = torch.optim.AdamW(unet.parameters(), lr=config.lr, weight_decay=1e-2)
+    # A prepared scheduler steps once per process for every optimiser step.
+    lr_scheduler = get_cosine_schedule_with_warmup(
+        optimizer, min(config.warmup_steps, total_steps // 4) * accelerator.num_processes,
+        total_steps * accelerator.num_processes,
+    )
+    checkpoint = Checkpoint(out, config, accelerator)
+    history = checkpoint.restore(unet, optimizer, lr_scheduler)
+    unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
+    step = sum(record["steps"] for record in history)
+
+    for epoch in range(len(history), epochs):
+        order.manual_seed(config.seed * 1_000_003 + epoch)
+        unet.train()
+        started, total, batches = time.perf_counter(), 0.0, 0
+        bar = tqdm(loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False,
+                   disable=not accelerator.is_local_main_process)
+        for images, _ in bar:
+            if step >= total_steps:
+                break
+            clean = model_format.adapt(images) * 2 - 1  # the UNet works on [-1, 1]
+            noise = torch.randn_like(clean)
+            timesteps = torch.randint(0, config.num_train_timesteps, (len(clean),), device=clean.device)
+            with accelerator.autocast():
+                predicted = unet(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+            loss = F.mse_loss(predicted.float(), noise)
+            optimizer.zero_grad(set_to_none=True)
+            accelerator.backward(loss)
+            optimizer.step()
+            lr_scheduler.step()
+            step += 1
+            total += loss.item()
+            batches += 1
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+        record = {
+            "epoch": epoch + 1,
+            "steps": batches,
+            "loss": accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item(),
+            "seconds": time.perf_counter() - started,
+        }
+        history.append(record)
+        if accelerator.is_main_process:
+            tqdm.write(f"train-diffusion: epoch {record['epoch']}, {batches} steps, loss {record['loss']:.4f}, "
+                       f"{record['seconds']:.1f} s")
+        checkpoint.save(accelerator.unwrap_model(unet), optimizer, lr_scheduler, history)
+
+    metrics = {
+        "dataset": dataset,
+        "config": _plain(asdict(config)),
+        "image_shape": [channels, config.image_size, config.image_size],
+        "parameters": sum(p.numel() for p in unwrap(unet).parameters()),
+        "steps": step,
+        "history": history,
+        "train_seconds": sum(record["seconds"] for record in history),
+        "num_processes": accelerator.num_processes,
+    }
+    if accelerator.is_main_process:
+        DDPMPipeline(unet=accelerator.unwrap_model(unet), scheduler=noise_scheduler).save_pretrained(out)
+        atomic_write_json(out / METRICS_NAME, metrics)  # written last: the run is complete
+    accelerator.wait_for_everyone()
+    return metrics
+
+
+def _plain(config: dict[str, Any]) -> dict[str, Any]:
+    """The config as JSON reads it back (tuples become lists), to compare with a finished run."""
+    return {key: list(value) if isinstance(value, tuple) else value for key, value in config.items()}

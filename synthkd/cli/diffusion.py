@@ -1,0 +1,119 @@
+"""Diffusion commands: `train-diffusion`, and the options `generate --method diffusion` takes
+(with the teacher-selection options every method may use)."""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import click
+
+from ..errors import SynthkdError
+from .base import main, make_accelerator, mixed_precision_option
+
+DIFFUSION_OPTIONS = [
+    click.option("--pipeline", help="--method diffusion: a diffusers pipeline directory or hub id."),
+    click.option("--steps", type=int, default=50, show_default=True, help="--method diffusion: denoising steps."),
+    click.option("--scheduler", help="--method diffusion: swap the pipeline's scheduler (ddpm, ddim, dpm-solver, "
+                                     "euler, unipc, ... or a diffusers scheduler class name)."),
+    click.option("--guidance-scale", type=float, help="--method diffusion: classifier-free guidance scale."),
+    click.option("--prompt-template", default="a photo of a {name}", show_default=True,
+                 help="--method diffusion, text-to-image: the prompt of a class."),
+    click.option("--class-table", help="--method diffusion: JSON (file or inline) mapping teacher classes to the "
+                                       "pipeline's label ids (class-conditional) or prompt names (text-to-image)."),
+    click.option("--sample-batch-size", type=int, help="--method diffusion: images per pipeline call "
+                                                       "(default: --batch-size)."),
+]
+SELECTION_OPTIONS = [
+    click.option("--min-confidence", type=float, default=0.0, show_default=True,
+                 help="Keep only images the teacher labels with at least this probability."),
+    click.option("--balance/--no-balance", default=False, show_default=True,
+                 help="Keep drawing until each class (by the teacher's label) has its share of every shard."),
+    click.option("--max-tries", type=int, default=10, show_default=True,
+                 help="Draws per shard for --min-confidence/--balance; then the best rejected images fill the gap."),
+]
+
+
+def grouped(name: str, options: list[Callable]) -> Callable:
+    """Add ``options`` to a command and hand their values to it as one dict argument ``name``."""
+
+    def decorate(function: Callable) -> Callable:
+        keys = [option(lambda: None).__click_params__[0].name for option in options]
+
+        @functools.wraps(function)
+        def command(*args: Any, **kwargs: Any) -> Any:
+            kwargs[name] = {key: kwargs.pop(key) for key in keys}
+            return function(*args, **kwargs)
+
+        for option in reversed(options):
+            command = option(command)
+        return command
+
+    return decorate
+
+
+diffusion_options = grouped("diffusion", DIFFUSION_OPTIONS)
+selection_options = grouped("selection", SELECTION_OPTIONS)
+
+
+def build_selection(options: dict[str, Any]):
+    from synthkd.pipelines.generate import Selection
+
+    return Selection(**options)
+
+
+def build_diffusion_generator(teacher, accelerator, batch_size: int, options: dict[str, Any]):
+    """The DiffusionGenerator `generate --method diffusion` asks for."""
+    from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator, load_class_table
+
+    if not options["pipeline"]:
+        raise SynthkdError("--method diffusion needs --pipeline DIR_OR_HUB_ID (e.g. one from `synthkd train-diffusion`)")
+    config = DiffusionConfig(
+        pipeline=options["pipeline"], steps=options["steps"], scheduler=options["scheduler"],
+        guidance_scale=options["guidance_scale"], prompt_template=options["prompt_template"],
+        class_table=load_class_table(options["class_table"]),
+        sample_batch_size=options["sample_batch_size"] or batch_size,
+    )
+    return DiffusionGenerator(config, teacher.input_format, list(teacher.config.class_names), accelerator.device)
+
+
+def echo_report(manifest: dict[str, Any]) -> None:
+    """Per class: the share wanted, how many the selection accepted, how many filled the gap."""
+    report = manifest.get("report")
+    if not report:
+        return
+    click.echo(f"selection: {sum(report['drawn'])} images drawn in {report['tries']} tries")
+    wanted = report.get("wanted", ["-"] * len(report["accepted"]))
+    for name, share, accepted, filled, drawn in zip(manifest["teacher"]["class_names"], wanted, report["accepted"],
+                                                    report["filled"], report["drawn"]):
+        click.echo(f"  {name:>14}  wanted {share:>5}  accepted {accepted:>5}  filled with rejects {filled:>5}  "
+                   f"drawn {drawn:>6}")
+
+
+@main.command("train-diffusion")
+@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
+@click.option("--epochs", type=int, default=2, show_default=True)
+@click.option("--max-steps", type=int, help="Optimiser steps (overrides --epochs).")
+@click.option("--batch-size", type=int, default=128, show_default=True)
+@click.option("--lr", type=float, default=1e-3, show_default=True, help="AdamW learning rate.")
+@click.option("--image-size", type=int, default=32, show_default=True, help="Side the images are resized to.")
+@click.option("--block-out-channels", default="16,32,64", show_default=True, help="UNet widths, one per level.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@mixed_precision_option
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline directory to write.")
+def train_diffusion_command(dataset, epochs, max_steps, batch_size, lr, image_size, block_out_channels, seed,
+                            mixed_precision, out):
+    """Train a small unconditional DDPM and save it as a diffusers pipeline (resumes if stopped)."""
+    from synthkd.pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion
+
+    try:
+        widths = tuple(int(w) for w in block_out_channels.split(","))
+    except ValueError:
+        raise SynthkdError(f"--block-out-channels must be comma-separated integers, got {block_out_channels!r}")
+    config = DiffusionTrainConfig(epochs=epochs, max_steps=max_steps, batch_size=batch_size, lr=lr,
+                                  image_size=image_size, block_out_channels=widths, seed=seed)
+    accelerator = make_accelerator(mixed_precision)
+    metrics = train_diffusion(dataset, out, config, accelerator)
+    if accelerator.is_main_process:
+        click.echo(f"trained {metrics['steps']} steps (final loss {metrics['history'][-1]['loss']:.4f}); "
+                   f"DDPMPipeline.from_pretrained({out!r}) loads it")
