@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -102,7 +103,15 @@ def count_flops(module: nn.Module, x: torch.Tensor) -> int:
 
 
 class NeighbourhoodDistiller:
-    def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodConfig, accelerator: Accelerator):
+    """Trains the neighbourhoods of ``student`` against the teacher's.
+
+    By default every rank builds the same plan and the neighbourhoods are spread over the ranks
+    (:meth:`train` is then collective). With ``owned`` this process alone trains exactly those
+    neighbourhoods and :meth:`train` makes no collective call: the caller spreads the work, as
+    Student Search does with the neighbourhoods of many candidate students."""
+
+    def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodConfig, accelerator: Accelerator,
+                 owned: list[int] | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
         # The student's starting weights, not just its config: a model directory given as the
@@ -133,12 +142,18 @@ class NeighbourhoodDistiller:
             with torch.no_grad():
                 inputs.append(piece(inputs[-1]))
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
-        costs = [float(f) for f in self.flops]
-        self.assignment = balance(costs, accelerator.num_processes)
-        self.ranks = replicate(self.assignment, costs)
-        self.owned = [k for k, ranks in enumerate(self.ranks) if accelerator.process_index in ranks]
-        # Every rank creates every group, in the same order, as torch.distributed requires.
-        self.groups = {k: torch.distributed.new_group(ranks) for k, ranks in enumerate(self.ranks) if len(ranks) > 1}
+        self.local = owned is not None
+        if self.local:
+            self.owned = sorted(owned)
+            self.ranks = [[accelerator.process_index] if k in self.owned else [] for k in range(len(self.neighbourhoods))]
+            self.groups = {}
+        else:
+            costs = [float(f) for f in self.flops]
+            self.assignment = balance(costs, accelerator.num_processes)
+            self.ranks = replicate(self.assignment, costs)
+            self.owned = [k for k, ranks in enumerate(self.ranks) if accelerator.process_index in ranks]
+            # Every rank creates every group, in the same order, as torch.distributed requires.
+            self.groups = {k: torch.distributed.new_group(ranks) for k, ranks in enumerate(self.ranks) if len(ranks) > 1}
 
     @property
     def names(self) -> list[str]:
@@ -173,29 +188,36 @@ class NeighbourhoodDistiller:
                 todo.append(k)
         if todo:
             results.update(self._train(todo, train_set, held_out, folder, key))
-        leader = [k for k in self.owned if self.ranks[k][0] == self.accelerator.process_index]
-        gathered = gather_object([(k, {n: t.cpu() for n, t in self.neighbourhoods[k].state_dict().items()}, results[k])
-                                  for k in leader])
+        if self.local:
+            gathered = [(k, None, results[k]) for k in self.owned]  # the weights are in place already
+        else:
+            leader = [k for k in self.owned if self.ranks[k][0] == self.accelerator.process_index]
+            gathered = gather_object([(k, {n: t.cpu() for n, t in self.neighbourhoods[k].state_dict().items()}, results[k])
+                                      for k in leader])
         metrics = {}
         for k, state, record in sorted(gathered, key=lambda item: item[0]):
-            self.neighbourhoods[k].load_state_dict(state)
+            if state is not None:
+                self.neighbourhoods[k].load_state_dict(state)
             metrics[self.names[k]] = record
         self.neighbourhoods.cpu()
+        processes = [self.accelerator.process_index] if self.local else range(self.accelerator.num_processes)
         return {"neighbourhoods": metrics, "assignment": {str(r): [self.names[k] for k, ranks in enumerate(self.ranks) if r in ranks]
-                               for r in range(self.accelerator.num_processes)},
+                                                          for r in processes},
                 "flops": dict(zip(self.names, self.flops))}
 
     def _load_finished(self, folder: Path, k: int, key: str) -> dict[str, Any] | None:
         weights, record = folder / f"{k:02d}.safetensors", folder / f"{k:02d}.json"
         if not (weights.is_file() and record.is_file()):
             return None
-        meta = read_json(record)
-        if meta.get("key") != key:
-            return None
         try:
+            meta = read_json(record)
+            if meta.get("key") != key:
+                return None
             state = load_file(str(weights))
-        except Exception:
-            return None  # unreadable: train it again
+        except Exception as error:  # a truncated or overwritten file: any parse error
+            print(f"synthkd: warning: the finished neighbourhood {self.names[k]!r} in {folder} is corrupt ({error}); "
+                  "training it again", file=sys.stderr)
+            return None
         current = self.neighbourhoods[k].state_dict()
         if state.keys() != current.keys() or any(state[n].shape != current[n].shape for n in state):
             return None  # from another student: train it again

@@ -9,20 +9,24 @@ from torch import nn
 from ..errors import SynthkdError
 
 _REGISTRY: dict[str, Callable[..., nn.Module]] = {}
+_UNLISTED: set[str] = set()
 
 
-def register_model(name: str):
-    """Decorator adding a factory to the zoo under ``name``."""
+def register_model(name: str, listed: bool = True):
+    """Decorator adding a factory to the zoo under ``name``; ``listed=False`` for architectures
+    that saved models name but nobody picks as a student (e.g. a searched student's chain)."""
 
     def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         _REGISTRY[name] = factory
+        if not listed:
+            _UNLISTED.add(name)
         return factory
 
     return decorate
 
 
 def list_models() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(set(_REGISTRY) - _UNLISTED)
 
 
 def is_registered(name: str) -> bool:

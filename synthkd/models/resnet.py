@@ -79,22 +79,22 @@ class ResNet(nn.Module):
 def _cifar_resnet(depth: int):
     if (depth - 2) % 6:
         raise ValueError(f"CIFAR-style ResNet depth must be 6n+2, got {depth}")
-    blocks = (depth - 2) // 6
+    default_blocks = (depth - 2) // 6
 
-    def factory(width: float = 1.0, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+    def factory(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, blocks: int | None = None) -> ResNet:
         channels = tuple(scaled(c, width) for c in (16, 32, 64))
-        return ResNet(channels, (blocks,) * 3, in_channels, num_classes)
+        return ResNet(channels, (blocks or default_blocks,) * 3, in_channels, num_classes)
 
-    factory.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {blocks} basic blocks, 16/32/64 channels x width."
+    factory.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {default_blocks} basic blocks (``blocks``: another number per stage), 16/32/64 channels x width."
     return factory
 
 
-def _imagenet_resnet(depth: int, blocks: tuple[int, ...]):
-    def factory(width: float = 1.0, in_channels: int = 3, num_classes: int = 10) -> ResNet:
+def _imagenet_resnet(depth: int, stage_blocks: tuple[int, ...]):
+    def factory(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, blocks: int | None = None) -> ResNet:
         channels = tuple(scaled(c, width) for c in (64, 128, 256, 512))
-        return ResNet(channels, blocks, in_channels, num_classes)
+        return ResNet(channels, (blocks,) * len(stage_blocks) if blocks else stage_blocks, in_channels, num_classes)
 
-    factory.__doc__ = f"ImageNet-style ResNet-{depth} with a 3x3 stem and no max-pool, for small inputs."
+    factory.__doc__ = f"ImageNet-style ResNet-{depth} with a 3x3 stem and no max-pool, for small inputs (``blocks``: the same number in every stage)."
     return factory
 
 
