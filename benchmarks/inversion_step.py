@@ -23,7 +23,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
 
 from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
-from synthkd.losses import BatchNormStatisticsLoss  # noqa: E402
 from synthkd.models import Classifier, InputFormat, ModelConfig  # noqa: E402
 
 
@@ -53,40 +52,39 @@ def main() -> None:
     images = torch.rand(args.batch_size, *shape, device=device).contiguous(memory_format=torch.channels_last)
     images.requires_grad_(True)
     optimizer = torch.optim.Adam([images], lr=0.1, betas=(0.5, 0.9))
-    statistics_loss = BatchNormStatisticsLoss(teacher)
+    with generator.objective.hooked():  # BN-statistics hooks for the inversion steps
 
-    def inversion_step() -> None:
-        generator.step(images, targets, optimizer, statistics_loss)
+        def inversion_step() -> None:
+            generator.step(images, targets, optimizer)
 
-    def input_floor() -> None:
-        x = images.detach().requires_grad_(True)
-        F.cross_entropy(teacher(x), targets).backward()
-        x.grad.sum().item()
+        def input_floor() -> None:
+            x = images.detach().requires_grad_(True)
+            F.cross_entropy(teacher(x), targets).backward()
+            x.grad.sum().item()
 
-    weight_model = make_teacher(args.arch, shape, device).train().requires_grad_(True)
-    fixed_images = images.detach()
+        weight_model = make_teacher(args.arch, shape, device).train().requires_grad_(True)
+        fixed_images = images.detach()
 
-    def weight_floor() -> None:
-        weight_model.zero_grad(set_to_none=True)
-        F.cross_entropy(weight_model(fixed_images), targets).backward()
-        next(weight_model.parameters()).grad.sum().item()
+        def weight_floor() -> None:
+            weight_model.zero_grad(set_to_none=True)
+            F.cross_entropy(weight_model(fixed_images), targets).backward()
+            next(weight_model.parameters()).grad.sum().item()
 
-    # The inversion teacher is frozen; the floor on the input needs no weight gradients either.
-    teacher.requires_grad_(False)
-    cases = {"inversion_step": inversion_step, "fwd_bwd_input": input_floor, "fwd_bwd_weights": weight_floor}
-    times: dict[str, list[float]] = {name: [] for name in cases}
-    for fn in cases.values():  # warm-up
-        fn(); fn()
-    for _ in range(repeats):
-        for name, fn in cases.items():
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            started = time.perf_counter()
-            fn()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            times[name].append(time.perf_counter() - started)
-    statistics_loss.remove()
+        # The inversion teacher is frozen; the floor on the input needs no weight gradients either.
+        teacher.requires_grad_(False)
+        cases = {"inversion_step": inversion_step, "fwd_bwd_input": input_floor, "fwd_bwd_weights": weight_floor}
+        times: dict[str, list[float]] = {name: [] for name in cases}
+        for fn in cases.values():  # warm-up
+            fn(); fn()
+        for _ in range(repeats):
+            for name, fn in cases.items():
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                started = time.perf_counter()
+                fn()
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                times[name].append(time.perf_counter() - started)
     median = {name: statistics.median(values) for name, values in times.items()}
     rows = [
         {"case": name, "median_s": median[name], "ratio_to_input_floor": median[name] / median["fwd_bwd_input"],

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,3 +32,11 @@ class SyntheticImageGenerator(ABC):
     @abstractmethod
     def generate(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
         """Images in [0,1], shape (len(targets), C, H, W) in the teacher's input format."""
+
+    def load_state(self, directory: Path) -> None:
+        """Restore what a generator carries from shard to shard (e.g. learned weights) from the
+        output directory of a resumed run; a generator whose shards are independent has none."""
+
+    def save_state(self, directory: Path) -> None:
+        """Save that state atomically into the output directory (called on the main process
+        after every shard round, so a killed run resumes with it)."""

@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from synthkd.accelerator import make_accelerator
 from synthkd.augment import distillation_augmentation
 from synthkd.data import load_dataset
+from synthkd.data.activations import ActivationDataset
 from synthkd.data.shards import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
@@ -150,6 +151,8 @@ def data_fingerprint(data: str | os.PathLike, dataset: Dataset) -> str:
     """Identifies the training data: a synthetic set by its manifest's shard checksums."""
     if isinstance(dataset, SyntheticDataset):
         return "-".join(shard["sha256"][:8] for shard in dataset.manifest["shards"])
+    if isinstance(dataset, ActivationDataset):
+        return dataset.fingerprint()
     return f"{data}:{len(dataset)}"
 
 
@@ -173,12 +176,23 @@ def distill_neighbourhood(
     finetune: TrainConfig | None = None,
     eval_dataset: str | None = None,
     accelerator: Accelerator | None = None,
+    inputs: str = "images",
 ) -> tuple[Classifier, dict[str, Any]]:
     """Distill neighbourhood by neighbourhood (in parallel across ranks), merge, optionally
-    fine-tune end to end, save to ``out`` with ``metrics.json``."""
+    fine-tune end to end, save to ``out`` with ``metrics.json``. ``inputs="activations"``:
+    ``data`` is a per-neighbourhood activation set and no image is used (so no fine-tune)."""
     accelerator = accelerator or make_accelerator()
     config = config or NeighbourhoodConfig()
-    training_data = open_training_data(data, teacher, accelerator)
+    if inputs == "activations":
+        if finetune is not None and finetune.epochs > 0:
+            raise SynthkdError("the end-to-end fine-tune needs images; with --inputs activations use --finetune-epochs 0")
+        training_data = ActivationDataset(data)
+        if training_data.teacher_fingerprint != teacher.fingerprint() and accelerator.is_main_process:
+            print(f"synthkd: warning: {data} was made from another teacher; distilling anyway", file=sys.stderr)
+    elif inputs == "images":
+        training_data = open_training_data(data, teacher, accelerator)
+    else:
+        raise SynthkdError(f"unknown --inputs {inputs!r}; use images or activations")
     out = Path(out)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
     started = time.perf_counter()
@@ -186,7 +200,7 @@ def distill_neighbourhood(
     report = distiller.train(training_data, out, data_fingerprint(data, training_data))
     student = distiller.merge()
     metrics: dict[str, Any] = {
-        "mode": "neighbourhood", "data": str(data), "num_training_images": len(training_data),
+        "mode": "neighbourhood", "inputs": inputs, "data": str(data), "num_training_images": len(training_data),
         "config": asdict(config), "cuts": distiller.cuts, **report,
         "neighbourhood_seconds": time.perf_counter() - started, "num_processes": accelerator.num_processes,
     }
@@ -216,9 +230,11 @@ def distill_student(
     finetune_lr: float = 0.01,
     eval_dataset: str | None = None,
     accelerator: Accelerator | None = None,
+    inputs: str = "images",
 ) -> tuple[Classifier, dict[str, Any]]:
     """Either mode from one set of settings (the CLI's and ``synthkd run``'s); ``lr`` None picks
-    the mode's default: 0.05 for e2e KD (SGD), 0.01 for each neighbourhood (Adam)."""
+    the mode's default: 0.05 for e2e KD (SGD), 0.01 for each neighbourhood (Adam). ``inputs``:
+    see :func:`distill_neighbourhood`."""
     if mode == "e2e":
         train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
         return distill_e2e(teacher, student, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
@@ -227,4 +243,4 @@ def distill_student(
     config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=0.01 if lr is None else lr,
                                  temperature=temperature, mixup=mixup, flip=flip, seed=seed)
     finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr, seed=seed, warmup_epochs=0.0)
-    return distill_neighbourhood(teacher, student, data, out, config, finetune, eval_dataset, accelerator)
+    return distill_neighbourhood(teacher, student, data, out, config, finetune, eval_dataset, accelerator, inputs)

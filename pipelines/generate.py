@@ -197,8 +197,11 @@ def generate(
     seed: int = 0,
     accelerator: Accelerator | None = None,
     selection: Selection | None = None,
-) -> dict[str, Any]:
-    """Generate ``num_images`` into ``out``; returns the manifest. Resumes an interrupted run."""
+    max_rounds: int | None = None,
+) -> dict[str, Any] | None:
+    """Generate ``num_images`` into ``out``; returns the manifest. Resumes an interrupted run.
+    With ``max_rounds`` stop after that many shard rounds (one shard per rank each) and return
+    None if shards are left: an interleaved run makes its set a few shards at a time."""
     accelerator = accelerator or make_accelerator()
     selection = selection or Selection()
     teacher.to(accelerator.device)
@@ -216,10 +219,13 @@ def generate(
         shard_size=batch_size,
         accelerator=accelerator,
     )
+    generator.load_state(writer.out_dir)
     pending = writer.pending_shards()
     rounds = len(pending)
-    if generator.collective:
+    if generator.collective or max_rounds is not None:  # every rank must agree on the rounds
         rounds = int(accelerator.gather(torch.tensor([len(pending)], device=accelerator.device)).max())
+    unfinished = max_rounds is not None and max_rounds < rounds
+    rounds = min(rounds, max_rounds) if unfinished else rounds
     empty = torch.zeros(0, dtype=torch.long)
     bar = tqdm(total=rounds, desc=f"generate ({generator.method})", disable=not accelerator.is_local_main_process)
     for round_index in range(rounds):
@@ -229,6 +235,11 @@ def generate(
             teacher, generator, plan, seed, shard if shard is not None else 0, selection, accelerator)
         if shard is not None:
             writer.write_shard(shard, images, logits, targets, report if selection.active else None)
+        if accelerator.is_main_process:
+            generator.save_state(writer.out_dir)
         bar.update(1)
     bar.close()
+    if unfinished:
+        accelerator.wait_for_everyone()
+        return None
     return writer.finalize()

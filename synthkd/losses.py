@@ -46,9 +46,14 @@ class BatchNormStatisticsLoss:
     layer weighted by ``first_layer_weight``. When torch.distributed is initialised the sums are
     all-reduced (one differentiable collective per step), so every rank matches the statistics
     of the global batch rather than of its own shard.
+
+    With ``momentum`` m > 0 (Fast-DFKD), what is compared is the blend (1 - m) * batch + m * past,
+    where ``past`` is a running average of earlier batches' statistics (:meth:`update_history`):
+    a small batch made in few steps then need not match the statistics alone.
     """
 
-    def __init__(self, model: nn.Module, first_layer_weight: float = 10.0, distributed: bool | None = None):
+    def __init__(self, model: nn.Module, first_layer_weight: float = 10.0, distributed: bool | None = None,
+                 momentum: float = 0.0):
         self.layers = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
         if not self.layers:
             raise ValueError("the model has no BatchNorm2d layer, so there are no statistics to invert")
@@ -56,6 +61,11 @@ class BatchNormStatisticsLoss:
         if distributed is None:
             distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         self.distributed = distributed
+        if not 0.0 <= momentum < 1.0:
+            raise ValueError(f"momentum must be in [0, 1), got {momentum}")
+        self.momentum = momentum
+        self.history: list[torch.Tensor] | None = None  # per layer: cat(mean, var) of past batches
+        self._last: list[torch.Tensor] = []
         self._stats: list[torch.Tensor | None] = [None] * len(self.layers)
         self._handles = [
             layer.register_forward_pre_hook(self._make_hook(i)) for i, layer in enumerate(self.layers)
@@ -80,17 +90,34 @@ class BatchNormStatisticsLoss:
 
             stacked = all_reduce(stacked)
         total = stacked.new_zeros(())
+        last: list[torch.Tensor] = []
         for index, (layer, stats) in enumerate(zip(self.layers, stacked.split(sizes))):
             channels = layer.num_features
             count = stats[-1].clamp_min(1.0)
             mean = stats[:channels] / count
             var = stats[channels : 2 * channels] / count - mean.pow(2)
+            last.append(torch.cat([mean, var]).detach())
+            if self.momentum > 0 and self.history is not None:
+                past_mean, past_var = self.history[index].to(mean.device).split(channels)
+                mean = (1 - self.momentum) * mean + self.momentum * past_mean
+                var = (1 - self.momentum) * var + self.momentum * past_var
             term = torch.linalg.vector_norm(mean - layer.running_mean) + torch.linalg.vector_norm(
                 var - layer.running_var
             )
             total = total + (self.first_layer_weight if index == 0 else 1.0) * term
         self._stats = [None] * len(self.layers)
+        self._last = last
         return total
+
+    def update_history(self) -> None:
+        """Fold the statistics of the last :meth:`loss` into the running average of past batches."""
+        if not self._last:
+            raise RuntimeError("compute a loss before updating the history of statistics")
+        if self.history is None:
+            self.history = [stats.clone() for stats in self._last]
+        else:
+            self.history = [self.momentum * past + (1 - self.momentum) * stats.to(past.device)
+                            for past, stats in zip(self.history, self._last)]
 
     def remove(self) -> None:
         for handle in self._handles:

@@ -9,6 +9,10 @@ neighbourhood trains identically whichever rank owns it: the same seed gives the
 for any number of processes. The teacher runs once per batch, only as deep as the deepest
 neighbourhood the rank owns, and its activations are shared by all of them. Finished
 neighbourhoods are written to ``out/neighbourhoods/`` so a rerun trains only the missing ones.
+
+Trained on an :class:`~synthkd.data.activations.ActivationDataset` instead of images, each
+neighbourhood reads its own synthetic input activations (no augmentation) and its target is
+the teacher neighbourhood's output on them (teacher logits for the head).
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
 from .augment import distillation_augmentation
+from .data.activations import ActivationDataset
 from .errors import SynthkdError
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import kd_loss
@@ -142,6 +147,7 @@ class NeighbourhoodDistiller:
             with torch.no_grad():
                 inputs.append(piece(inputs[-1]))
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
+        self.activation_inputs = False  # set by train() for an ActivationDataset
         self.local = owned is not None
         if self.local:
             self.owned = sorted(owned)
@@ -172,6 +178,12 @@ class NeighbourhoodDistiller:
         rank; :meth:`merge` then makes the student."""
         accelerator, config = self.accelerator, self.config
         device = accelerator.device
+        self.activation_inputs = isinstance(dataset, ActivationDataset)
+        if self.activation_inputs and dataset.cuts != self.cuts:
+            raise SynthkdError(
+                f"the activation set was made for cuts {dataset.cuts}, this run cuts at {self.cuts}; "
+                "pass the same --cuts to `synthkd distill` as to `synthkd generate --method activations`"
+            )
         self.teacher.to(device)
         self.neighbourhoods.to(device)
         key = self.fingerprint(data_fingerprint)
@@ -236,6 +248,18 @@ class NeighbourhoodDistiller:
                 activations.append(piece(activations[-1].clone()))
         return activations
 
+    @torch.no_grad()
+    def _pairs(self, batch, indices: list[int], augment: nn.Module | None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """(input, teacher target) of each neighbourhood in ``indices`` for one batch: from the
+        teacher run on the (augmented) images, or from each neighbourhood's own activations."""
+        device = self.accelerator.device
+        if self.activation_inputs:
+            inputs = {k: batch[k].to(device) for k in indices}
+            return {k: (x, self.teacher_split.pieces[k](x.clone())) for k, x in inputs.items()}
+        images = batch[0].to(device)
+        activations = self._teacher_activations(augment(images) if augment is not None else images, max(indices))
+        return {k: (activations[k], activations[k + 1]) for k in indices}
+
     def _loss(self, k: int, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if k == len(self.neighbourhoods) - 1:
             return kd_loss(output.float(), target.float(), self.config.temperature)
@@ -250,7 +274,6 @@ class NeighbourhoodDistiller:
         optimizers = {k: self._optimizer(self.neighbourhoods[k]) for k in todo}
         schedulers = {k: warmup_cosine(optimizers[k], config, steps_per_epoch) for k in todo}
         seconds = {k: 0.0 for k in todo}
-        depth = max(todo)
         for k in todo:
             self.neighbourhoods[k].train()
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"neighbourhoods (rank {accelerator.process_index})",
@@ -260,14 +283,13 @@ class NeighbourhoodDistiller:
                                 generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
             for step, batch in enumerate(loader):
                 torch.manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step)  # same views on every rank
-                views = augment(batch[0].to(device))
-                activations = self._teacher_activations(views, depth)
+                pairs = self._pairs(batch, todo, augment)
                 for k in todo:
                     started = time.perf_counter()
                     rows = self._rows(k)
                     with accelerator.autocast():
-                        output = self.neighbourhoods[k](activations[k][rows])
-                        loss = self._loss(k, output, activations[k + 1][rows])
+                        output = self.neighbourhoods[k](pairs[k][0][rows])
+                        loss = self._loss(k, output, pairs[k][1][rows])
                     optimizers[k].zero_grad(set_to_none=True)
                     loss.backward()
                     self._average_gradients(k)
@@ -315,17 +337,16 @@ class NeighbourhoodDistiller:
     def local_errors(self, indices: list[int], held_out: Dataset) -> dict[int, float]:
         """Relative MSE ||s_k - t_k||^2 / ||t_k||^2 of each neighbourhood on held-out inputs
         (for the head: on logits)."""
-        device = self.accelerator.device
         error = {k: 0.0 for k in indices}
         norm = {k: 0.0 for k in indices}
         for k in indices:
             self.neighbourhoods[k].eval()
         for batch in DataLoader(held_out, batch_size=256):
-            activations = self._teacher_activations(batch[0].to(device), max(indices))
+            pairs = self._pairs(batch, indices, augment=None)
             for k in indices:
-                output = self.neighbourhoods[k](activations[k]).float()
-                error[k] += (output - activations[k + 1]).pow(2).sum().item()
-                norm[k] += activations[k + 1].pow(2).sum().item()
+                output = self.neighbourhoods[k](pairs[k][0]).float()
+                error[k] += (output - pairs[k][1]).pow(2).sum().item()
+                norm[k] += pairs[k][1].pow(2).sum().item()
         return {k: error[k] / max(norm[k], 1e-12) for k in indices}
 
     def merge(self) -> Classifier:

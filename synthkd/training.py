@@ -104,11 +104,13 @@ def fit(
     eval_dataset: Dataset | None = None,
     description: str = "train",
     checkpoint_dir: str | os.PathLike | None = None,
+    on_epoch_start: Callable[[int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD + warmup/cosine; returns one record per epoch.
 
     With ``checkpoint_dir`` the state is saved after every epoch and a rerun resumes after the
-    last finished epoch (a checkpoint of different settings is refused)."""
+    last finished epoch (a checkpoint of different settings is refused). ``on_epoch_start(epoch)``
+    runs before each epoch, e.g. to add data to ``dataset`` (whose length must not change)."""
     set_seed(config.seed)  # augmentation and MixUp draw from the global RNGs
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -124,6 +126,8 @@ def fit(
     history = checkpoint.restore(model, optimizer, scheduler) if checkpoint else []
     prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     for epoch in range(len(history), config.epochs):
+        if on_epoch_start is not None:
+            on_epoch_start(epoch)
         generator.manual_seed(config.seed * 1_000_003 + epoch)  # the same order after a resume
         prepared_model.train()
         started = time.perf_counter()

@@ -9,6 +9,7 @@ import click
 from ..errors import SynthkdError
 from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
 from .diffusion import build_diffusion_generator, build_selection, diffusion_options, echo_report, selection_options
+from .fast import activation_options, fast_generator_options, synthesis_options
 
 
 @main.command("train-teacher")
@@ -37,7 +38,10 @@ def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, fl
 
 @main.command()
 @model_options("teacher", "--teacher-weights")
-@click.option("--method", type=click.Choice(["inversion", "diffusion"]), default="inversion", show_default=True)
+@click.option("--method", type=click.Choice(["inversion", "fast", "diffusion", "activations"]), default="inversion",
+              show_default=True,
+              help="inversion: optimise pixels; fast: a meta-learned generator, a few steps per batch; diffusion: sample "
+                   "--pipeline; activations: each neighbourhood's input activations (for distill --inputs activations).")
 @click.option("--num-images", type=int, required=True)
 @click.option("--iterations", type=int, default=100, show_default=True, help="Optimisation steps per batch.")
 @click.option("--batch-size", type=int, default=256, show_default=True, help="Images per batch (and per shard).")
@@ -57,12 +61,13 @@ def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, fl
 @selection_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @mixed_precision_option
+@fast_generator_options
+@activation_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
 def generate(model_spec, weights, input_shape, mean, std, method, num_images, iterations, batch_size, lr, bn_weight,
              first_bn_weight, ce_weight, tv_weight, l2_weight, jitter, flip, crop_scale, competition_weight, student,
-             diffusion, selection, seed, mixed_precision, out):
+             diffusion, selection, seed, mixed_precision, out, **method_options):
     """Make a synthetic training set from the teacher alone."""
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
     from synthkd.pipelines.generate import generate as run_generate
     from synthkd.models import load_model
 
@@ -70,19 +75,38 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
         raise SynthkdError("--num-images, --batch-size and --iterations must be positive")
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator(mixed_precision)
-    competitor = load_model(student).to(accelerator.device) if student else None
-    config = InversionConfig(iterations=iterations, lr=lr, bn_weight=bn_weight, first_bn_weight=first_bn_weight,
-                             ce_weight=ce_weight, tv_weight=tv_weight, l2_weight=l2_weight,
-                             jitter=jitter, flip=flip, crop_scale=crop_scale, competition_weight=competition_weight)
     teacher.to(accelerator.device)
+    if method == "activations":
+        from .fast import run_activations
+
+        manifest = run_activations(teacher, num_images, batch_size, iterations, seed, out, accelerator, method_options)
+        if accelerator.is_main_process:
+            click.echo(f"wrote {num_images} input activations for each of {len(manifest['neighbourhoods'])} "
+                       f"neighbourhoods to {out}")
+        return
     if method == "diffusion":
         generator = build_diffusion_generator(teacher, accelerator, batch_size, diffusion)
     else:
-        generator = ActivationInversion(teacher, config, competitor)
+        competitor = load_model(student).to(accelerator.device) if student else None
+        loss = dict(bn_weight=bn_weight, first_bn_weight=first_bn_weight, ce_weight=ce_weight, tv_weight=tv_weight,
+                    l2_weight=l2_weight, jitter=jitter, flip=flip, crop_scale=crop_scale,
+                    competition_weight=competition_weight)
+        generator = image_generator(method, teacher, loss, iterations, lr, competitor, seed, method_options)
     manifest = run_generate(teacher, generator, num_images, out, batch_size, seed, accelerator, build_selection(selection))
     if accelerator.is_main_process:
         click.echo(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
         echo_report(manifest)
+
+
+def image_generator(method: str, teacher, loss: dict, iterations: int, lr: float, competitor, seed: int, options: dict):
+    """The generator of ``--method`` with the shared inversion-loss settings."""
+    if method == "fast":
+        from .fast import fast_generator
+
+        return fast_generator(teacher, loss, competitor, seed, options)
+    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+
+    return ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=lr, **loss), competitor)
 
 
 @main.command()
@@ -106,17 +130,33 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
 @mixed_precision_option
+@synthesis_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
 def distill(model_spec, weights, input_shape, mean, std, student, student_width, data, mode, cuts, epochs, finetune_epochs,
-            batch_size, lr, temperature, mixup, flip, seed, eval_dataset, mixed_precision, out):
+            batch_size, lr, temperature, mixup, flip, seed, eval_dataset, mixed_precision, out, synthesize, inputs,
+            **synthesis):
     """Distill a student from the teacher on a synthetic set."""
     from synthkd.pipelines.distill import build_student, distill_student
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     student_model = build_student(student, teacher, student_width, seed)
     accelerator = make_accelerator(mixed_precision)
-    _, metrics = distill_student(teacher, student_model, data, out, mode, epochs, batch_size, lr, temperature, mixup, flip,
-                                 seed, cuts, finetune_epochs, eval_dataset=eval_dataset, accelerator=accelerator)
+    if synthesize != "none" and mode != "e2e":
+        raise SynthkdError("--synthesize trains end to end; use --mode e2e with it")
+    if inputs == "activations" and mode != "neighbourhood":
+        raise SynthkdError("--inputs activations feeds each neighbourhood its own inputs; use --mode neighbourhood")
+    if synthesize == "fast":
+        from synthkd.training import TrainConfig
+
+        from .fast import run_interleaved
+
+        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
+        _, metrics = run_interleaved(teacher, student_model, data, out, train, temperature, flip, mixup, seed,
+                                     eval_dataset, accelerator, synthesis)
+    else:
+        _, metrics = distill_student(teacher, student_model, data, out, mode, epochs, batch_size, lr, temperature, mixup,
+                                     flip, seed, cuts, finetune_epochs, eval_dataset=eval_dataset, accelerator=accelerator,
+                                     inputs=inputs)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "

@@ -628,6 +628,18 @@ class SyntheticDataset(torch.utils.data.Dataset):
         return self.images[i], self.logits[i], int(self.targets[i])
 
 
+def load_written_shards(path: str | os.PathLike, loaded: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
+    """The shards of a set that is still being made (read between generation rounds, when
+    no write is in flight), added to ``loaded`` (name -> tensors) so each file is read once."""
+    for shard in sorted(Path(path).glob("shard-*.safetensors")):
+        if _shard_id(shard.name) is not None and shard.name not in loaded:
+            try:
+                loaded[shard.name] = _load_shard(shard)
+            except Exception as error:  # safetensors raises several types for a damaged file
+                raise SynthkdError(f"shard {shard} is corrupt ({error}); delete it and rerun to regenerate it") from error
+    return loaded
+
+
 def is_synthetic_dir(path: str | os.PathLike) -> bool:
     """Whether ``path`` is a finished synthetic set, so callers can tell it from a real data set."""
     manifest_path = Path(path) / MANIFEST_NAME

@@ -1,0 +1,227 @@
+"""Fast synthesis (Fast-DFKD): a small generator network makes each batch in a few steps.
+
+Plain inversion optimises every batch of pixels from noise for ~100 steps. Here a batch is
+``generator(latents)``: a small conv network from per-batch latents to [0,1] images. Each
+batch starts from shared *meta* weights, takes ``steps_per_batch`` Adam steps on the
+generator's weights and its own latents under the inversion objective (reused from
+:mod:`.inversion`), and then the meta weights move a fraction ``meta_lr`` of the way towards the
+adapted ones (Reptile, a first-order meta-learning step). After a few batches the meta weights
+sit where every new batch converges quickly. The BatchNorm statistics a batch must match are
+blended with those of past batches (``bn_momentum``), so a batch made in few steps need not
+match them alone.
+
+The meta weights and the statistics history are state carried from batch to batch; they are
+saved atomically in the output directory (``generator-state.safetensors``) after every shard
+round, so a resumed run continues with them. Under torch.distributed each rank makes its own
+batches; the BatchNorm statistics are all-reduced at every step, and the Reptile update is
+averaged over the ranks with an all-reduce, so the meta weights stay identical on every rank.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from synthkd.errors import SynthkdError
+from synthkd.io import atomic_write
+from synthkd.models import Classifier
+
+from .base import SyntheticImageGenerator
+from .inversion import InversionLoss, InversionLossConfig
+
+STATE_NAME = "generator-state.safetensors"
+
+
+@dataclass
+class FastConfig(InversionLossConfig):
+    steps_per_batch: int = 5
+    lr: float = 0.005  # Adam on the generator's weights within a batch
+    latent_lr: float = 0.015  # Adam on the batch's latents
+    meta_lr: float = 0.5  # Reptile: fraction of the way from the meta weights to the adapted ones
+    bn_momentum: float = 0.9  # weight of past batches in the statistics a batch must match
+    warmup_batches: int = 10  # meta-learning batches before the first shard (images discarded)
+    latent_dim: int = 128
+    channels: int = 16  # width of the generator's last conv layer (the others have twice as many)
+
+    def check(self) -> None:
+        """Refuse settings that cannot work, naming the option to change."""
+        problems = []
+        if self.steps_per_batch < 1:
+            problems.append("--steps-per-batch must be at least 1")
+        if not 0.0 < self.meta_lr <= 1.0:
+            problems.append("--meta-lr must be in (0, 1] (the fraction of the way to the adapted weights)")
+        if not 0.0 <= self.bn_momentum < 1.0:
+            problems.append("--bn-momentum must be in [0, 1)")
+        if self.warmup_batches < 0:
+            problems.append("--warmup-batches must not be negative")
+        if self.lr <= 0 or self.latent_lr <= 0:
+            problems.append("--lr and --latent-lr must be positive")
+        if self.latent_dim < 1 or self.channels < 1:
+            problems.append("--latent-dim and --generator-channels must be positive")
+        if problems:
+            raise SynthkdError("; ".join(problems))
+
+
+class ImageGenerator(nn.Module):
+    """Latent vector -> [0,1] image of a given (C, H, W): a linear projection to a quarter of
+    the size, two upsample-conv stages and a sigmoid (the generator of CMI / Fast-DFKD)."""
+
+    def __init__(self, latent_dim: int, shape: tuple[int, int, int], channels: int = 16):
+        super().__init__()
+        out_channels, height, width = shape
+        self.start = (math.ceil(height / 4), math.ceil(width / 4))
+        wide = 2 * channels
+        self.project = nn.Linear(latent_dim, wide * self.start[0] * self.start[1])
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(wide),
+            nn.Upsample(scale_factor=2, mode="nearest"),
+            nn.Conv2d(wide, wide, 3, padding=1, bias=False),
+            nn.BatchNorm2d(wide),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Upsample(size=(height, width), mode="nearest"),
+            nn.Conv2d(wide, channels, 3, padding=1, bias=False),
+            nn.BatchNorm2d(channels),
+            nn.LeakyReLU(0.2, inplace=True),
+            nn.Conv2d(channels, out_channels, 3, padding=1),
+            nn.Sigmoid(),
+        )
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.body(self.project(latents).view(len(latents), -1, *self.start))
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+class FastGenerator(SyntheticImageGenerator):
+    method = "fast"
+
+    def __init__(self, teacher: Classifier, config: FastConfig | None = None, student: Classifier | None = None,
+                 seed: int = 0):
+        self.settings = config or FastConfig()
+        self.settings.check()
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.objective = InversionLoss(teacher, self.settings, student, bn_momentum=self.settings.bn_momentum)
+        self.shape = teacher.input_format.shape
+        torch.manual_seed(seed)  # the meta weights: the same on every rank
+        self.meta = ImageGenerator(self.settings.latent_dim, self.shape, self.settings.channels)
+        self.seed = seed
+        self.batches = 0  # batches the meta weights have learned from (warm-up included)
+
+    def config(self) -> dict[str, Any]:
+        return asdict(self.settings)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.teacher.parameters()).device
+
+    def generate(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
+        self.meta.to(self.device)
+        if self.batches == 0:
+            rank = dist.get_rank() if _distributed() else 0
+            for index in range(self.settings.warmup_batches):
+                self.make_batch(targets, seed=-(self.seed * 1_000_003 + index * 101 + rank + 1) % 2**62)
+        return self.make_batch(targets, seed)
+
+    def make_batch(self, targets: torch.Tensor, seed: int, steps: int | None = None, meta_step: bool = True) -> torch.Tensor:
+        """Adapt a copy of the meta weights and fresh latents to ``targets`` for ``steps``
+        (default ``steps_per_batch``) steps; returns the lowest-loss images and keeps the loss of
+        every step in ``losses``; then (``meta_step``) moves the meta weights towards the
+        adapted ones and blends the statistics history."""
+        cfg = self.settings
+        device = self.device
+        generator = torch.Generator(device="cpu").manual_seed(seed)
+        torch.manual_seed(seed)  # kornia draws its augmentation parameters from the global RNG
+        targets = targets.to(device)
+        adapted = copy.deepcopy(self.meta).train()
+        latents = torch.randn(len(targets), cfg.latent_dim, generator=generator).to(device).requires_grad_(True)
+        optimizer = torch.optim.Adam(
+            [{"params": adapted.parameters()}, {"params": [latents], "lr": cfg.latent_lr}], lr=cfg.lr, betas=(0.5, 0.999)
+        )
+        best_loss, best_images = math.inf, torch.zeros(0, *self.shape, device=device)
+        self.losses: list[float] = []
+        with self.objective.hooked() as objective:
+            for _ in range(steps or cfg.steps_per_batch):
+                # A rank with no shard left still joins every all-reduce, with no rows.
+                images = adapted(latents) if len(targets) else torch.zeros(0, *self.shape, device=device, requires_grad=True)
+                loss = objective(images, targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                self.losses.append(loss.item())
+                if loss.item() < best_loss:
+                    best_loss, best_images = loss.item(), images.detach()
+            if meta_step:
+                objective.end_batch()
+        if meta_step:
+            self.reptile(adapted if len(targets) else None)
+        return best_images.clamp(0, 1).contiguous()
+
+    @torch.no_grad()
+    def reptile(self, adapted: nn.Module | None) -> None:
+        """meta += meta_lr * mean over ranks of (adapted - meta); ranks without a batch add nothing."""
+        meta_parameters = list(self.meta.parameters())
+        if adapted is not None:
+            deltas = [a - m for a, m in zip(adapted.parameters(), meta_parameters)]
+        else:
+            deltas = [torch.zeros_like(m) for m in meta_parameters]
+        contributors = torch.ones(1, device=self.device) if adapted is not None else torch.zeros(1, device=self.device)
+        flat = torch.cat([d.flatten() for d in deltas] + [contributors])
+        if _distributed():
+            dist.all_reduce(flat)
+        count = float(flat[-1])
+        if count > 0:
+            offset = 0
+            for parameter in meta_parameters:
+                size = parameter.numel()
+                parameter.add_(flat[offset : offset + size].view_as(parameter), alpha=self.settings.meta_lr / count)
+                offset += size
+        self.batches += 1
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        tensors = {f"meta.{name}": value.detach().cpu().contiguous() for name, value in self.meta.state_dict().items()}
+        for index, stats in enumerate(self.objective.history or []):
+            tensors[f"bn_history.{index}"] = stats.detach().cpu().contiguous()
+        return tensors
+
+    def save_state(self, directory: Path) -> None:
+        tensors = self.state_tensors()
+        metadata = {"batches": str(self.batches), "config": json.dumps(self.config(), sort_keys=True), "seed": str(self.seed)}
+        atomic_write(Path(directory) / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+
+    def load_state(self, directory: Path) -> None:
+        path = Path(directory) / STATE_NAME
+        if not path.is_file():
+            return
+        fix = f"delete {path} to restart the generator's meta-learning (the shards already made are kept)"
+        try:
+            with safe_open(str(path), framework="pt") as state:
+                metadata = state.metadata() or {}
+                tensors = {key: state.get_tensor(key) for key in state.keys()}
+        except Exception as error:  # safetensors raises several types for a damaged file
+            raise SynthkdError(f"{path} is unreadable ({error}); {fix}") from error
+        if metadata.get("config") != json.dumps(self.config(), sort_keys=True) or metadata.get("seed") != str(self.seed):
+            raise SynthkdError(f"{path} was written by a fast generator with other settings; {fix}")
+        meta = {key[len("meta."):]: value for key, value in tensors.items() if key.startswith("meta.")}
+        try:
+            self.meta.load_state_dict(meta)
+        except RuntimeError as error:
+            raise SynthkdError(f"{path} does not fit this generator ({error}); {fix}") from error
+        history = [tensors[f"bn_history.{i}"] for i in range(sum(k.startswith("bn_history.") for k in tensors))]
+        self.objective.history = [h.to(self.device) for h in history] or None
+        fresh, self.batches = self.batches == 0, int(metadata.get("batches", 0))
+        self.meta.to(self.device)
+        if fresh and self.batches and (not _distributed() or dist.get_rank() == 0):
+            print(f"synthkd: resuming the fast generator after {self.batches} batches from {path}", file=sys.stderr)

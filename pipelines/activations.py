@@ -1,0 +1,40 @@
+"""Stage: make a per-neighbourhood activation set (no images) into the resumable format of
+:mod:`synthkd.data.activations`; ranks share the (neighbourhood, shard) jobs round-robin."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from accelerate import Accelerator
+from tqdm.auto import tqdm
+
+from synthkd.accelerator import make_accelerator
+from synthkd.data.activations import ActivationWriter
+from synthkd.generators.activations import ActivationConfig, ActivationSynthesizer
+from synthkd.models import Classifier
+
+from .generate import shard_seed, teacher_record
+
+
+def generate_activations(
+    teacher: Classifier,
+    config: ActivationConfig,
+    num_inputs: int,
+    out: str | os.PathLike,
+    batch_size: int = 256,
+    seed: int = 0,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """``num_inputs`` input activations for every neighbourhood of ``teacher``; returns the manifest."""
+    accelerator = accelerator or make_accelerator()
+    teacher.to(accelerator.device)
+    synthesizer = ActivationSynthesizer(teacher, config)
+    record = {"method": synthesizer.method, "config": {**synthesizer.config(), "seed": seed},
+              "teacher": teacher_record(teacher), "names": synthesizer.names}
+    writer = ActivationWriter(out, record, synthesizer.input_shapes, num_inputs, batch_size, accelerator)
+    jobs = writer.pending()
+    for k, shard in tqdm(jobs, desc="generate (activations)", disable=not accelerator.is_local_main_process):
+        inputs = synthesizer.synthesize(k, writer.shard_count(shard), shard_seed(seed, k * writer.num_shards + shard))
+        writer.write(k, shard, inputs)
+    return writer.finalize()

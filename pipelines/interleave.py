@@ -1,0 +1,117 @@
+"""Stage: make synthetic data while the student trains on it (Fast-DFKD style).
+
+Each epoch first makes ``batches_per_round`` new shards per rank into the synthetic-set
+directory (the student being trained is the generator's competitor), then trains one epoch of
+end-to-end KD on every shard made so far. The set is written in the ordinary resumable shard
+format, so a stopped run resumes (shards, generator state and the student's checkpoint are all
+on disk) and the finished set can be reused by ``synthkd distill --data``.
+
+An epoch always has ``num_images / batch_size`` steps, whatever has been made so far: indices
+wrap around the images that exist, so the learning-rate schedule and the checkpointing of
+:func:`synthkd.training.fit` apply unchanged.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+
+from synthkd.accelerator import make_accelerator
+from synthkd.data import load_dataset
+from synthkd.data.shards import load_written_shards
+from synthkd.errors import SynthkdError
+from synthkd.generators.base import SyntheticImageGenerator
+from synthkd.models import Classifier
+from synthkd.training import TrainConfig, fit
+
+from .distill import KDObjective, finish
+from .generate import generate
+
+
+class GrowingSyntheticSet(Dataset):
+    """The shards of a set being made, seen as ``length`` items (indices wrap around what exists)."""
+
+    def __init__(self, directory: str | os.PathLike, length: int):
+        self.directory = Path(directory)
+        self.length = length
+        self.shards: dict[str, dict[str, torch.Tensor]] = {}
+        self.images = torch.zeros(0)
+        self.logits = torch.zeros(0)
+
+    def refresh(self) -> int:
+        """Read the shards written since the last call; returns how many images exist."""
+        load_written_shards(self.directory, self.shards)
+        names = sorted(self.shards)
+        if not names:
+            raise SynthkdError(f"{self.directory} holds no shard after a generation round; rerun to resume it")
+        self.images = torch.cat([self.shards[n]["images"] for n in names])
+        self.logits = torch.cat([self.shards[n]["logits"] for n in names])
+        return len(self.images)
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        index = index % len(self.images)
+        return self.images[index], self.logits[index]
+
+
+def distill_interleaved(
+    teacher: Classifier,
+    student: Classifier,
+    generator: SyntheticImageGenerator,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    num_images: int,
+    shard_size: int = 256,
+    batches_per_round: int = 2,
+    train: TrainConfig | None = None,
+    temperature: float = 4.0,
+    flip: bool = True,
+    mixup: float = 1.0,
+    seed: int = 0,
+    eval_dataset: str | None = None,
+    accelerator: Accelerator | None = None,
+) -> tuple[Classifier, dict[str, Any]]:
+    """Alternate "make ``batches_per_round`` shards into ``data``" and "one KD epoch on all
+    shards so far" for ``train.epochs`` epochs (generation stops once ``num_images`` exist);
+    save the student to ``out`` with ``metrics.json``."""
+    if num_images < 1 or shard_size < 1 or batches_per_round < 1:
+        raise SynthkdError("--num-images, --gen-batch-size and --batches-per-round must be positive")
+    accelerator = accelerator or make_accelerator()
+    train = train or TrainConfig(epochs=30, lr=0.05)
+    evaluation = load_dataset(eval_dataset) if eval_dataset else None
+    teacher.to(accelerator.device)
+    student.to(accelerator.device)
+    objective = KDObjective(teacher, temperature, flip, mixup).to(accelerator.device)
+    growing = GrowingSyntheticSet(data, num_images)
+    seconds = {"generate": 0.0}
+    made: list[int] = []
+
+    def make_more(epoch: int) -> None:
+        started = time.perf_counter()
+        generate(teacher, generator, num_images, data, shard_size, seed, accelerator, max_rounds=batches_per_round)
+        seconds["generate"] += time.perf_counter() - started
+        made.append(growing.refresh())
+
+    started = time.perf_counter()
+    history = fit(student, growing, objective, train, accelerator, evaluation, description="distill (interleaved)",
+                  checkpoint_dir=out, on_epoch_start=make_more)
+    for record, count in zip(history[len(history) - len(made):], made):
+        record["synthetic_images"] = count
+    metrics: dict[str, Any] = {
+        "mode": "e2e", "synthesize": generator.method, "data": str(data), "num_images": num_images,
+        "generator": generator.config(), "batches_per_round": batches_per_round, "train": asdict(train),
+        "temperature": temperature, "mixup": mixup, "history": history,
+        "generate_seconds": seconds["generate"], "total_seconds": time.perf_counter() - started,
+        "num_processes": accelerator.num_processes,
+    }
+    metrics["distill_seconds"] = metrics["total_seconds"] - metrics["generate_seconds"]
+    return finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)

@@ -1,0 +1,260 @@
+"""Fast synthesis on the tiny digits teacher: the meta-learned generator, its saved state, the
+interleaved distillation (killed and resumed), per-neighbourhood activations, and the errors."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from synthkd.cli import main
+from synthkd.data.activations import ActivationDataset
+from synthkd.data.shards import SyntheticDataset, shard_name
+from synthkd.errors import SynthkdError
+from synthkd.generators.activations import ActivationConfig, ActivationSynthesizer
+from synthkd.generators.fast import STATE_NAME, FastConfig, FastGenerator
+from synthkd.losses import BatchNormStatisticsLoss
+from synthkd.models import Classifier
+from synthkd.neighbourhood_training import NeighbourhoodConfig
+from synthkd.pipelines.activations import generate_activations
+from synthkd.pipelines.distill import build_student, distill_neighbourhood
+from synthkd.pipelines.generate import generate
+from synthkd.training import TrainConfig
+
+from conftest import REPO, subprocess_env
+from test_cli import error_line, invoke
+from test_multiprocess import launcher
+
+# 8x8 digits: no sub-pixel jitter/crop and no flips (they change a digit's class).
+NO_VIEWS = dict(flip=False, jitter=0.0, crop_scale=1.0)
+
+
+def first_step_below(losses: list[float], level: float) -> int | None:
+    """Number of steps after which the loss first is at or below ``level``."""
+    return next((step + 1 for step, loss in enumerate(losses) if loss <= level), None)
+
+
+def test_meta_initialisation_reduces_the_steps_a_new_batch_needs(teacher):
+    # Momentum off, so both generators are judged against the same statistics.
+    config = FastConfig(steps_per_batch=5, warmup_batches=0, bn_momentum=0.0, **NO_VIEWS)
+    targets = torch.arange(32) % 10
+    meta = FastGenerator(teacher, config, seed=0)
+    for batch in range(15):
+        meta.generate(targets, seed=100 + batch)
+    assert meta.batches == 15
+    fresh = FastGenerator(teacher, config, seed=0)  # the same random start the meta weights had
+    meta.make_batch(targets, seed=999, steps=40, meta_step=False)
+    fresh.make_batch(targets, seed=999, steps=40, meta_step=False)
+    level = meta.losses[4]  # where the meta-learned start is after its 5 steps
+    steps = first_step_below(fresh.losses, level)
+    assert fresh.losses[0] > 3 * meta.losses[0]
+    assert steps is None or steps >= 10, (meta.losses, fresh.losses)  # at least twice the steps
+    # Learning changed only the meta weights, not the probe: a probe makes no meta step.
+    assert fresh.batches == 0 and meta.batches == 15
+
+
+def test_fast_generation_saves_and_resumes_its_state(teacher, tmp_path, accelerator):
+    config = FastConfig(steps_per_batch=2, warmup_batches=2, **NO_VIEWS)
+    generator = FastGenerator(teacher, config, seed=3)
+    manifest = generate(teacher, generator, 40, tmp_path / "set", batch_size=16, seed=3, accelerator=accelerator)
+    assert manifest["method"] == "fast" and manifest["config"]["steps_per_batch"] == 2
+    data = SyntheticDataset(tmp_path / "set")
+    assert data.images.shape == (40, 1, 8, 8) and 0 <= float(data.images.min()) and float(data.images.max()) <= 1
+    assert generator.batches == 2 + 3  # warm-up plus one per shard
+    state = load_file(str(tmp_path / "set" / STATE_NAME))
+    assert torch.equal(state["meta.project.weight"], generator.meta.project.weight.detach())
+    assert all(f"bn_history.{i}" in state for i in range(len(generator.objective.history)))
+
+    resumed = FastGenerator(teacher, config, seed=3)
+    resumed.load_state(tmp_path / "set")
+    assert resumed.batches == 5
+    for a, b in zip(resumed.meta.state_dict().values(), generator.meta.state_dict().values()):
+        assert torch.equal(a, b)
+    assert all(torch.equal(a, b) for a, b in zip(resumed.objective.history, generator.objective.history))
+    # A resumed generator skips the warm-up: one more batch is one more meta step.
+    resumed.generate(torch.arange(4), seed=11)
+    assert resumed.batches == 6
+
+    with pytest.raises(SynthkdError, match="other settings"):
+        FastGenerator(teacher, FastConfig(steps_per_batch=3, warmup_batches=2, **NO_VIEWS), seed=3).load_state(tmp_path / "set")
+    (tmp_path / "set" / STATE_NAME).write_bytes(b"not safetensors")
+    with pytest.raises(SynthkdError, match="unreadable"):
+        FastGenerator(teacher, config, seed=3).load_state(tmp_path / "set")
+
+
+def test_bad_fast_settings_are_refused(teacher):
+    with pytest.raises(SynthkdError, match="--meta-lr"):
+        FastGenerator(teacher, FastConfig(meta_lr=1.5))
+    with pytest.raises(SynthkdError, match="--steps-per-batch"):
+        FastGenerator(teacher, FastConfig(steps_per_batch=0))
+    with pytest.raises(SynthkdError, match="needs a student"):
+        FastGenerator(teacher, FastConfig(competition_weight=1.0))
+
+
+def bn_loss(module, inputs: torch.Tensor) -> float:
+    statistics = BatchNormStatisticsLoss(module, first_layer_weight=1.0, distributed=False)
+    try:
+        with torch.no_grad():
+            module(inputs.clone())
+        return statistics.loss().item()
+    finally:
+        statistics.remove()
+
+
+def test_activations_respect_the_batchnorm_statistics_they_were_fitted_to(teacher):
+    synthesizer = ActivationSynthesizer(teacher, ActivationConfig(iterations=60, lr=0.1))
+    assert synthesizer.names[-1] == "head" and len(synthesizer.names) == len(synthesizer.cuts) + 1
+    for k in (0, 2):
+        inputs = synthesizer.synthesize(k, 64, seed=k)
+        assert inputs.shape == (64, *synthesizer.input_shapes[k])
+        piece = synthesizer.pieces[k]
+        lower, upper = synthesizer.bounds[k]
+        random = torch.randn(64, *synthesizer.input_shapes[k], generator=torch.Generator().manual_seed(k))
+        random = synthesizer._clamp(random, lower, upper)
+        assert bn_loss(piece, inputs) < 0.3 * bn_loss(piece, random), k
+        # Per channel, the first BatchNorm's input has nearly its running mean and variance.
+        layer = next(m for m in piece.modules() if isinstance(m, torch.nn.BatchNorm2d))
+        seen = {}
+        handle = layer.register_forward_pre_hook(lambda m, x: seen.setdefault("x", x[0].detach()))
+        with torch.no_grad():
+            piece(inputs.clone())
+        handle.remove()
+        mean, var = seen["x"].mean((0, 2, 3)), seen["x"].var((0, 2, 3), unbiased=False)
+        scale = layer.running_var.sqrt().mean()
+        assert (mean - layer.running_mean).abs().mean() < 0.3 * scale
+        assert ((var - layer.running_var).abs() / layer.running_var).mean() < 0.5
+    # Inputs after a ReLU are non-negative; the first neighbourhood's lie in the pixel range.
+    after_relu = synthesizer.synthesize(1, 16, seed=5)
+    assert synthesizer.bounds[1][0] is not None and float(after_relu.min()) >= 0
+    fmt = teacher.input_format
+    pixels = synthesizer.synthesize(0, 16, seed=6) * torch.tensor(fmt.std).view(-1, 1, 1) + torch.tensor(fmt.mean).view(-1, 1, 1)
+    assert float(pixels.min()) >= -1e-5 and float(pixels.max()) <= 1 + 1e-5
+    # The head has no BatchNorm: its inputs are the teacher's previous neighbourhood's outputs.
+    assert synthesizer.sources[-1] == len(synthesizer.names) - 2
+
+
+def test_activation_set_resumes_and_trains_neighbourhoods_without_images(teacher, teacher_dir, tmp_path, accelerator):
+    out = tmp_path / "activations"
+    config = ActivationConfig(iterations=10)
+    manifest = generate_activations(teacher, config, 48, out, batch_size=32, seed=0, accelerator=accelerator)
+    assert len(manifest["neighbourhoods"]) == len(manifest["names"])
+    files = sorted(p.relative_to(out) for p in out.rglob("shard-*.safetensors"))
+    assert len(files) == 2 * len(manifest["names"])  # shards of 32 and 16 per neighbourhood
+    inodes = {f: (out / f).stat().st_ino for f in files}
+    (out / files[3]).unlink()
+    (out / "manifest.json").unlink()
+    again = generate_activations(teacher, config, 48, out, batch_size=32, seed=0, accelerator=accelerator)
+    assert again["neighbourhoods"] == manifest["neighbourhoods"]  # remade identically (per-shard seeds)
+    assert all((out / f).stat().st_ino == inodes[f] for f in files if f != files[3])
+    with pytest.raises(SynthkdError, match="other settings"):
+        generate_activations(teacher, ActivationConfig(iterations=11), 48, out, batch_size=32, accelerator=accelerator)
+
+    dataset = ActivationDataset(out)
+    assert len(dataset) == 48 and len(dataset[0]) == len(manifest["names"])
+    student = build_student("resnet8", teacher, 0.5, seed=0)
+    config = NeighbourhoodConfig(epochs=2, batch_size=16, holdout=8)
+    _, metrics = distill_neighbourhood(teacher, student, out, tmp_path / "student", config, None, "digits:test[:100]",
+                                       accelerator, inputs="activations")
+    assert metrics["inputs"] == "activations" and set(metrics["neighbourhoods"]) == set(manifest["names"])
+    assert all(record["relative_mse"] < 1.0 for record in metrics["neighbourhoods"].values()), metrics["neighbourhoods"]
+    assert (tmp_path / "student" / "model.safetensors").is_file()
+
+    with pytest.raises(SynthkdError, match="needs images"):
+        distill_neighbourhood(teacher, build_student("resnet8", teacher, 0.5), out, tmp_path / "s2", config,
+                              TrainConfig(epochs=1), accelerator=accelerator, inputs="activations")
+    with pytest.raises(SynthkdError, match="cuts"):
+        distill_neighbourhood(teacher, build_student("resnet8", teacher, 0.5), out, tmp_path / "s3",
+                              NeighbourhoodConfig(cuts="stages", epochs=1), accelerator=accelerator, inputs="activations")
+
+
+def interleaved_command(teacher_dir, data, out, epochs: int) -> list[str]:
+    return [
+        sys.executable, "-m", "synthkd", "distill", "--teacher", str(teacher_dir), "--student", "resnet8",
+        "--data", str(data), "--synthesize", "fast", "--num-images", "96", "--gen-batch-size", "16",
+        "--batches-per-round", "2", "--steps-per-batch", "2", "--warmup-batches", "1", "--epochs", str(epochs),
+        "--batch-size", "16", "--no-flip", "--out", str(out),
+    ]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
+def test_interleaved_distillation_resumes_after_sigkill(teacher_dir, tmp_path):
+    data, out = tmp_path / "data", tmp_path / "student"
+    command = interleaved_command(teacher_dir, data, out, epochs=6)
+    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "training_state.pt").exists():  # written after the first epoch
+            if process.poll() is not None:
+                pytest.fail(f"distill exited ({process.returncode}) early: {process.stderr.read()[-3000:]}")
+            if time.monotonic() > deadline:
+                pytest.fail("no epoch finished within 180 s")
+            time.sleep(0.01)
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        process.stderr.close()
+    before = {p.name: p.stat().st_ino for p in data.glob("shard-*.safetensors")}
+    assert 2 <= len(before) < 6 and not (data / "manifest.json").exists()
+    assert (data / STATE_NAME).is_file()
+
+    rerun = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert "resuming after epoch" in rerun.stdout + rerun.stderr
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in metrics["history"]] == list(range(1, 7))
+    # The set was finished along the way, every shard once; shards made before the kill kept.
+    manifest = json.loads((data / "manifest.json").read_text())
+    assert [s["file"] for s in manifest["shards"]] == [shard_name(i) for i in range(6)]
+    for name, inode in before.items():
+        assert (data / name).stat().st_ino == inode, name
+    assert len(SyntheticDataset(data)) == 96  # reusable by `synthkd distill --data`
+    assert metrics["synthesize"] == "fast" and metrics["history"][-1]["synthetic_images"] == 96
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
+def test_two_ranks_make_one_fast_set(teacher_dir, tmp_path):
+    out = tmp_path / "set"
+    cmd = [
+        *launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        "--dynamo_backend", "no", "--main_process_port", str(__import__("conftest").free_port()),
+        "-m", "synthkd", "generate", "--teacher", str(teacher_dir), "--method", "fast", "--num-images", "48",
+        "--batch-size", "16", "--steps-per-batch", "2", "--warmup-batches", "1", "--out", str(out),
+    ]
+    if cmd[0] != __import__("shutil").which("accelerate"):
+        cmd.remove("launch")
+    done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    # Three shards over two ranks: rank 1 passes an empty batch in the second round and still
+    # joins every all-reduce (the run would hang otherwise).
+    assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0]
+    assert len(SyntheticDataset(out)) == 48
+    # Warm-up batch + two rounds, each a Reptile step averaged over the ranks.
+    state = FastGenerator(Classifier.from_pretrained(teacher_dir), FastConfig(steps_per_batch=2, warmup_batches=1))
+    state.load_state(out)
+    assert state.batches == 3
+
+
+def test_cli_refuses_bad_fast_synthesis_input(teacher_dir, synthetic_dir, tmp_path):
+    common = ["--teacher", teacher_dir, "--out", tmp_path / "x"]
+    line = error_line(invoke("generate", *common, "--method", "fast", "--num-images", "8", "--meta-lr", "2"))
+    assert "--meta-lr" in line
+    line = error_line(invoke("distill", *common, "--data", tmp_path / "d", "--synthesize", "fast", "--mode", "neighbourhood"))
+    assert "--mode e2e" in line
+    line = error_line(invoke("distill", *common, "--data", synthetic_dir, "--inputs", "activations"))
+    assert "--mode neighbourhood" in line
+    line = error_line(invoke("distill", *common, "--data", synthetic_dir, "--mode", "neighbourhood", "--inputs", "activations"))
+    assert "not a synthkd activation-set manifest" in line
+    line = error_line(invoke("generate", *common, "--method", "activations", "--num-images", "8", "--cuts", "nope"))
+    assert "nope" in line
