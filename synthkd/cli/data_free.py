@@ -1,4 +1,4 @@
-"""Commands of the data-free slice: train a teacher, generate, distill, evaluate, demo."""
+"""Commands of the data-free slice: train a teacher, generate, distill, demo."""
 
 from __future__ import annotations
 
@@ -162,29 +162,6 @@ def distill(model_spec, weights, input_shape, mean, std, student, student_width,
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
             f"gap {metrics['gap'] * 100:.2f} points on {eval_dataset}"
         )
-
-
-@main.command()
-@model_options("model", "--weights")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test.")
-@click.option("--batch-size", type=int, default=512, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
-def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json):
-    """Accuracy of a model on a dataset, overall and per class."""
-    from synthkd.data import load_dataset
-    from synthkd.evaluation import evaluate as run_evaluate
-
-    model = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator()
-    report = run_evaluate(model, load_dataset(dataset), accelerator, batch_size)
-    if not accelerator.is_main_process:
-        return
-    if as_json:
-        click.echo(json.dumps({"dataset": dataset, **report}))
-        return
-    click.echo(f"accuracy {report['accuracy']:.4f} on {report['num_images']} images of {dataset}")
-    for name, value in report["per_class"].items():
-        click.echo(f"  {name:>14}  {value:.4f}")
 
 
 @main.command()

@@ -1,8 +1,10 @@
 """Real image datasets named by spec strings; every one yields (image in [0,1], label).
 
 Specs: ``fashion-mnist:train``, ``fashion-mnist:/root:test``, ``digits:test``,
-``cifar10:/path/to/cifar-10-batches-py:train``, ``folder:/path`` (one sub-folder per class),
-``noise:gaussian[:N]`` / ``noise:uniform[:N]``. Any spec may end in a slice, ``digits:train[:200]``.
+``cifar10:/path/to/cifar-10-batches-py:train``, ``folder:/path`` (one sub-folder per class, or a flat folder of unlabelled images),
+``noise:gaussian[:N]`` / ``noise:uniform[:N]``. Any spec may end in a slice, ``digits:train[:200]``,
+and then in image transforms after ``|``, applied in order: ``fashion-mnist:test[:1000]|vflip|invert``
+(``hflip``, ``vflip``, ``invert``, ``rot90``), which make shifted or out-of-distribution sets.
 """
 
 from __future__ import annotations
@@ -68,6 +70,35 @@ class ImageDataset(Dataset):
         return images.mean((0, 2, 3)).tolist(), images.std((0, 2, 3)).tolist()
 
 
+IMAGE_TRANSFORMS = {
+    "hflip": lambda image: image.flip(-1),
+    "vflip": lambda image: image.flip(-2),
+    "invert": lambda image: 1.0 - image,
+    "rot90": lambda image: image.rot90(1, (-2, -1)),
+}
+
+
+class TransformedDataset(Dataset):
+    """A dataset whose [0,1] images pass through named transforms (labels and other fields kept)."""
+
+    def __init__(self, dataset: Dataset, transforms: list[str]):
+        unknown = [t for t in transforms if t not in IMAGE_TRANSFORMS]
+        if unknown:
+            raise SynthkdError(f"unknown image transform {unknown[0]!r}; use one of {', '.join(IMAGE_TRANSFORMS)} after '|'")
+        self.dataset = dataset
+        self.transforms = list(transforms)
+        self.class_names = list(getattr(dataset, "class_names", []))
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, *rest = self.dataset[index]
+        for name in self.transforms:
+            image = IMAGE_TRANSFORMS[name](image)
+        return (image, *rest)
+
+
 class NoiseDataset(Dataset):
     """Gaussian or uniform noise images: the simplest out-of-distribution set."""
 
@@ -109,6 +140,7 @@ def _parse(spec: str) -> _Spec:
 
 def load_dataset(spec: str) -> Dataset:
     """Load a dataset by spec string (see the module docstring)."""
+    spec, *transforms = spec.split("|")
     parsed = _parse(spec)
     loaders = {
         "fashion-mnist": _fashion_mnist,
@@ -126,7 +158,7 @@ def load_dataset(spec: str) -> Dataset:
     if parsed.index is not None:
         dataset = dataset.subset(parsed.index) if isinstance(dataset, ImageDataset) else torch.utils.data.Subset(
             dataset, range(len(dataset))[parsed.index])
-    return dataset
+    return TransformedDataset(dataset, transforms) if transforms else dataset
 
 
 def _split_args(args: list[str], kind: str, needs_path: bool) -> tuple[str | None, str]:
@@ -280,8 +312,11 @@ def _folder(args: list[str]) -> ImageDataset:
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     entries = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir())
                if f.suffix.lower() in IMAGE_SUFFIXES]
-    if not classes or not entries:
-        raise SynthkdError(f"no images found under {root}; expected {root}/CLASS_NAME/image.png")
+    if not entries:  # a flat folder of unlabelled images (label -1), e.g. inputs to check with `synthkd detect`
+        classes = []
+        entries = [(f, -1) for f in sorted(root.iterdir()) if f.suffix.lower() in IMAGE_SUFFIXES]
+    if not entries:
+        raise SynthkdError(f"no images found under {root}; expected {root}/CLASS_NAME/image.png or {root}/image.png")
     # Open one file at a time: holding every image open runs out of file descriptors.
     modes, size = [], None
     for f, _ in entries:

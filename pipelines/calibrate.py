@@ -1,0 +1,96 @@
+"""Stage: calibrate a failure detector for a classifier, on synthetic samples or any data set.
+
+The features of the data are split once (seeded): the density model is fitted on one part,
+and the other part (``holdout``) gives the calibration scores behind the conformal p-values.
+No class labels are used; the Mahalanobis and kNN baselines saved beside it are fitted on the
+same features (Mahalanobis on the classifier's predicted labels).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+
+from synthkd.accelerator import make_accelerator
+from synthkd.data import load_dataset
+from synthkd.data.shards import SyntheticDataset, is_synthetic_dir
+from synthkd.detector import DENSITIES, Detector, KNearestNeighbours, Mahalanobis
+from synthkd.detector.conformal import check_alpha
+from synthkd.detector.features import cached_extract, features_cache_dir, resolve_layer
+from synthkd.errors import SynthkdError
+from synthkd.models import Classifier
+
+__all__ = ["Detector", "calibrate", "open_inputs"]
+
+
+def open_inputs(data: str | os.PathLike) -> Dataset:
+    """A synthetic set directory, a plain image folder, or any dataset spec."""
+    path = Path(data)
+    if is_synthetic_dir(path):
+        return SyntheticDataset(path)
+    if path.is_dir():
+        return load_dataset(f"folder:{path}")
+    return load_dataset(str(data))
+
+
+def calibrate(
+    model: Classifier,
+    data: str | Path,
+    out: str | Path,
+    density: str = "gmm",
+    alpha: float = 0.05,
+    layer: str | None = None,
+    components: int | None = None,
+    holdout: float = 0.2,
+    seed: int = 0,
+    accelerator: Accelerator | None = None,
+) -> Detector:
+    """Fit the density of ``model``'s features on ``data``, keep held-out calibration scores, and
+    write the detector directory ``out``. Features are cached under ``out/features`` (or
+    ``$SYNTHKD_FEATURE_CACHE``), so a rerun does not extract them again."""
+    accelerator = accelerator or make_accelerator()
+    check_alpha(alpha)
+    if density not in DENSITIES:
+        raise SynthkdError(f"unknown density {density!r}; use one of {', '.join(DENSITIES)}")
+    if not 0 < holdout < 1:
+        raise SynthkdError(f"holdout is the calibration fraction and must lie in (0, 1), got {holdout}")
+    layer = resolve_layer(model, layer)
+    dataset = open_inputs(data)
+    data_features = cached_extract(model, dataset, accelerator, layer, features_cache_dir(Path(out) / "features"))
+    num_calibration = round(holdout * len(data_features))
+    if num_calibration < 1 or len(data_features) - num_calibration < 2:
+        raise SynthkdError(
+            f"{data} gives {len(data_features)} inputs: too few to fit on {1 - holdout:.0%} and calibrate on "
+            f"{holdout:.0%}; use more data or another --holdout"
+        )
+    order = torch.randperm(len(data_features), generator=torch.Generator().manual_seed(seed))
+    fit_part = data_features.select(order[num_calibration:])
+    calibration_part = data_features.select(order[:num_calibration])
+
+    fit_features = torch.nn.functional.normalize(fit_part.features, dim=1)  # the detector models directions
+    mean, std = fit_features.mean(0), fit_features.std(0)
+    std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant features stay finite
+    device = accelerator.device
+    density_model = DENSITIES[density](components, seed)
+    started = time.perf_counter()
+    density_model.fit_features(((fit_features - mean) / std).to(device))
+    fit_seconds = time.perf_counter() - started
+    baselines = {
+        "mahalanobis": Mahalanobis().fit_features(fit_part.features.to(device), fit_part.predictions.to(device)),
+        "knn": KNearestNeighbours().fit_features(fit_part.features.to(device)),
+    }
+    info = {
+        "data": str(data), "holdout": holdout, "seed": seed, "num_fit": len(fit_part),
+        "num_calibration": len(calibration_part), "feature_dim": int(mean.numel()), "fit_seconds": fit_seconds,
+    }
+    detector = Detector(model, density_model, layer, mean, std, None, alpha, baselines, info, normalize=True)
+    detector.calibration_scores = detector.score_features(calibration_part.features.to(device))
+    if accelerator.is_main_process:
+        detector.save_pretrained(out)
+    accelerator.wait_for_everyone()
+    return detector

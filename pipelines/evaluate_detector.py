@@ -1,0 +1,222 @@
+"""Stage: how well a detector flags the three failure sources, against baselines, in one run.
+
+Failure sources: the classifier's mistakes on the in-distribution set (negatives: the inputs it
+gets right), out-of-distribution sets and adversarial versions (FGSM, PGD) of the
+in-distribution inputs (negatives: the clean in-distribution inputs). Every scorer is computed
+on the same features: the detector, maximum softmax probability, energy, and the Mahalanobis and
+kNN baselines fitted on the detector's own fitting features. Metrics follow
+:mod:`synthkd.detector.metrics` (positives = failures). Writes ``metrics.json`` and PNG plots.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+from accelerate import Accelerator
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+
+from synthkd.accelerator import make_accelerator
+from synthkd.data import load_dataset
+from synthkd.detector import Detector, Features, cached_extract, energy, max_softmax
+from synthkd.detector.attacks import ATTACKS, attack
+from synthkd.detector.conformal import check_alpha
+from synthkd.detector.features import dataset_fingerprint, features_cache_dir
+from synthkd.detector.metrics import detection_metrics, mann_whitney
+from synthkd.detector.plots import plot_roc_curves, plot_score_histograms
+from synthkd.errors import SynthkdError
+from synthkd.io import atomic_write_json
+from synthkd.models import Classifier
+
+MISCLASSIFICATION = "misclassification"
+# Short names for the out-of-distribution sets available everywhere.
+OOD_ALIASES = {
+    "digits": ("digits:test",),
+    "noise": ("noise:gaussian", "noise:uniform"),
+    "flips": ("fashion-mnist:test|vflip",),
+    "inversions": ("fashion-mnist:test|invert",),
+}
+Scorer = Callable[[Features], torch.Tensor]
+
+
+def expand_ood(specs: Sequence[str]) -> list[str]:
+    return list(dict.fromkeys(s for spec in specs for s in OOD_ALIASES.get(spec, (spec,))))
+
+
+def _limited(dataset: Dataset, limit: int | None) -> Dataset:
+    return Subset(dataset, range(min(limit, len(dataset)))) if limit is not None and limit < len(dataset) else dataset
+
+
+def adversarial_set(model: Classifier, dataset: Dataset, name: str, epsilon: float, pgd_steps: int,
+                    accelerator: Accelerator, seed: int = 0, batch_size: int = 256) -> TensorDataset:
+    """Adversarial versions of every image, attacking the true label (the prediction where unknown)."""
+    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    model = model.to(accelerator.device).eval()
+    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    images_out, labels_out = [], []
+    for batch in loader:
+        images, labels = batch[0].to(accelerator.device), torch.as_tensor(batch[-1]).long().to(accelerator.device)
+        with torch.no_grad():
+            predicted = model(images).argmax(1)
+        adversarial = attack(name, model, images, torch.where(labels >= 0, labels, predicted), epsilon, pgd_steps, generator)
+        adversarial, labels = accelerator.gather_for_metrics((adversarial, labels))
+        images_out.append(adversarial.cpu())
+        labels_out.append(labels.cpu())
+    return TensorDataset(torch.cat(images_out), torch.cat(labels_out))
+
+
+def collect_sources(
+    model: Classifier, dataset: str, ood: Sequence[str], attacks: Sequence[str], epsilon: float, pgd_steps: int,
+    layer: str, accelerator: Accelerator, cache_dir: Path | None, limit: int | None = None,
+    attack_limit: int | None = None,
+) -> dict[str, Features]:
+    """Features of the in-distribution set (first key), each out-of-distribution set and each attack
+    on the first ``attack_limit`` in-distribution images, extracted once and cached."""
+    unknown = [name for name in attacks if name not in ATTACKS]
+    if unknown:
+        raise SynthkdError(f"unknown attack {unknown[0]!r}; use one of {', '.join(ATTACKS)}")
+    in_data = _limited(load_dataset(dataset), limit)
+    sources = {dataset: cached_extract(model, in_data, accelerator, layer, cache_dir)}
+    for spec in expand_ood(ood):
+        if spec in sources:
+            raise SynthkdError(f"{spec} is the in-distribution set; give other sets with --ood")
+        sources[spec] = cached_extract(model, _limited(load_dataset(spec), limit), accelerator, layer, cache_dir)
+    attacked = _limited(in_data, attack_limit)
+    attacked_fingerprint = dataset_fingerprint(attacked)
+    for name in attacks:
+        sources[name] = cached_extract(
+            model, lambda name=name: adversarial_set(model, attacked, name, epsilon, pgd_steps, accelerator),
+            accelerator, layer, cache_dir if attacked_fingerprint else None,
+            data_key=f"{attacked_fingerprint}|{name}|eps={epsilon}|steps={pgd_steps}",
+        )
+    return sources
+
+
+def failure_splits(scores: dict[str, torch.Tensor], sources: dict[str, Features], in_name: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """(negatives, failures) scores of one scorer for every failure source."""
+    in_data, in_scores = sources[in_name], scores[in_name]
+    splits = {}
+    labelled = in_data.labels >= 0
+    wrong = in_data.predictions != in_data.labels
+    if labelled.any() and (labelled & wrong).any() and (labelled & ~wrong).any():
+        splits[MISCLASSIFICATION] = (in_scores[labelled & ~wrong], in_scores[labelled & wrong])
+    for source in sources:
+        if source != in_name:
+            splits[source] = (in_scores, scores[source])
+    return splits
+
+
+def detection_report(scores: dict[str, dict[str, torch.Tensor]], sources: dict[str, Features], in_name: str) -> dict[str, Any]:
+    """Per failure source and scorer: AUROC, AUPR-in/out, FPR at 95% TPR; per scorer: the
+    Mann-Whitney test between correctly and wrongly classified in-distribution inputs."""
+    report: dict[str, Any] = {"sources": {}, "mann_whitney": {}}
+    for scorer, scorer_scores in scores.items():
+        for source, (negatives, failures) in failure_splits(scorer_scores, sources, in_name).items():
+            report["sources"].setdefault(source, {})[scorer] = detection_metrics(negatives, failures)
+            if source == MISCLASSIFICATION:
+                report["mann_whitney"][scorer] = mann_whitney(negatives, failures)
+    return report
+
+
+def alarm_rates(detector: Detector, detector_scores: dict[str, torch.Tensor], sources: dict[str, Features],
+                in_name: str, alpha: float) -> dict[str, Any]:
+    """Fraction of inputs flagged at alpha: on in-distribution inputs it is the false-alarm rate."""
+    flags = {source: detector.p_values(scores) < alpha for source, scores in detector_scores.items()}
+    splits = failure_splits({s: f.float() for s, f in flags.items()}, sources, in_name)
+    return {
+        "alpha": alpha,
+        "false_alarm_rate": float(flags[in_name].float().mean()),
+        "flag_rate": {source: float(failures.mean()) for source, (_, failures) in splits.items()},
+    }
+
+
+def source_summary(sources: dict[str, Features], in_name: str) -> dict[str, Any]:
+    """Size of each source; accuracy where labels are known (an attack's accuracy = 1 - success rate)."""
+    summary = {}
+    for name, data in sources.items():
+        labelled = data.labels >= 0
+        entry: dict[str, Any] = {"num_inputs": len(data)}
+        if labelled.any():
+            entry["accuracy"] = float((data.predictions == data.labels)[labelled].float().mean())
+        summary[name] = entry
+    return summary
+
+
+def write_plots(scores: dict[str, dict[str, torch.Tensor]], sources: dict[str, Features], in_name: str,
+                out: Path, thresholds: dict[str, float] | None = None) -> list[str]:
+    """roc-SOURCE.png (every scorer) and hist-SCORER.png (every source); returns the file names."""
+    written = []
+    splits = {scorer: failure_splits(s, sources, in_name) for scorer, s in scores.items()}
+    for source in next(iter(splits.values())):
+        name = f"roc-{_slug(source)}.png"
+        plot_roc_curves({sc: splits[sc][source][0] for sc in splits}, {sc: splits[sc][source][1] for sc in splits},
+                        out / name, f"ROC: {source}")
+        written.append(name)
+    for scorer, scorer_scores in scores.items():
+        name = f"hist-{_slug(scorer)}.png"
+        plot_score_histograms(scorer_scores, out / name, f"{scorer} scores per source",
+                              (thresholds or {}).get(scorer))
+        written.append(name)
+    return written
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-")
+
+
+def detector_scorers(detector: Detector, name: str = "detector", baselines: bool = True) -> dict[str, Scorer]:
+    """The detector, and (with ``baselines``) MSP, energy and its fitted Mahalanobis/kNN baselines."""
+    scorers: dict[str, Scorer] = {name: lambda f: detector.score_features(f.features)}
+    if baselines:
+        scorers["msp"] = lambda f: max_softmax(f.logits)
+        scorers["energy"] = lambda f: energy(f.logits)
+        for baseline, scorer in detector.baselines.items():
+            scorers[baseline] = lambda f, scorer=scorer: scorer.score_features(f.features.to(_device_of(scorer))).cpu()
+    return scorers
+
+
+def _device_of(scorer: torch.nn.Module) -> torch.device:
+    return next(iter(scorer.buffers())).device
+
+
+def evaluate_detector(
+    model: Classifier,
+    detector: Detector | str | Path,
+    dataset: str,
+    out: str | Path,
+    ood: Sequence[str] = (),
+    attacks: Sequence[str] = (),
+    epsilon: float = 0.1,
+    pgd_steps: int = 10,
+    accelerator: Accelerator | None = None,
+    limit: int | None = None,
+) -> dict[str, Any]:
+    """Evaluate ``detector`` for ``model`` on ``dataset`` (in-distribution) and the failure sources;
+    ``limit`` caps the number of inputs of every source. Writes OUT/metrics.json and PNG plots."""
+    accelerator = accelerator or make_accelerator()
+    if not isinstance(detector, Detector):
+        detector = Detector.from_pretrained(detector, model)
+    detector.check_model(model)
+    detector.model = model.eval()
+    detector.to(accelerator.device)
+    out = Path(out)
+    sources = collect_sources(model, dataset, ood, attacks, epsilon, pgd_steps, detector.layer, accelerator,
+                              features_cache_dir(out / "features"), limit)
+    scores = {name: {source: fn(data) for source, data in sources.items()} for name, fn in detector_scorers(detector).items()}
+    report = {
+        "dataset": dataset,
+        "model_fingerprint": detector.model_fingerprint,
+        "detector": {"density": detector.density.kind, "layer": detector.layer, **detector.info},
+        "convention": "positives = failures; scores: higher = more typical; AUROC from scikit-learn on raw scores",
+        "attack": {"epsilon": epsilon, "pgd_steps": pgd_steps, "norm": "linf", "space": "[0,1] pixels"} if attacks else None,
+        "inputs": source_summary(sources, dataset),
+        **detection_report(scores, sources, dataset),
+        "alarms": alarm_rates(detector, scores["detector"], sources, dataset, check_alpha(detector.alpha)),
+    }
+    if accelerator.is_main_process:
+        report["plots"] = write_plots(scores, sources, dataset, out, {"detector": detector.threshold()})
+        atomic_write_json(out / "metrics.json", report)
+    accelerator.wait_for_everyone()
+    return report

@@ -1,0 +1,31 @@
+"""Conformal p-values from held-out calibration scores.
+
+With calibration scores s_1..s_n of in-distribution inputs (higher = more typical), the p-value
+of a new score s is ``(1 + #{i : s_i <= s}) / (n + 1)``: the rank of s among the calibration
+scores. When the new input is exchangeable with the calibration inputs, P(p <= alpha) <= alpha,
+so flagging ``p < alpha`` raises false alarms on in-distribution data at a rate of at most alpha.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import SynthkdError
+
+
+def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -> torch.Tensor:
+    """p-value of each score against the calibration scores (see the module docstring)."""
+    calibration = calibration_scores.detach().flatten().double().cpu().sort().values
+    if len(calibration) == 0:
+        raise SynthkdError("no calibration scores: calibrate the detector on a held-out part (holdout > 0)")
+    if not torch.isfinite(calibration).all():
+        raise SynthkdError("the calibration scores hold NaN or inf; re-calibrate the detector")
+    values = scores.detach().double().cpu()
+    at_or_below = torch.searchsorted(calibration, values, right=True)
+    return ((1 + at_or_below) / (len(calibration) + 1)).float()
+
+
+def check_alpha(alpha: float) -> float:
+    if not 0 < alpha < 1:
+        raise SynthkdError(f"alpha is a false-alarm rate and must lie in (0, 1), got {alpha}")
+    return float(alpha)
