@@ -39,7 +39,7 @@ def write_report(run_dir: Path, config: RunConfig, steps: list["Step"]) -> dict[
                            ("p", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; settings in config.yaml, log in run.log.")]
     blocks += headline_blocks(summary)
     blocks += stage_blocks(steps, records)
-    for figure in (sample_grid, curves_figure, neighbourhood_figure, per_class_figure):
+    for figure in (sample_grid, curves_figure, neighbourhood_figure, per_class_figure, detector_blocks):
         blocks += figure(run_dir, config)
     atomic_write(run_dir / "report.md", lambda tmp: Path(tmp).write_text(to_markdown(blocks)))
     atomic_write(run_dir / "report.html", lambda tmp: Path(tmp).write_text(to_html(blocks, run_dir.name)))
@@ -67,6 +67,8 @@ def headline(run_dir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         evaluation = read_json(evaluation_file)
         summary.update(results["evaluate"], eval_dataset=evaluation["dataset"],
                        per_class={"teacher": evaluation["teacher"]["per_class"], "student": evaluation["student"]["per_class"]})
+    if results.get("evaluate_detector"):
+        summary["detector_auroc"] = results["evaluate_detector"]["auroc"]
     neighbourhoods = neighbourhood_errors(run_dir)
     if neighbourhoods:
         summary["neighbourhood_relative_mse"] = neighbourhoods
@@ -212,6 +214,28 @@ def per_class_figure(run_dir: Path, config: RunConfig) -> list[Block]:
     rows = [[n, fmt(t, percent=True), fmt(s, percent=True)] for n, t, s in zip(names, teacher, student)]
     return [("h2", "Teacher vs student"), ("img", path, "accuracy per class"),
             ("table", ["class", "teacher", "student"], rows)]
+
+
+def detector_blocks(run_dir: Path, config: RunConfig) -> list[Block]:
+    """AUROC of every scorer per failure source, and the ROC / histogram plots the detector
+    evaluation wrote (referenced where they are)."""
+    metrics_file = run_dir / "detector-evaluation" / "metrics.json"
+    if not metrics_file.is_file():
+        return []
+    metrics = read_json(metrics_file)
+    scorers = list(next(iter(metrics["sources"].values()), {}))
+    rows = [[source, *(f"{by_scorer[sc]['auroc']:.3f}" for sc in scorers)] for source, by_scorer in metrics["sources"].items()]
+    blocks: list[Block] = [
+        ("h2", "Failure detector"),
+        ("p", f"Density {metrics['detector']['density']} of the student's {metrics['detector']['layer']} features, "
+              f"calibrated on the synthetic set; AUROC of telling each failure source from the correctly handled "
+              f"inputs of {metrics['dataset']} (higher is better)."),
+        ("table", ["failure source", *scorers], rows),
+    ]
+    for name in metrics.get("plots", []):
+        if (run_dir / "detector-evaluation" / name).is_file():
+            blocks.append(("img", f"detector-evaluation/{name}", name.removesuffix(".png")))
+    return blocks
 
 
 # ---------------------------------------------------------------------------------------------

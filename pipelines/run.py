@@ -1,6 +1,7 @@
 """``synthkd run CONFIG``: every stage from one YAML file, resumable, ending in a report.
 
-Stages run in order: teacher (given, or trained) -> generate -> distill -> evaluate. Each one
+Stages run in order: teacher (given, or trained) -> generate -> distill -> evaluate, and with
+``detector.enabled`` calibrate -> evaluate_detector (the student's failure detector). Each one
 records, in ``RUN_DIR/stages/NAME.json``, its resolved settings and a fingerprint of its inputs:
 its config section, the fingerprints of the stages it reads from, and hashes of the files it
 reads from outside the run directory. On a rerun a finished stage whose fingerprint is unchanged
@@ -159,6 +160,29 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
             "gap_points": 100 * (report["teacher"]["accuracy"] - report["student"]["accuracy"])}
 
 
+CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout")
+
+
+def run_calibrate(ctx: RunContext) -> dict[str, Any]:
+    from .calibrate import calibrate
+
+    section = ctx.config.detector
+    detector = calibrate(ctx.student(), ctx.run_dir / "synthetic", ctx.run_dir / "detector", section.density,
+                         section.alpha, section.layer, section.components, section.holdout, ctx.config.seed,
+                         ctx.accelerator)
+    return {"density": detector.density.kind, "layer": detector.layer, "alpha": detector.alpha}
+
+
+def run_evaluate_detector(ctx: RunContext) -> dict[str, Any]:
+    from .evaluate_detector import evaluate_detector
+
+    section = ctx.config.detector
+    report = evaluate_detector(ctx.student(), ctx.run_dir / "detector", ctx.config.eval_dataset,
+                               ctx.run_dir / "detector-evaluation", section.ood, section.attacks, section.epsilon,
+                               section.pgd_steps, ctx.accelerator, section.limit)
+    return {"auroc": {source: scorers["detector"]["auroc"] for source, scorers in report["sources"].items()}}
+
+
 def parameters(model: Classifier) -> int:
     return sum(p.numel() for p in model.parameters())
 
@@ -179,6 +203,16 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("teacher", "distill"), lambda config: {"eval_dataset": config.eval_dataset}, run_evaluate,
           ("evaluation.json",), lambda run_dir, config: (run_dir / "evaluation.json").is_file(),
           enabled=lambda config: config.eval_dataset is not None),
+    Stage("calibrate", ("generate", "distill"),
+          lambda config: {**{k: getattr(config.detector, k) for k in CALIBRATION_KEYS}, "seed": config.seed},
+          run_calibrate, ("detector",), lambda run_dir, config: (run_dir / "detector" / "config.json").is_file(),
+          enabled=lambda config: config.detector.enabled),
+    Stage("evaluate_detector", ("calibrate",),
+          lambda config: {**{k: v for k, v in asdict(config.detector).items() if k not in CALIBRATION_KEYS},
+                          "eval_dataset": config.eval_dataset},
+          run_evaluate_detector, ("detector-evaluation",),
+          lambda run_dir, config: (run_dir / "detector-evaluation" / "metrics.json").is_file(),
+          enabled=lambda config: config.detector.enabled),
 )
 
 

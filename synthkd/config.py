@@ -81,6 +81,25 @@ class DistillSection:
 
 
 @dataclass
+class DetectorSection:
+    """The failure detector of the student: a density of its features calibrated on the synthetic
+    set (``calibrate``), then scored on ``eval_dataset`` against its mistakes, out-of-distribution
+    sets and attacks (``evaluate_detector``). See ``synthkd calibrate -h``."""
+
+    enabled: bool = False
+    density: str = "gmm"             # gmm, gmm-diag or flow
+    alpha: float = field(default=0.05, metadata={"positive": True})
+    layer: str | None = None         # null: the penultimate features
+    components: int | None = field(default=None, metadata={"positive": True})
+    holdout: float = field(default=0.2, metadata={"positive": True})
+    ood: list[str] = field(default_factory=list)      # dataset specs or aliases (noise, digits, ...)
+    attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=list)
+    epsilon: float = field(default=0.1, metadata={"positive": True})
+    pgd_steps: int = field(default=10, metadata={"positive": True})
+    limit: int | None = field(default=None, metadata={"positive": True})  # inputs per source
+
+
+@dataclass
 class ReportSection:
     samples_per_class: int = field(default=8, metadata={"positive": True})
 
@@ -91,6 +110,7 @@ class RunConfig:
     student: StudentSection = field(default_factory=StudentSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    detector: DetectorSection = field(default_factory=DetectorSection)
     report: ReportSection = field(default_factory=ReportSection)
     eval_dataset: str | None = field(default=None, metadata={"check": "dataset"})
     out: str | None = None  # the run directory; null: runs/<config file name>
@@ -254,6 +274,16 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
     if config.generate.competition_weight != 0:
         errors.append("generate.competition_weight: a run has no student yet when it generates; "
                       "use `synthkd generate --student DIR --competition-weight W` for the competition term")
+    detector = config.detector
+    if detector.enabled:
+        from .detector import DENSITIES
+
+        if detector.density not in DENSITIES:
+            errors.append(f"detector.density: expected one of {', '.join(DENSITIES)}, got {_show(detector.density)}")
+        if not detector.holdout < 1 or not detector.alpha < 1:
+            errors.append("detector: alpha and holdout are fractions between 0 and 1")
+        if config.eval_dataset is None:
+            errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
         errors.append(f"teacher.input_shape: expected [C, H, W], got {_show(teacher.input_shape)}")
     for section, prefix in ((config, ""), (teacher, "teacher."), (config.student, "student.")):

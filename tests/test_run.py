@@ -172,6 +172,7 @@ def test_stages_skip_rerun_and_resume(tmp_path, teacher_dir, accelerator, monkey
     summary = run_pipeline(load_config(path), accelerator, quiet=True)
     first = records(run_dir)
     assert {name: r["status"] for name, r in first.items()} == dict.fromkeys(["teacher", "generate", "distill", "evaluate"], "done")
+    assert [s.action for s in plan(load_config(path), run_dir)][-2:] == ["off", "off"]  # no detector asked for
     assert {name: r["action"] for name, r in first.items()} == dict.fromkeys(first, "run")
     assert 0 <= summary["student_accuracy"] <= 1 and summary["teacher_accuracy"] > 0.8
     assert summary["num_synthetic_images"] == 32
@@ -190,7 +191,8 @@ def test_stages_skip_rerun_and_resume(tmp_path, teacher_dir, accelerator, monkey
     assert stage_files(run_dir) == before
     # ... and with force only the changed stage and those after it rerun.
     steps = {s.stage.name: s.action for s in plan(load_config(path, ["distill.epochs=3"]), run_dir)}
-    assert steps == {"teacher": "skip", "generate": "skip", "distill": "rerun", "evaluate": "rerun"}
+    assert steps == {"teacher": "skip", "generate": "skip", "distill": "rerun", "evaluate": "rerun",
+                     "calibrate": "off", "evaluate_detector": "off"}
     run_pipeline(load_config(path, ["distill.epochs=3"]), accelerator, force=True, quiet=True)
     after = stage_files(run_dir)
     assert [after[n] == before[n] for n in ("teacher", "generate", "distill", "evaluate")] == [True, True, False, False]
@@ -199,7 +201,8 @@ def test_stages_skip_rerun_and_resume(tmp_path, teacher_dir, accelerator, monkey
 
     # A generation setting changes everything from generate on.
     steps = {s.stage.name: s.action for s in plan(load_config(path, ["distill.epochs=3", "generate.iterations=4"]), run_dir)}
-    assert steps == {"teacher": "skip", "generate": "rerun", "distill": "rerun", "evaluate": "rerun"}
+    assert steps == {"teacher": "skip", "generate": "rerun", "distill": "rerun", "evaluate": "rerun",
+                     "calibrate": "off", "evaluate_detector": "off"}
 
 
 def test_a_failed_stage_keeps_earlier_artefacts_and_resumes(tmp_path, teacher_dir, accelerator, monkeypatch):
@@ -234,21 +237,26 @@ def test_a_failed_stage_keeps_earlier_artefacts_and_resumes(tmp_path, teacher_di
 
 def test_report_references_only_files_that_exist(tmp_path, teacher_dir, accelerator):
     run_dir = tmp_path / "run"
-    path = write_config(tmp_path / "tiny.yaml", tiny_setting(teacher_dir, run_dir, mode="neighbourhood", finetune_epochs=1))
+    setting = tiny_setting(teacher_dir, run_dir, mode="neighbourhood", finetune_epochs=1)
+    setting["detector"] = {"enabled": True, "density": "gmm-diag", "components": 2, "ood": ["noise:gaussian"], "limit": 60}
+    path = write_config(tmp_path / "tiny.yaml", setting)
     run_pipeline(load_config(path), accelerator, quiet=True)
     page = (run_dir / "report.html").read_text()
     sources = re.findall(r'<img src="([^"]+)"', page)
-    assert {Path(s).name for s in sources} == {"samples.png", "curves.png", "neighbourhoods.png", "per_class.png"}
+    assert {"report/samples.png", "report/curves.png", "report/neighbourhoods.png", "report/per_class.png",
+            "detector-evaluation/roc-misclassification.png", "detector-evaluation/roc-noise-gaussian.png",
+            "detector-evaluation/hist-detector.png"} <= set(sources)
     for source in sources:
         assert not Path(source).is_absolute() and (run_dir / source).is_file()
         assert (run_dir / source).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = (run_dir / "report.md").read_text()
-    assert set(re.findall(r"\]\((report/[^)]+)\)", markdown)) == set(sources)
+    assert set(re.findall(r"\]\(([^)]+\.png)\)", markdown)) == set(sources)
     summary = json.loads((run_dir / "summary.json").read_text())
     for key in ("teacher_accuracy", "student_accuracy", "gap_points", "merged_accuracy_before_finetune",
                 "neighbourhood_relative_mse", "per_class", "stages", "compression"):
         assert key in summary, key
-    assert set(summary["stages"]) == {"teacher", "generate", "distill", "evaluate"}
+    assert set(summary["detector_auroc"]) == {"misclassification", "noise:gaussian"}
+    assert set(summary["stages"]) == {"teacher", "generate", "distill", "evaluate", "calibrate", "evaluate_detector"}
     assert all(v["seconds"] > 0 for v in summary["stages"].values())
 
 
@@ -265,6 +273,7 @@ def test_quick_config_with_two_processes(tmp_path):
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "synthkd", "run", "configs/digits_quick.yaml", f"out={run_dir}", "teacher.epochs=4",
         "generate.num_images=64", "generate.batch_size=32", "generate.iterations=5", "distill.epochs=2",
+        "detector.limit=100",
         "--tracker", "tensorboard",
     ]
     if cmd[0] != shutil.which("accelerate"):
@@ -273,7 +282,7 @@ def test_quick_config_with_two_processes(tmp_path):
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stdout.count("synthkd run ->") == 1, done.stdout  # only the main process reports
     state = records(run_dir)
-    assert all(r["status"] == "done" and r["num_processes"] == 2 for r in state.values()), state
+    assert len(state) == 6 and all(r["status"] == "done" and r["num_processes"] == 2 for r in state.values()), state
     manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
     assert sorted({s["rank"] for s in manifest["shards"]}) == [0, 1]
     assert (run_dir / "report.html").is_file() and (run_dir / "summary.json").is_file()
