@@ -210,3 +210,37 @@ def distill_neighbourhood(
         metrics.update(kd_finetune(teacher, student, training_data, config, finetune, accelerator, evaluation))
     metrics["distill_seconds"] = metrics["neighbourhood_seconds"] + metrics.get("finetune_seconds", 0.0)
     return finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
+
+
+def distill_student(
+    teacher: Classifier,
+    student: Classifier,
+    data: str | os.PathLike,
+    out: str | os.PathLike,
+    mode: str = "e2e",
+    epochs: int = 30,
+    batch_size: int = 128,
+    lr: float | None = None,
+    temperature: float = 4.0,
+    mixup: float = 1.0,
+    flip: bool = True,
+    seed: int = 0,
+    cuts: str | list[str] = "blocks",
+    finetune_epochs: int = 0,
+    finetune_lr: float = 0.01,
+    eval_dataset: str | None = None,
+    accelerator: Accelerator | None = None,
+    inputs: str = "images",
+) -> tuple[Classifier, dict[str, Any]]:
+    """Either mode from one set of settings (the CLI's and ``synthkd run``'s); ``lr`` None picks
+    the mode's default: 0.05 for e2e KD (SGD), 0.01 for each neighbourhood (Adam). ``inputs``:
+    see :func:`distill_neighbourhood`."""
+    if mode == "e2e":
+        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
+        return distill_e2e(teacher, student, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
+    if mode != "neighbourhood":
+        raise SynthkdError(f"unknown distillation mode {mode!r}; use e2e or neighbourhood")
+    config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=0.01 if lr is None else lr,
+                                 temperature=temperature, mixup=mixup, flip=flip, seed=seed)
+    finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr, seed=seed, warmup_epochs=0.0)
+    return distill_neighbourhood(teacher, student, data, out, config, finetune, eval_dataset, accelerator, inputs)

@@ -72,10 +72,10 @@ def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
     return load_model(model_spec, weights, input_shape, mean, std)
 
 
-def make_accelerator(mixed_precision: str = "no"):
+def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None):
     from ..accelerator import make_accelerator as make
 
-    return make(mixed_precision)
+    return make(mixed_precision, log_with, project_dir)
 
 
 mixed_precision_option = click.option(

@@ -136,9 +136,7 @@ def distill(model_spec, weights, input_shape, mean, std, student, student_width,
             batch_size, lr, temperature, mixup, flip, seed, eval_dataset, mixed_precision, out, synthesize, inputs,
             **synthesis):
     """Distill a student from the teacher on a synthetic set."""
-    from synthkd.neighbourhood_training import NeighbourhoodConfig
-    from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood
-    from synthkd.training import TrainConfig
+    from synthkd.pipelines.distill import build_student, distill_student
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     student_model = build_student(student, teacher, student_width, seed)
@@ -148,20 +146,17 @@ def distill(model_spec, weights, input_shape, mean, std, student, student_width,
     if inputs == "activations" and mode != "neighbourhood":
         raise SynthkdError("--inputs activations feeds each neighbourhood its own inputs; use --mode neighbourhood")
     if synthesize == "fast":
+        from synthkd.training import TrainConfig
+
         from .fast import run_interleaved
 
         train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
         _, metrics = run_interleaved(teacher, student_model, data, out, train, temperature, flip, mixup, seed,
                                      eval_dataset, accelerator, synthesis)
-    elif mode == "e2e":
-        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
-        _, metrics = distill_e2e(teacher, student_model, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
     else:
-        config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=0.01 if lr is None else lr, temperature=temperature,
-                                     mixup=mixup, flip=flip, seed=seed)
-        finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=0.01, seed=seed, warmup_epochs=0.0)
-        _, metrics = distill_neighbourhood(teacher, student_model, data, out, config, finetune, eval_dataset, accelerator,
-                                           inputs)
+        _, metrics = distill_student(teacher, student_model, data, out, mode, epochs, batch_size, lr, temperature, mixup,
+                                     flip, seed, cuts, finetune_epochs, eval_dataset=eval_dataset, accelerator=accelerator,
+                                     inputs=inputs)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "

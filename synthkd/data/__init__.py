@@ -1,5 +1,5 @@
 """Data: real datasets by spec string and the synthetic shard format."""
 
-from .datasets import ImageDataset, NoiseDataset, load_dataset
+from .datasets import ImageDataset, NoiseDataset, check_dataset, load_dataset
 
-__all__ = ["ImageDataset", "NoiseDataset", "load_dataset"]
+__all__ = ["ImageDataset", "NoiseDataset", "check_dataset", "load_dataset"]

@@ -172,7 +172,23 @@ def _split_args(args: list[str], kind: str, needs_path: bool) -> tuple[str | Non
     return path, split
 
 
-def _fashion_mnist(args: list[str]) -> ImageDataset:
+def check_dataset(spec: str) -> None:
+    """Raise :class:`SynthkdError` if ``spec`` names an unknown kind or files that are not there,
+    without reading any images (config validation checks every spec before a run starts)."""
+    parsed = _parse(spec)
+    if parsed.kind == "fashion-mnist":
+        _fashion_mnist_files(parsed.args)
+    elif parsed.kind == "cifar10":
+        _cifar10_files(parsed.args)
+    elif parsed.kind == "folder":
+        _folder_root(parsed.args)
+    elif parsed.kind == "digits":
+        _split_args(parsed.args, "digits", needs_path=False)
+    elif parsed.kind != "noise":
+        load_dataset(spec)  # names the unknown kind and the known ones
+
+
+def _fashion_mnist_files(args: list[str]) -> tuple[list[Path], str]:
     path, split = _split_args(args, "fashion-mnist", needs_path=False)
     root = Path(path or os.environ.get(FASHION_MNIST_ENV, FASHION_MNIST_DEFAULT))
     prefix = "train" if split == "train" else "t10k"
@@ -188,6 +204,11 @@ def _fashion_mnist(args: list[str]) -> ImageDataset:
                 "(fashion-mnist:/path:train) at a folder with the IDX files"
             )
         resolved.append(found)
+    return resolved, split
+
+
+def _fashion_mnist(args: list[str]) -> ImageDataset:
+    resolved, split = _fashion_mnist_files(args)
     images = _read_idx(resolved[0])
     labels = _read_idx(resolved[1])
     return ImageDataset(
@@ -252,7 +273,7 @@ def _load_cifar_batch(path: Path) -> dict:
         raise SynthkdError(f"{path} is not a CIFAR-10 python batch: {error}") from error
 
 
-def _cifar10(args: list[str]) -> ImageDataset:
+def _cifar10_files(args: list[str]) -> tuple[list[Path], str]:
     path, split = _split_args(args, "cifar10", needs_path=True)
     root = Path(path)
     names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
@@ -262,9 +283,14 @@ def _cifar10(args: list[str]) -> ImageDataset:
             f"CIFAR-10 python batches not found in {root} (missing {', '.join(missing)}); point the spec at "
             "the extracted cifar-10-batches-py folder"
         )
+    return [root / name for name in names], split
+
+
+def _cifar10(args: list[str]) -> ImageDataset:
+    files, split = _cifar10_files(args)
     images, labels = [], []
-    for name in names:
-        batch = _load_cifar_batch(root / name)
+    for file in files:
+        batch = _load_cifar_batch(file)
         images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
         labels.extend(batch[b"labels"])
     return ImageDataset(
@@ -272,12 +298,17 @@ def _cifar10(args: list[str]) -> ImageDataset:
     )
 
 
-def _folder(args: list[str]) -> ImageDataset:
-    from PIL import Image
-
+def _folder_root(args: list[str]) -> Path:
     root = Path(":".join(args))
     if not root.is_dir():
         raise SynthkdError(f"image folder {root} does not exist (expected folder:/path with one sub-folder per class)")
+    return root
+
+
+def _folder(args: list[str]) -> ImageDataset:
+    from PIL import Image
+
+    root = _folder_root(args)
     classes = sorted(d.name for d in root.iterdir() if d.is_dir())
     entries = [(f, label) for label, c in enumerate(classes) for f in sorted((root / c).iterdir())
                if f.suffix.lower() in IMAGE_SUFFIXES]

@@ -1,0 +1,450 @@
+"""``synthkd run CONFIG``: every stage from one YAML file, resumable, ending in a report.
+
+Stages run in order: teacher (given, or trained) -> generate -> distill -> evaluate, and with
+``detector.enabled`` calibrate -> evaluate_detector (the student's failure detector). Each one
+records, in ``RUN_DIR/stages/NAME.json``, its resolved settings and a fingerprint of its inputs:
+its config section, the fingerprints of the stages it reads from, and hashes of the files it
+reads from outside the run directory. On a rerun a finished stage whose fingerprint is unchanged
+is skipped, an interrupted one resumes (each stage resumes from its own checkpoints), and a
+changed one is cleared and rerun; the stages downstream of it change fingerprint with it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, TextIO
+
+from accelerate import Accelerator
+
+from synthkd.config import RunConfig, differences, flatten
+from synthkd.data.shards import is_synthetic_dir
+from synthkd.errors import SynthkdError
+from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
+from synthkd.models import Classifier, load_model
+
+CONFIG_NAME = "config.yaml"
+LOG_NAME = "run.log"
+
+
+@dataclass
+class RunContext:
+    """What a stage needs: the settings, where to write, and the Accelerator."""
+
+    config: RunConfig
+    run_dir: Path
+    accelerator: Accelerator
+
+    def teacher(self) -> Classifier:
+        """A fresh copy of the teacher (stages attach hooks or move it between devices)."""
+        spec = self.config.teacher
+        if spec.model is not None:
+            return load_model(spec.model, spec.weights, spec.input_shape, spec.mean, spec.std).eval()
+        return Classifier.from_pretrained(self.run_dir / "teacher").eval()
+
+    def student(self) -> Classifier:
+        return Classifier.from_pretrained(self.run_dir / "student").eval()
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One step of the pipeline. ``execute`` does the work (resuming from the stage's own
+    checkpoints) and returns its headline figures; ``outputs`` are cleared when it reruns."""
+
+    name: str
+    needs: tuple[str, ...]
+    section: Callable[[RunConfig], dict[str, Any]]
+    execute: Callable[[RunContext], dict[str, Any]]
+    outputs: tuple[str, ...]
+    finished: Callable[[Path, RunConfig], bool]
+    enabled: Callable[[RunConfig], bool] = lambda config: True
+    inputs: Callable[[RunConfig], dict[str, str]] = lambda config: {}
+
+
+# ---------------------------------------------------------------------------------------------
+# The stages
+
+
+def teacher_section(config: RunConfig) -> dict[str, Any]:
+    teacher = asdict(config.teacher)
+    given = ("model", "weights", "input_shape", "mean", "std")
+    if config.teacher.model is not None:
+        return {k: teacher[k] for k in given}
+    return {**{k: v for k, v in teacher.items() if k not in given}, "seed": config.seed,
+            "mixed_precision": config.mixed_precision}
+
+
+def teacher_inputs(config: RunConfig) -> dict[str, str]:
+    """Hashes of a given teacher's files, so replacing its weights reruns everything after it."""
+    spec = config.teacher
+    if spec.model is None:
+        return {}
+    model = Path(spec.model)
+    files = [model / "model.safetensors", model / "config.json"] if model.is_dir() else [Path(spec.model.rpartition(":")[0])]
+    if spec.weights:
+        files.append(Path(spec.weights))
+    return {str(f): sha256_file(f) for f in files if f.is_file()}
+
+
+def run_teacher(ctx: RunContext) -> dict[str, Any]:
+    from synthkd.training import TrainConfig
+
+    from .train_teacher import train_teacher
+
+    spec = ctx.config.teacher
+    if spec.model is not None:
+        teacher = ctx.teacher()
+        return {"given": spec.model, "parameters": parameters(teacher), "num_classes": teacher.num_classes}
+    train = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=ctx.config.seed)
+    model, metrics = train_teacher(spec.dataset, spec.arch, ctx.run_dir / "teacher", spec.width, train, spec.flip,
+                                   accelerator=ctx.accelerator)
+    return {"parameters": parameters(model), "train_seconds": metrics["train_seconds"],
+            "final_loss": metrics["history"][-1]["loss"]}
+
+
+def run_generate(ctx: RunContext) -> dict[str, Any]:
+    from synthkd.generators.inversion import ActivationInversion
+
+    from .generate import generate
+
+    section = ctx.config.generate
+    teacher = ctx.teacher().to(ctx.accelerator.device)
+    generator = ActivationInversion(teacher, section.inversion())
+    manifest = generate(teacher, generator, section.num_images, ctx.run_dir / "synthetic", section.batch_size,
+                        ctx.config.seed, ctx.accelerator)
+    return {"num_images": manifest["num_images"], "counts_per_class": manifest["counts_per_class"]}
+
+
+def distill_section(config: RunConfig) -> dict[str, Any]:
+    return {"distill": asdict(config.distill), "student": asdict(config.student), "seed": config.seed,
+            "eval_dataset": config.eval_dataset if config.distill.eval_every_epoch else None,
+            "mixed_precision": config.mixed_precision}
+
+
+def run_distill(ctx: RunContext) -> dict[str, Any]:
+    from .distill import build_student, distill_student
+
+    config, section = ctx.config, ctx.config.distill
+    teacher = ctx.teacher()
+    student = build_student(config.student.arch, teacher, config.student.width, config.seed)
+    _, metrics = distill_student(
+        teacher, student, ctx.run_dir / "synthetic", ctx.run_dir / "student", section.mode, section.epochs,
+        section.batch_size, section.learning_rate(), section.temperature, section.mixup, section.flip, config.seed,
+        section.cuts, section.finetune_epochs, section.finetune_lr,
+        eval_dataset=config.eval_dataset if section.eval_every_epoch else None, accelerator=ctx.accelerator,
+    )
+    results = {"mode": section.mode, "parameters": parameters(student), "distill_seconds": metrics["distill_seconds"]}
+    if "merged" in metrics:
+        results["merged_accuracy"] = metrics["merged"]["accuracy"]
+    return results
+
+
+def run_evaluate(ctx: RunContext) -> dict[str, Any]:
+    from synthkd.data import load_dataset
+    from synthkd.evaluation import evaluate
+
+    dataset = load_dataset(ctx.config.eval_dataset)
+    report = {"dataset": ctx.config.eval_dataset,
+              "teacher": evaluate(ctx.teacher(), dataset, ctx.accelerator),
+              "student": evaluate(ctx.student(), dataset, ctx.accelerator)}
+    if ctx.accelerator.is_main_process:
+        atomic_write_json(ctx.run_dir / "evaluation.json", report)
+    return {"teacher_accuracy": report["teacher"]["accuracy"], "student_accuracy": report["student"]["accuracy"],
+            "gap_points": 100 * (report["teacher"]["accuracy"] - report["student"]["accuracy"])}
+
+
+CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout")
+
+
+def run_calibrate(ctx: RunContext) -> dict[str, Any]:
+    from .calibrate import calibrate
+
+    section = ctx.config.detector
+    detector = calibrate(ctx.student(), ctx.run_dir / "synthetic", ctx.run_dir / "detector", section.density,
+                         section.alpha, section.layer, section.components, section.holdout, ctx.config.seed,
+                         ctx.accelerator)
+    return {"density": detector.density.kind, "layer": detector.layer, "alpha": detector.alpha}
+
+
+def run_evaluate_detector(ctx: RunContext) -> dict[str, Any]:
+    from .evaluate_detector import evaluate_detector
+
+    section = ctx.config.detector
+    report = evaluate_detector(ctx.student(), ctx.run_dir / "detector", ctx.config.eval_dataset,
+                               ctx.run_dir / "detector-evaluation", section.ood, section.attacks, section.epsilon,
+                               section.pgd_steps, ctx.accelerator, section.limit)
+    return {"auroc": {source: scorers["detector"]["auroc"] for source, scorers in report["sources"].items()}}
+
+
+def parameters(model: Classifier) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def model_saved(directory: Path) -> bool:
+    return (directory / "model.safetensors").is_file() and (directory / "config.json").is_file()
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("teacher", (), teacher_section, run_teacher, ("teacher",),
+          lambda run_dir, config: config.teacher.model is not None or model_saved(run_dir / "teacher"),
+          inputs=teacher_inputs),
+    Stage("generate", ("teacher",), lambda config: {**asdict(config.generate), "seed": config.seed,
+                                                    "mixed_precision": config.mixed_precision},
+          run_generate, ("synthetic",), lambda run_dir, config: is_synthetic_dir(run_dir / "synthetic")),
+    Stage("distill", ("teacher", "generate"), distill_section, run_distill, ("student",),
+          lambda run_dir, config: model_saved(run_dir / "student") and (run_dir / "student" / "metrics.json").is_file()),
+    Stage("evaluate", ("teacher", "distill"), lambda config: {"eval_dataset": config.eval_dataset}, run_evaluate,
+          ("evaluation.json",), lambda run_dir, config: (run_dir / "evaluation.json").is_file(),
+          enabled=lambda config: config.eval_dataset is not None),
+    Stage("calibrate", ("generate", "distill"),
+          lambda config: {**{k: getattr(config.detector, k) for k in CALIBRATION_KEYS}, "seed": config.seed},
+          run_calibrate, ("detector",), lambda run_dir, config: (run_dir / "detector" / "config.json").is_file(),
+          enabled=lambda config: config.detector.enabled),
+    Stage("evaluate_detector", ("calibrate",),
+          lambda config: {**{k: v for k, v in asdict(config.detector).items() if k not in CALIBRATION_KEYS},
+                          "eval_dataset": config.eval_dataset},
+          run_evaluate_detector, ("detector-evaluation",),
+          lambda run_dir, config: (run_dir / "detector-evaluation" / "metrics.json").is_file(),
+          enabled=lambda config: config.detector.enabled),
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning: which stages run, resume, rerun or are skipped
+
+
+@dataclass
+class Step:
+    stage: Stage
+    action: str  # run | resume | rerun | skip | off
+    reason: str
+    fingerprint: str | None = None
+    section: dict[str, Any] = field(default_factory=dict)
+    upstream: dict[str, str] = field(default_factory=dict)
+    inputs: dict[str, str] = field(default_factory=dict)
+
+
+def record_path(run_dir: Path, name: str) -> Path:
+    return run_dir / "stages" / f"{name}.json"
+
+
+def read_record(run_dir: Path, name: str) -> dict[str, Any] | None:
+    path = record_path(run_dir, name)
+    try:
+        return read_json(path) if path.is_file() else None
+    except (OSError, json.JSONDecodeError):
+        return None  # a damaged record: the stage is treated as never run
+
+
+def fingerprint(section: dict[str, Any], upstream: dict[str, str], inputs: dict[str, str]) -> str:
+    payload = json.dumps({"config": section, "upstream": upstream, "inputs": inputs}, sort_keys=True, default=str)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def plan(config: RunConfig, run_dir: Path) -> list[Step]:
+    """What each stage would do now, and why."""
+    steps, prints = [], {}
+    for stage in STAGES:
+        if not stage.enabled(config):
+            steps.append(Step(stage, "off", "not configured"))
+            continue
+        section, inputs = stage.section(config), stage.inputs(config)
+        upstream = {name: prints[name] for name in stage.needs if name in prints}
+        step = Step(stage, "run", "not run yet", fingerprint(section, upstream, inputs), section, upstream, inputs)
+        prints[stage.name] = step.fingerprint
+        record = read_record(run_dir, stage.name)
+        if record is not None and record.get("fingerprint") != step.fingerprint:
+            changed = differences(record.get("config", {}), section)
+            changed += [f"{name} changed" for name in upstream if record.get("upstream", {}).get(name) != upstream[name]]
+            changed += [f"{path} changed" for path in inputs if record.get("inputs", {}).get(path) != inputs[path]]
+            step.action, step.reason = "rerun", "; ".join(changed) or "its inputs changed"
+        elif record is not None and record.get("status") != "done":
+            step.action, step.reason = "resume", f"{record.get('status', 'interrupted')} last time"
+        elif record is not None and not stage.finished(run_dir, config):
+            step.action, step.reason = "rerun", "its outputs are missing"
+        elif record is not None:
+            step.action, step.reason = "skip", "unchanged since it finished"
+        steps.append(step)
+    return steps
+
+
+def describe_plan(steps: list[Step]) -> str:
+    width = max(len(s.stage.name) for s in steps)
+    return "\n".join(f"  {s.stage.name.ljust(width)}  {s.action:<6}  {s.reason}" for s in steps)
+
+
+def check_run_dir(config: RunConfig, run_dir: Path, force: bool) -> None:
+    """Refuse a run directory made by another config, naming what differs, unless ``force``."""
+    import yaml
+
+    path = run_dir / CONFIG_NAME
+    if force or not path.is_file():
+        return
+    old = yaml.safe_load(path.read_text()) or {}
+    changed = [d for d in differences(old, config.to_dict()) if not d.startswith("out:")]
+    if changed:
+        shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")
+        raise SynthkdError(
+            f"{run_dir} was made by another config ({shown}); use another out directory, or --force to rerun "
+            "the stages these settings change (the others are kept)"
+        )
+
+
+# ---------------------------------------------------------------------------------------------
+# Running
+
+
+def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = False, quiet: bool = False,
+                 tracker: str | None = None) -> dict[str, Any]:
+    """Run every enabled stage that is not up to date, then write the report; returns the summary."""
+    from .report import write_report
+
+    run_dir = Path(config.out)
+    check_run_dir(config, run_dir, force)
+    steps = plan(config, run_dir)
+    accelerator.wait_for_everyone()  # every rank has read the records before the main process writes
+    main = accelerator.is_main_process
+    if main:
+        import yaml
+
+        atomic_write(run_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
+    if tracker:
+        accelerator.init_trackers("synthkd-run", config=tracker_config(config))
+    ctx = RunContext(config, run_dir, accelerator)
+    with run_log(run_dir / LOG_NAME, quiet, main):
+        if main:
+            print(f"synthkd run -> {run_dir}\n{describe_plan(steps)}")
+        for step in steps:
+            if step.action in ("skip", "off"):
+                continue
+            run_stage(step, ctx)
+            if tracker:
+                log_curves(accelerator, step.stage.name, run_dir)
+        accelerator.wait_for_everyone()
+        summary = write_report(run_dir, config, steps) if main else {}
+        if main:
+            print(f"report: {run_dir / 'report.html'}")
+    accelerator.wait_for_everyone()
+    if tracker:
+        accelerator.end_training()  # closes the trackers (and the process group: last)
+    return summary
+
+
+def run_stage(step: Step, ctx: RunContext) -> None:
+    """Run one stage between a 'running' and a 'done' record; a failure is recorded and re-raised,
+    the outputs of the earlier stages stay as they were."""
+    stage, accelerator, run_dir = step.stage, ctx.accelerator, ctx.run_dir
+    main = accelerator.is_main_process
+    previous = read_record(run_dir, stage.name) or {}
+    earlier = previous.get("seconds", 0.0) if step.action == "resume" else 0.0
+    if main:
+        if step.action == "rerun":
+            for output in stage.outputs:
+                path = run_dir / output
+                shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+        record = {"name": stage.name, "status": "running", "fingerprint": step.fingerprint, "config": step.section,
+                  "upstream": step.upstream, "inputs": step.inputs, "action": step.action, "reason": step.reason,
+                  "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": earlier}
+        atomic_write_json(record_path(run_dir, stage.name), record)
+        print(f"[{stage.name}] {step.action}: {step.reason}")
+    accelerator.wait_for_everyone()
+    started = time.perf_counter()
+    try:
+        results = stage.execute(ctx)
+    except BaseException as error:
+        if main:
+            record.update(status="failed", error=f"{type(error).__name__}: {error}",
+                          seconds=earlier + time.perf_counter() - started)
+            atomic_write_json(record_path(run_dir, stage.name), record)
+            print(f"[{stage.name}] failed after {record['seconds']:.1f} s ({record['error']}); "
+                  "the earlier stages' outputs are kept, rerun to resume")
+        raise
+    accelerator.wait_for_everyone()
+    if main:
+        record.update(status="done", results=results, seconds=earlier + time.perf_counter() - started,
+                      finished=time.strftime("%Y-%m-%dT%H:%M:%S"), num_processes=accelerator.num_processes)
+        atomic_write_json(record_path(run_dir, stage.name), record)
+        print(f"[{stage.name}] done in {record['seconds']:.1f} s")
+
+
+def training_curves(run_dir: Path, stage: str) -> dict[str, list[dict[str, Any]]]:
+    """The per-epoch records the training loop wrote for a stage, by phase."""
+    metrics_file = {"teacher": run_dir / "teacher" / "metrics.json", "distill": run_dir / "student" / "metrics.json"}.get(stage)
+    if metrics_file is None or not metrics_file.is_file():
+        return {}
+    metrics = read_json(metrics_file)
+    curves = {}
+    for key, phase in (("history", stage), ("finetune_history", f"{stage} fine-tune")):
+        if metrics.get(key):
+            curves[phase] = metrics[key]
+    return curves
+
+
+def log_curves(accelerator: Accelerator, stage: str, run_dir: Path) -> None:
+    """Send a stage's training curves to the Accelerate trackers (main process only)."""
+    for phase, history in training_curves(run_dir, stage).items():
+        for record in history:
+            values = {f"{phase}/{k}": v for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
+            accelerator.log(values, step=record["epoch"])
+
+
+def tracker_config(config: RunConfig) -> dict[str, Any]:
+    """Flat scalar hyperparameters, as TensorBoard's hparams want them."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(config.to_dict()).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Output: a log file in the run directory, the terminal unless --quiet
+
+
+class _LogStream:
+    """A text stream that copies whole lines to the log (a progress bar's redraws collapse to its
+    last state, text after the last carriage return) and, unless quiet, everything to ``terminal``."""
+
+    def __init__(self, log: TextIO, terminal: TextIO | None):
+        self.log, self.terminal, self.pending = log, terminal, ""
+
+    def write(self, text: str) -> int:
+        if self.terminal is not None:
+            self.terminal.write(text)
+        self.pending += text
+        *lines, self.pending = self.pending.split("\n")
+        for line in lines:
+            line = line.rsplit("\r", 1)[-1]
+            if line.strip():
+                self.log.write(line + "\n")
+        self.log.flush()
+        return len(text)
+
+    def flush(self) -> None:
+        if self.terminal is not None:
+            self.terminal.flush()
+        self.log.flush()
+
+    def isatty(self) -> bool:
+        return self.terminal is not None and self.terminal.isatty()
+
+
+@contextmanager
+def run_log(path: Path, quiet: bool, main: bool) -> Iterator[None]:
+    """On the main process, stdout and stderr go to ``path`` (and to the terminal unless quiet);
+    other ranks print nothing under quiet."""
+    if not main and not quiet:
+        yield
+        return
+    saved = sys.stdout, sys.stderr
+    log = open(path, "a") if main else open(os.devnull, "w")
+    try:
+        sys.stdout = _LogStream(log, None if quiet else saved[0])
+        sys.stderr = _LogStream(log, None if quiet else saved[1])
+        yield
+    finally:
+        sys.stdout, sys.stderr = saved
+        log.close()

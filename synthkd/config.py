@@ -1,0 +1,343 @@
+"""The schema of a ``synthkd run`` YAML file: sections with defaults, validated before anything runs.
+
+Every problem (unknown key, wrong type, missing file or dataset) is collected with its path in
+the YAML and reported at once, so a user fixes a config in one pass. Command-line overrides
+(``distill.epochs=5``) are applied to the YAML before validation, parsed as YAML scalars.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import types
+import typing
+from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from .errors import SynthkdError
+from .generators.inversion import InversionConfig
+
+
+@dataclass
+class TeacherSection:
+    """An existing teacher (``model``), or one trained here on ``dataset`` when ``model`` is null."""
+
+    model: str | None = field(default=None, metadata={"check": "model"})
+    weights: str | None = field(default=None, metadata={"check": "file"})
+    input_shape: list[int] | None = None
+    mean: list[float] | None = None
+    std: list[float] | None = None
+    arch: str = "resnet20"
+    width: float = field(default=1.0, metadata={"positive": True})
+    dataset: str | None = field(default=None, metadata={"check": "dataset"})
+    epochs: int = field(default=15, metadata={"positive": True})
+    batch_size: int = field(default=128, metadata={"positive": True})
+    lr: float = field(default=0.1, metadata={"positive": True})
+    flip: bool = True
+
+
+@dataclass
+class StudentSection:
+    """A zoo architecture at ``width``, or a model directory / FILE.py:factory to start from."""
+
+    arch: str = field(default="resnet20", metadata={"check": "student"})
+    width: float = field(default=0.5, metadata={"positive": True})
+
+
+@dataclass
+class GenerateSection(InversionConfig):
+    """The synthetic set: how many images, in shards of ``batch_size``, and the inversion settings."""
+
+    method: Literal["inversion"] = "inversion"
+    num_images: int = field(default=6144, metadata={"positive": True})
+    batch_size: int = field(default=256, metadata={"positive": True})
+
+    def inversion(self) -> InversionConfig:
+        return InversionConfig(**{f.name: getattr(self, f.name) for f in fields(InversionConfig)})
+
+
+@dataclass
+class DistillSection:
+    """End-to-end KD, or neighbourhood by neighbourhood (then an optional e2e fine-tune)."""
+
+    mode: Literal["e2e", "neighbourhood"] = "e2e"
+    epochs: int = field(default=50, metadata={"positive": True})
+    batch_size: int = field(default=128, metadata={"positive": True})
+    lr: float | None = field(default=None, metadata={"positive": True})  # null: 0.05 (e2e, SGD) or 0.01 (neighbourhood, Adam)
+    temperature: float = field(default=4.0, metadata={"positive": True})
+    mixup: float = 1.0
+    flip: bool = True
+    cuts: str = "blocks"
+    finetune_epochs: int = 0
+    finetune_lr: float = field(default=0.01, metadata={"positive": True})
+    eval_every_epoch: bool = True
+
+    def learning_rate(self) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 0.05 if self.mode == "e2e" else 0.01
+
+
+@dataclass
+class DetectorSection:
+    """The failure detector of the student: a density of its features calibrated on the synthetic
+    set (``calibrate``), then scored on ``eval_dataset`` against its mistakes, out-of-distribution
+    sets and attacks (``evaluate_detector``). See ``synthkd calibrate -h``."""
+
+    enabled: bool = False
+    density: str = "gmm"             # gmm, gmm-diag or flow
+    alpha: float = field(default=0.05, metadata={"positive": True})
+    layer: str | None = None         # null: the penultimate features
+    components: int | None = field(default=None, metadata={"positive": True})
+    holdout: float = field(default=0.2, metadata={"positive": True})
+    ood: list[str] = field(default_factory=list)      # dataset specs or aliases (noise, digits, ...)
+    attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=list)
+    epsilon: float = field(default=0.1, metadata={"positive": True})
+    pgd_steps: int = field(default=10, metadata={"positive": True})
+    limit: int | None = field(default=None, metadata={"positive": True})  # inputs per source
+
+
+@dataclass
+class ReportSection:
+    samples_per_class: int = field(default=8, metadata={"positive": True})
+
+
+@dataclass
+class RunConfig:
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    student: StudentSection = field(default_factory=StudentSection)
+    generate: GenerateSection = field(default_factory=GenerateSection)
+    distill: DistillSection = field(default_factory=DistillSection)
+    detector: DetectorSection = field(default_factory=DetectorSection)
+    report: ReportSection = field(default_factory=ReportSection)
+    eval_dataset: str | None = field(default=None, metadata={"check": "dataset"})
+    out: str | None = None  # the run directory; null: runs/<config file name>
+    seed: int = 0
+    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
+    reference_epochs: int | None = None  # KD on real data, read by the benchmarks only
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading, overrides, validation
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read, override and validate a config; raises one :class:`SynthkdError` listing every problem."""
+    import yaml
+
+    path = Path(path)
+    if not path.is_file():
+        raise SynthkdError(f"config file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SynthkdError(f"{path} is not valid YAML: {error}") from error
+    if not isinstance(raw, dict):
+        raise SynthkdError(f"{path} must hold a mapping of sections (teacher:, generate:, ...), got {type(raw).__name__}")
+    errors = apply_overrides(raw, overrides)
+    config = validate(raw, errors)
+    if config is None or errors:
+        listed = "\n  ".join(errors)
+        raise SynthkdError(f"{path}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  {listed}")
+    if config.out is None:
+        config.out = str(Path("runs") / path.stem)
+    return config
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[str]:
+    """Set ``a.b=value`` entries in ``raw`` (values parsed as YAML); returns the malformed ones."""
+    import yaml
+
+    errors = []
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            errors.append(f"{item}: an override is KEY=VALUE, e.g. distill.epochs=5")
+            continue
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError:
+            value = text
+        node = raw
+        parts = key.split(".")
+        for depth, part in enumerate(parts[:-1]):
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                errors.append(f"{'.'.join(parts[:depth + 1])}: is a value, not a section; cannot set {key}")
+                break
+            node = child
+        else:
+            node[parts[-1]] = value
+    return errors
+
+
+def validate(raw: dict[str, Any], errors: list[str]) -> RunConfig | None:
+    """Build a :class:`RunConfig` from ``raw``, appending every problem to ``errors``."""
+    config = _build(RunConfig, raw, "", errors)
+    if config is None:
+        return None
+    _check_semantics(config, errors)
+    return config
+
+
+def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
+    if not isinstance(raw, dict):
+        errors.append(f"{prefix.rstrip('.') or '(top level)'}: expected a section (mapping), got {_show(raw)}")
+        return None
+    hints = typing.get_type_hints(cls)
+    known = {f.name: f for f in fields(cls)}
+    for key in raw:
+        if key not in known:
+            close = difflib.get_close_matches(str(key), known, n=1)
+            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(known)}"
+            errors.append(f"{prefix}{key}: unknown key{hint}")
+    values = {}
+    for name, spec in known.items():
+        if name not in raw:
+            continue
+        path = f"{prefix}{name}"
+        hint = hints[name]
+        if is_dataclass(hint):
+            built = _build(hint, raw[name], f"{path}.", errors)
+            if built is not None:
+                values[name] = built
+            continue
+        ok, value = _convert(raw[name], hint)
+        if not ok:
+            errors.append(f"{path}: expected {_describe(hint)}, got {_show(raw[name])}")
+            continue
+        if spec.metadata.get("positive") and value is not None and value <= 0:
+            errors.append(f"{path}: must be positive, got {_show(value)}")
+            continue
+        values[name] = value
+    return cls(**values)
+
+
+def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in typing.get_args(hint):
+            ok, converted = _convert(value, option)
+            if ok:
+                return True, converted
+        return False, None
+    if origin is Literal:
+        return value in typing.get_args(hint), value
+    if origin is list:
+        if not isinstance(value, list):
+            return False, None
+        (item,) = typing.get_args(hint)
+        converted = [_convert(v, item) for v in value]
+        return all(ok for ok, _ in converted), [v for _, v in converted]
+    if hint is type(None):
+        return value is None, None
+    if hint is bool:
+        return isinstance(value, bool), value
+    if hint is int:
+        return isinstance(value, int) and not isinstance(value, bool), value
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else None
+    if hint is str:
+        return isinstance(value, str), value
+    raise TypeError(f"unsupported schema type {hint}")
+
+
+def _describe(hint: Any) -> str:
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_describe(option) for option in typing.get_args(hint))
+    if origin is Literal:
+        return "one of " + ", ".join(json.dumps(v) for v in typing.get_args(hint))
+    if origin is list:
+        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}[hint]
+
+
+def _show(value: Any) -> str:
+    return json.dumps(value, default=str)
+
+
+def _check_semantics(config: RunConfig, errors: list[str]) -> None:
+    """Cross-field rules and every file or dataset the run will read."""
+    teacher = config.teacher
+    if teacher.model is None and teacher.dataset is None:
+        errors.append("teacher: give model (an existing teacher: model directory or FILE.py:factory) "
+                      "or dataset (a dataset spec to train one on)")
+    if teacher.model is not None and not Path(teacher.model).is_dir() and (teacher.weights is None or teacher.input_shape is None):
+        errors.append(f"teacher.model: {teacher.model!r} is not a model directory; a teacher given as code needs "
+                      "teacher.weights and teacher.input_shape (and mean/std)")
+    if config.generate.competition_weight != 0:
+        errors.append("generate.competition_weight: a run has no student yet when it generates; "
+                      "use `synthkd generate --student DIR --competition-weight W` for the competition term")
+    detector = config.detector
+    if detector.enabled:
+        from .detector import DENSITIES
+
+        if detector.density not in DENSITIES:
+            errors.append(f"detector.density: expected one of {', '.join(DENSITIES)}, got {_show(detector.density)}")
+        if not detector.holdout < 1 or not detector.alpha < 1:
+            errors.append("detector: alpha and holdout are fractions between 0 and 1")
+        if config.eval_dataset is None:
+            errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
+    if teacher.input_shape is not None and len(teacher.input_shape) != 3:
+        errors.append(f"teacher.input_shape: expected [C, H, W], got {_show(teacher.input_shape)}")
+    for section, prefix in ((config, ""), (teacher, "teacher."), (config.student, "student.")):
+        for spec in fields(section):
+            check, value = spec.metadata.get("check"), getattr(section, spec.name)
+            if check and value is not None:
+                problem = _missing(check, value)
+                if problem:
+                    errors.append(f"{prefix}{spec.name}: {problem}")
+
+
+def _missing(check: str, value: str) -> str | None:
+    """Why ``value`` (a model spec, file or dataset spec) cannot be read, or None."""
+    from .data import check_dataset
+    from .models import is_registered
+
+    if check == "dataset":
+        try:
+            check_dataset(value)
+        except SynthkdError as error:
+            return str(error)
+        return None
+    if check == "file":
+        return None if Path(value).is_file() else f"no file {value}"
+    if check == "student" and is_registered(value):
+        return None
+    if Path(value).is_dir():
+        return None
+    module_or_file, sep, _ = value.rpartition(":")
+    if sep and module_or_file.endswith(".py"):
+        return None if Path(module_or_file).is_file() else f"no file {module_or_file}"
+    if sep:
+        return None  # package.module:factory, imported when the stage runs
+    what = "a zoo architecture, " if check == "student" else ""
+    return f"{value!r} is neither {what}a model directory nor FILE.py:factory"
+
+
+# ---------------------------------------------------------------------------------------------
+# Comparing configs
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs."""
+    before, after = flatten(old), flatten(new)
+    return [f"{key}: {_show(before.get(key))} -> {_show(after.get(key))}"
+            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]
