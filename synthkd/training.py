@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+import numpy as np
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
@@ -111,10 +112,9 @@ def fit(
     With ``checkpoint_dir`` the state is saved after every epoch and a rerun resumes after the
     last finished epoch (a checkpoint of different settings is refused). ``on_epoch_start(epoch)``
     runs before each epoch, e.g. to add data to ``dataset`` (whose length must not change)."""
-    set_seed(config.seed)  # augmentation and MixUp draw from the global RNGs
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    generator = torch.Generator()  # seeded per epoch below
+    generator = torch.Generator()  # the loader's order, seeded per epoch below
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size, generator=generator)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
@@ -128,7 +128,11 @@ def fit(
     for epoch in range(len(history), config.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        generator.manual_seed(config.seed * 1_000_003 + epoch)  # the same order after a resume
+        # Every epoch's randomness comes from (seed, epoch) alone, so a resumed run draws what an
+        # uninterrupted one would: the loader's order, and augmentation and MixUp from the global RNGs.
+        order_seed, augmentation_seed = np.random.SeedSequence([config.seed, epoch]).generate_state(2)
+        generator.manual_seed(int(order_seed))
+        set_seed(int(augmentation_seed))
         prepared_model.train()
         started = time.perf_counter()
         total, batches = 0.0, 0
