@@ -277,8 +277,8 @@ def build_diffusion_generator(teacher: Classifier, device: torch.device | str, b
     ``steps``, ``class_table`` as JSON text, ...), as ``synthkd generate --method diffusion`` and
     ``synthkd run`` (``generate.diffusion``) give them; ``batch_size`` when no sampling batch size."""
     if not options["pipeline"]:
-        raise SynthkdError("the diffusion method needs a pipeline (--pipeline DIR_OR_HUB_ID, or generate.diffusion.pipeline "
-                           "in a run config), e.g. one from `synthkd train-diffusion`")
+        raise SynthkdError("the diffusion method needs --pipeline DIR_OR_HUB_ID (generate.diffusion.pipeline in a run "
+                           "config), e.g. one from `synthkd train-diffusion`")
     config = DiffusionConfig(
         pipeline=options["pipeline"], steps=options["steps"], scheduler=options["scheduler"],
         guidance_scale=options["guidance_scale"], prompt_template=options["prompt_template"],
