@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from accelerate import Accelerator
 
-from synthkd.config import RunConfig, differences, flatten
+from synthkd.config import RunConfig, differences, flatten, validate
 from synthkd.data.shards import is_synthetic_dir
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
@@ -325,6 +325,10 @@ def check_run_dir(config: RunConfig, run_dir: Path, force: bool) -> None:
     if force or not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
+    errors: list[str] = []
+    recorded = validate(old, errors) if isinstance(old, dict) else None
+    if recorded is not None:  # defaults filled in: keys added to the schema since are no difference
+        old = recorded.to_dict()
     changed = [d for d in differences(old, config.to_dict()) if not d.startswith("out:")]
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")

@@ -105,6 +105,8 @@ class GenerateSection(InversionConfig):
         for method in ("fast", "diffusion"):
             if self.method != method:
                 del settings[method]
+        if self.selection == SelectionSection():
+            del settings["selection"]  # keep all images: the fingerprint of runs made before selection existed
         if self.method == "diffusion":
             for name in (*self.loss(), "iterations", "lr"):
                 del settings[name]

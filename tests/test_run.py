@@ -184,6 +184,13 @@ def test_stages_skip_rerun_and_resume(tmp_path, teacher_dir, accelerator, monkey
     assert stage_files(run_dir) == before
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == weights
     assert "skip" in (run_dir / "report.md").read_text()
+    # A run directory from before the search and the other generation methods existed: their keys
+    # are missing from its config.yaml, and at their defaults they are no difference.
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del recorded["search"], recorded["generate"]["fast"], recorded["generate"]["diffusion"], recorded["generate"]["selection"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    run_pipeline(load_config(path), accelerator, quiet=True)
+    assert stage_files(run_dir) == before
 
     # Another config in the same directory is refused, naming the difference...
     with pytest.raises(SynthkdError, match=r"distill.epochs: 2 -> 3"):
