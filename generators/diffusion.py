@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from synthkd.errors import SynthkdError
-from synthkd.models import InputFormat
+from synthkd.models import Classifier, InputFormat
 
 from .base import SyntheticImageGenerator
 
@@ -269,3 +269,20 @@ class DiffusionGenerator(SyntheticImageGenerator):
                 "use a pipeline with the teacher's aspect ratio"
             )
         return channels, height, width
+
+
+def build_diffusion_generator(teacher: Classifier, device: torch.device | str, batch_size: int,
+                              options: dict[str, Any]) -> DiffusionGenerator:
+    """A :class:`DiffusionGenerator` from options named as on the command line (``pipeline``,
+    ``steps``, ``class_table`` as JSON text, ...), as ``synthkd generate --method diffusion`` and
+    ``synthkd run`` (``generate.diffusion``) give them; ``batch_size`` when no sampling batch size."""
+    if not options["pipeline"]:
+        raise SynthkdError("the diffusion method needs --pipeline DIR_OR_HUB_ID (generate.diffusion.pipeline in a run "
+                           "config), e.g. one from `synthkd train-diffusion`")
+    config = DiffusionConfig(
+        pipeline=options["pipeline"], steps=options["steps"], scheduler=options["scheduler"],
+        guidance_scale=options["guidance_scale"], prompt_template=options["prompt_template"],
+        class_table=load_class_table(options["class_table"]),
+        sample_batch_size=options["sample_batch_size"] or batch_size,
+    )
+    return DiffusionGenerator(config, teacher.input_format, list(teacher.config.class_names), device)

@@ -225,3 +225,16 @@ class FastGenerator(SyntheticImageGenerator):
         self.meta.to(self.device)
         if fresh and self.batches and (not _distributed() or dist.get_rank() == 0):
             print(f"synthkd: resuming the fast generator after {self.batches} batches from {path}", file=sys.stderr)
+
+
+def build_fast_generator(teacher: Classifier, loss: dict[str, Any], student: Classifier | None, seed: int,
+                         options: dict[str, Any]) -> FastGenerator:
+    """A :class:`FastGenerator` from the shared inversion-loss settings and the fast-generator
+    options named as on the command line (``generator_lr``, ``generator_channels``, ...), as
+    both ``synthkd generate --method fast`` and ``synthkd run`` (``generate.fast``) give them."""
+    config = FastConfig(
+        **loss, steps_per_batch=options["steps_per_batch"], lr=options["generator_lr"], latent_lr=options["latent_lr"],
+        meta_lr=options["meta_lr"], bn_momentum=options["bn_momentum"], warmup_batches=options["warmup_batches"],
+        latent_dim=options["latent_dim"], channels=options["generator_channels"],
+    )
+    return FastGenerator(teacher, config, student, seed)

@@ -47,6 +47,32 @@ class Selection:
         return self.min_confidence > 0 or self.balance
 
 
+METHODS = ("inversion", "fast", "diffusion")
+
+
+def image_generator(
+    method: str, teacher: Classifier, loss: dict[str, Any], iterations: int, lr: float, seed: int, batch_size: int,
+    fast: dict[str, Any], diffusion: dict[str, Any], competitor: Classifier | None = None,
+) -> SyntheticImageGenerator:
+    """The image generator of ``method`` (one of :data:`METHODS`) on the teacher's device, built the
+    same way for ``synthkd generate`` and ``synthkd run``: the inversion-loss settings ``loss``
+    serve inversion and fast; ``fast`` and ``diffusion`` hold their method's options by CLI name."""
+    device = next(teacher.parameters()).device
+    if method == "fast":
+        from synthkd.generators.fast import build_fast_generator
+
+        return build_fast_generator(teacher, loss, competitor, seed, fast)
+    if method == "diffusion":
+        from synthkd.generators.diffusion import build_diffusion_generator
+
+        return build_diffusion_generator(teacher, device, batch_size, diffusion)
+    if method != "inversion":
+        raise SynthkdError(f"unknown generation method {method!r}; use one of {', '.join(METHODS)}")
+    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+
+    return ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=lr, **loss), competitor)
+
+
 def teacher_record(teacher: Classifier) -> dict[str, Any]:
     """What a synthetic set records about the teacher that made it."""
     return {

@@ -39,7 +39,7 @@ def write_report(run_dir: Path, config: RunConfig, steps: list["Step"]) -> dict[
                            ("p", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; settings in config.yaml, log in run.log.")]
     blocks += headline_blocks(summary)
     blocks += stage_blocks(steps, records)
-    for figure in (sample_grid, curves_figure, neighbourhood_figure, per_class_figure, detector_blocks):
+    for figure in (sample_grid, curves_figure, neighbourhood_figure, search_blocks, per_class_figure, detector_blocks):
         blocks += figure(run_dir, config)
     atomic_write(run_dir / "report.md", lambda tmp: Path(tmp).write_text(to_markdown(blocks)))
     atomic_write(run_dir / "report.html", lambda tmp: Path(tmp).write_text(to_html(blocks, run_dir.name)))
@@ -62,6 +62,9 @@ def headline(run_dir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
         summary["merged_accuracy_before_finetune"] = student["merged_accuracy"]
     if "num_images" in results.get("generate", {}):
         summary["num_synthetic_images"] = results["generate"]["num_images"]
+        summary["generate_method"] = results["generate"].get("method", "inversion")
+    if student.get("mode") == "search":
+        summary["search"] = {key: student[key] for key in ("budget", "chosen", "chosen_costs", "trained", "cached")}
     evaluation_file = run_dir / "evaluation.json"
     if results.get("evaluate") and evaluation_file.is_file():
         evaluation = read_json(evaluation_file)
@@ -214,6 +217,29 @@ def per_class_figure(run_dir: Path, config: RunConfig) -> list[Block]:
     rows = [[n, fmt(t, percent=True), fmt(s, percent=True)] for n, t, s in zip(names, teacher, student)]
     return [("h2", "Teacher vs student"), ("img", path, "accuracy per class"),
             ("table", ["class", "teacher", "student"], rows)]
+
+
+def search_blocks(run_dir: Path, config: RunConfig) -> list[Block]:
+    """Student Search: the candidate chosen per neighbourhood and the frontier it was picked from
+    (``student/report.json`` and ``student/frontier.png``, written by the search)."""
+    report_file = run_dir / "student" / "report.json"
+    if not config.search.enabled or not report_file.is_file():
+        return []
+    report = read_json(report_file)
+    kind = report["kind"]
+    rows = [[row["neighbourhood"], row["candidate"], f"{row['relative_mse']:.4f}", fmt(row["costs"][kind])]
+            for row in report["chosen"]]
+    blocks: list[Block] = [
+        ("h2", "Student Search"),
+        ("p", f"Budget {report['budget']}: {kind} at most {fmt(report['limit'])} (teacher {fmt(report['teacher_costs'][kind])}); "
+              f"chosen {fmt(report['chosen_costs'][kind])}. {report['trained']} pieces distilled, {report['cached']} "
+              f"from the cache, candidates cut at {report['cuts']}."),
+        ("table", ["neighbourhood", "candidate", "relative MSE", kind], rows),
+    ]
+    if (run_dir / "student" / "frontier.png").is_file():
+        blocks.append(("img", "student/frontier.png", "summed local error against cost: the frontier, the uniform "
+                                                      "students and the chosen one"))
+    return blocks
 
 
 def detector_blocks(run_dir: Path, config: RunConfig) -> list[Block]:

@@ -1,6 +1,7 @@
 """``synthkd run CONFIG``: every stage from one YAML file, resumable, ending in a report.
 
-Stages run in order: teacher (given, or trained) -> generate -> distill -> evaluate, and with
+Stages run in order: teacher (given, or trained) -> generate (inversion, fast or diffusion) ->
+distill (e2e or neighbourhood, or Student Search with ``search.enabled``) -> evaluate, and with
 ``detector.enabled`` calibrate -> evaluate_detector (the student's failure detector). Each one
 records, in ``RUN_DIR/stages/NAME.json``, its resolved settings and a fingerprint of its inputs:
 its config section, the fingerprints of the stages it reads from, and hashes of the files it
@@ -24,7 +25,7 @@ from typing import Any, Callable, Iterator, TextIO
 
 from accelerate import Accelerator
 
-from synthkd.config import RunConfig, differences, flatten
+from synthkd.config import RunConfig, differences, flatten, validate
 from synthkd.data.shards import is_synthetic_dir
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
@@ -109,26 +110,39 @@ def run_teacher(ctx: RunContext) -> dict[str, Any]:
             "final_loss": metrics["history"][-1]["loss"]}
 
 
+def generate_section(config: RunConfig) -> dict[str, Any]:
+    return {**config.generate.settings(), "seed": config.seed, "mixed_precision": config.mixed_precision}
+
+
 def run_generate(ctx: RunContext) -> dict[str, Any]:
-    from synthkd.generators.inversion import ActivationInversion
+    from .generate import Selection, generate, image_generator
 
-    from .generate import generate
-
-    section = ctx.config.generate
+    section, seed = ctx.config.generate, ctx.config.seed
     teacher = ctx.teacher().to(ctx.accelerator.device)
-    generator = ActivationInversion(teacher, section.inversion())
-    manifest = generate(teacher, generator, section.num_images, ctx.run_dir / "synthetic", section.batch_size,
-                        ctx.config.seed, ctx.accelerator)
-    return {"num_images": manifest["num_images"], "counts_per_class": manifest["counts_per_class"]}
+    generator = image_generator(section.method, teacher, section.loss(), section.iterations, section.lr, seed,
+                                section.batch_size, asdict(section.fast), asdict(section.diffusion))
+    selection = Selection(**asdict(section.selection))
+    manifest = generate(teacher, generator, section.num_images, ctx.run_dir / "synthetic", section.batch_size, seed,
+                        ctx.accelerator, selection)
+    results = {"method": section.method, "num_images": manifest["num_images"],
+               "counts_per_class": manifest["counts_per_class"]}
+    if manifest.get("report"):
+        results["selection"] = manifest["report"]
+    return results
 
 
 def distill_section(config: RunConfig) -> dict[str, Any]:
-    return {"distill": asdict(config.distill), "student": asdict(config.student), "seed": config.seed,
-            "eval_dataset": config.eval_dataset if config.distill.eval_every_epoch else None,
-            "mixed_precision": config.mixed_precision}
+    """The student's settings: Student Search's when it is enabled, else distillation's."""
+    training = {"search": asdict(config.search)} if config.search.enabled else {"distill": asdict(config.distill)}
+    evaluates = config.search.enabled or config.distill.eval_every_epoch
+    return {**training, "student": asdict(config.student), "seed": config.seed,
+            "eval_dataset": config.eval_dataset if evaluates else None, "mixed_precision": config.mixed_precision}
 
 
 def run_distill(ctx: RunContext) -> dict[str, Any]:
+    """The student: distilled (e2e or neighbourhood), or found by Student Search."""
+    if ctx.config.search.enabled:
+        return run_search(ctx)
     from .distill import build_student, distill_student
 
     config, section = ctx.config, ctx.config.distill
@@ -143,6 +157,30 @@ def run_distill(ctx: RunContext) -> dict[str, Any]:
     results = {"mode": section.mode, "parameters": parameters(student), "distill_seconds": metrics["distill_seconds"]}
     if "merged" in metrics:
         results["merged_accuracy"] = metrics["merged"]["accuracy"]
+    return results
+
+
+def run_search(ctx: RunContext) -> dict[str, Any]:
+    """Student Search on the run's synthetic set; the pieces are cached (``search.cache_dir``), so
+    an interrupted search resumes with the pieces it had distilled."""
+    from synthkd.neighbourhood_training import NeighbourhoodConfig
+    from synthkd.training import TrainConfig
+
+    from .search import search
+
+    config, section = ctx.config, ctx.config.search
+    pieces = NeighbourhoodConfig(cuts=section.cuts, epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
+                                 seed=config.seed)
+    finetune = TrainConfig(epochs=section.finetune_epochs, batch_size=section.batch_size, lr=section.finetune_lr,
+                           seed=config.seed, warmup_epochs=0.0)
+    student, report = search(ctx.teacher(), ctx.run_dir / "synthetic", ctx.run_dir / "student", section.budget,
+                             section.candidates, pieces, section.sparsity_epochs, finetune, config.eval_dataset,
+                             section.cache_dir or ctx.run_dir / "search-cache", ctx.accelerator)
+    results = {"mode": "search", "parameters": parameters(student), "budget": report["budget"],
+               "chosen": [row["candidate"] for row in report["chosen"]], "chosen_costs": report["chosen_costs"],
+               "trained": report["trained"], "cached": report["cached"], "distill_seconds": report["explore_seconds"]}
+    if "merged" in report:
+        results["merged_accuracy"] = report["merged"]["accuracy"]
     return results
 
 
@@ -195,11 +233,10 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", (), teacher_section, run_teacher, ("teacher",),
           lambda run_dir, config: config.teacher.model is not None or model_saved(run_dir / "teacher"),
           inputs=teacher_inputs),
-    Stage("generate", ("teacher",), lambda config: {**asdict(config.generate), "seed": config.seed,
-                                                    "mixed_precision": config.mixed_precision},
-          run_generate, ("synthetic",), lambda run_dir, config: is_synthetic_dir(run_dir / "synthetic")),
+    Stage("generate", ("teacher",), generate_section, run_generate, ("synthetic",), lambda run_dir, config: is_synthetic_dir(run_dir / "synthetic")),
     Stage("distill", ("teacher", "generate"), distill_section, run_distill, ("student",),
-          lambda run_dir, config: model_saved(run_dir / "student") and (run_dir / "student" / "metrics.json").is_file()),
+          lambda run_dir, config: model_saved(run_dir / "student") and (run_dir / "student" / "metrics.json").is_file()
+          and (not config.search.enabled or (run_dir / "student" / "report.json").is_file())),
     Stage("evaluate", ("teacher", "distill"), lambda config: {"eval_dataset": config.eval_dataset}, run_evaluate,
           ("evaluation.json",), lambda run_dir, config: (run_dir / "evaluation.json").is_file(),
           enabled=lambda config: config.eval_dataset is not None),
@@ -288,6 +325,10 @@ def check_run_dir(config: RunConfig, run_dir: Path, force: bool) -> None:
     if force or not path.is_file():
         return
     old = yaml.safe_load(path.read_text()) or {}
+    errors: list[str] = []
+    recorded = validate(old, errors) if isinstance(old, dict) else None
+    if recorded is not None:  # defaults filled in: keys added to the schema since are no difference
+        old = recorded.to_dict()
     changed = [d for d in differences(old, config.to_dict()) if not d.startswith("out:")]
     if changed:
         shown = "; ".join(changed[:8]) + (f"; and {len(changed) - 8} more" if len(changed) > 8 else "")

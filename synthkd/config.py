@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SynthkdError
-from .generators.inversion import InversionConfig
+from .generators.inversion import InversionConfig, InversionLossConfig
 
 
 @dataclass
@@ -47,15 +47,72 @@ class StudentSection:
 
 
 @dataclass
-class GenerateSection(InversionConfig):
-    """The synthetic set: how many images, in shards of ``batch_size``, and the inversion settings."""
+class FastSection:
+    """``generate.method: fast``: the meta-learned generator network (``synthkd generate -h``, --method fast)."""
 
-    method: Literal["inversion"] = "inversion"
+    steps_per_batch: int = field(default=5, metadata={"positive": True})
+    generator_lr: float = field(default=0.005, metadata={"positive": True})
+    latent_lr: float = field(default=0.015, metadata={"positive": True})
+    meta_lr: float = field(default=0.5, metadata={"positive": True})
+    bn_momentum: float = 0.9
+    warmup_batches: int = 10
+    latent_dim: int = field(default=128, metadata={"positive": True})
+    generator_channels: int = field(default=16, metadata={"positive": True})
+
+
+@dataclass
+class DiffusionSection:
+    """``generate.method: diffusion``: a diffusers pipeline (directory or hub id) sampled for images."""
+
+    pipeline: str | None = None
+    steps: int = field(default=50, metadata={"positive": True})
+    scheduler: str | None = None          # null: the pipeline's own; ddpm, ddim, dpm-solver, ... or a class name
+    guidance_scale: float | None = None   # null: the pipeline's default
+    prompt_template: str = "a photo of a {name}"
+    class_table: str | None = None        # JSON file or inline JSON: teacher class -> label id / prompt name
+    sample_batch_size: int | None = field(default=None, metadata={"positive": True})  # null: batch_size
+
+
+@dataclass
+class SelectionSection:
+    """Which drawn images are kept, judged by the teacher (any method; useful with diffusion)."""
+
+    min_confidence: float = 0.0
+    balance: bool = False
+    max_tries: int = field(default=10, metadata={"positive": True})
+
+
+@dataclass
+class GenerateSection(InversionConfig):
+    """The synthetic set: how many images, in shards of ``batch_size``, made by ``method``.
+    The inversion settings (iterations, lr and the loss weights) serve inversion; the loss weights
+    serve fast too; ``fast:`` and ``diffusion:`` hold the settings of those methods."""
+
+    method: Literal["inversion", "fast", "diffusion"] = "inversion"
     num_images: int = field(default=6144, metadata={"positive": True})
     batch_size: int = field(default=256, metadata={"positive": True})
+    fast: FastSection = field(default_factory=FastSection)
+    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
+    selection: SelectionSection = field(default_factory=SelectionSection)
 
-    def inversion(self) -> InversionConfig:
-        return InversionConfig(**{f.name: getattr(self, f.name) for f in fields(InversionConfig)})
+    def loss(self) -> dict[str, Any]:
+        """The inversion-loss weights and views, shared by inversion and fast."""
+        return {f.name: getattr(self, f.name) for f in fields(InversionLossConfig)}
+
+    def settings(self) -> dict[str, Any]:
+        """What the set depends on: the method's own settings only (another method's are ignored)."""
+        settings = asdict(self)
+        for method in ("fast", "diffusion"):
+            if self.method != method:
+                del settings[method]
+        if self.selection == SelectionSection():
+            del settings["selection"]  # keep all images: the fingerprint of runs made before selection existed
+        if self.method == "diffusion":
+            for name in (*self.loss(), "iterations", "lr"):
+                del settings[name]
+        elif self.method == "fast":
+            del settings["iterations"], settings["lr"]
+        return settings
 
 
 @dataclass
@@ -78,6 +135,24 @@ class DistillSection:
         if self.lr is not None:
             return self.lr
         return 0.05 if self.mode == "e2e" else 0.01
+
+
+@dataclass
+class SearchSection:
+    """Student Search instead of distillation: the student with the least local error under
+    ``budget``, picked per neighbourhood from a candidate grid (``synthkd search -h``)."""
+
+    enabled: bool = False
+    budget: str = "params=0.5"            # params|flops|latency=VALUE: a fraction of the teacher's or absolute
+    candidates: str = "width=0.25,0.5,0.75,1.0"  # grid width=...;depth=...;sparsity=..., or FILE.py:factory
+    cuts: str = "stages"
+    epochs: int = field(default=5, metadata={"positive": True})
+    sparsity_epochs: int | None = field(default=None, metadata={"positive": True})  # null: epochs // 2
+    finetune_epochs: int = 0
+    finetune_lr: float = field(default=0.01, metadata={"positive": True})
+    batch_size: int = field(default=128, metadata={"positive": True})
+    lr: float = field(default=0.01, metadata={"positive": True})
+    cache_dir: str | None = None          # null: RUN_DIR/search-cache; share one between runs to reuse pieces
 
 
 @dataclass
@@ -110,6 +185,7 @@ class RunConfig:
     student: StudentSection = field(default_factory=StudentSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    search: SearchSection = field(default_factory=SearchSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
     report: ReportSection = field(default_factory=ReportSection)
     eval_dataset: str | None = field(default=None, metadata={"check": "dataset"})
@@ -274,6 +350,14 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
     if config.generate.competition_weight != 0:
         errors.append("generate.competition_weight: a run has no student yet when it generates; "
                       "use `synthkd generate --student DIR --competition-weight W` for the competition term")
+    _check_generate(config.generate, errors)
+    if config.search.enabled:
+        from .search import parse_budget
+
+        try:
+            parse_budget(config.search.budget)
+        except SynthkdError as error:
+            errors.append(f"search.budget: {error}")
     detector = config.detector
     if detector.enabled:
         from .detector import DENSITIES
@@ -293,6 +377,43 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
                 problem = _missing(check, value)
                 if problem:
                     errors.append(f"{prefix}{spec.name}: {problem}")
+
+
+def _check_generate(section: GenerateSection, errors: list[str]) -> None:
+    """The chosen method's settings: a diffusion pipeline that exists, a readable class table,
+    fast-generator fractions in range, a valid selection."""
+    from .generators.diffusion import load_class_table
+    from .pipelines.generate import Selection
+
+    fast, diffusion = section.fast, section.diffusion
+    if section.method == "fast":
+        if not fast.meta_lr <= 1:
+            errors.append(f"generate.fast.meta_lr: must be in (0, 1] (the fraction of the way to the adapted weights), "
+                          f"got {_show(fast.meta_lr)}")
+        if not 0 <= fast.bn_momentum < 1:
+            errors.append(f"generate.fast.bn_momentum: must be in [0, 1), got {_show(fast.bn_momentum)}")
+        if fast.warmup_batches < 0:
+            errors.append(f"generate.fast.warmup_batches: must not be negative, got {_show(fast.warmup_batches)}")
+    if section.method == "diffusion":
+        if diffusion.pipeline is None:
+            errors.append("generate.diffusion.pipeline: the diffusion method needs a diffusers pipeline (a directory, "
+                          "e.g. from `synthkd train-diffusion`, or a hub id owner/name)")
+        elif _looks_like_path(diffusion.pipeline) and not Path(diffusion.pipeline).expanduser().is_dir():
+            errors.append(f"generate.diffusion.pipeline: no pipeline directory {diffusion.pipeline}")
+        if diffusion.class_table is not None:
+            try:
+                load_class_table(diffusion.class_table)
+            except SynthkdError as error:
+                errors.append(f"generate.diffusion.class_table: {error}")
+    try:
+        Selection(**asdict(section.selection))
+    except SynthkdError as error:
+        errors.append(f"generate.selection: {error}")
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A local directory rather than a hub id (``owner/name``): absolute, relative, or deeper."""
+    return Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1 or Path(spec).exists()
 
 
 def _missing(check: str, value: str) -> str | None:

@@ -184,6 +184,13 @@ def test_stages_skip_rerun_and_resume(tmp_path, teacher_dir, accelerator, monkey
     assert stage_files(run_dir) == before
     assert (run_dir / "student" / "model.safetensors").stat().st_mtime_ns == weights
     assert "skip" in (run_dir / "report.md").read_text()
+    # A run directory from before the search and the other generation methods existed: their keys
+    # are missing from its config.yaml, and at their defaults they are no difference.
+    recorded = yaml.safe_load((run_dir / "config.yaml").read_text())
+    del recorded["search"], recorded["generate"]["fast"], recorded["generate"]["diffusion"], recorded["generate"]["selection"]
+    (run_dir / "config.yaml").write_text(yaml.safe_dump(recorded))
+    run_pipeline(load_config(path), accelerator, quiet=True)
+    assert stage_files(run_dir) == before
 
     # Another config in the same directory is refused, naming the difference...
     with pytest.raises(SynthkdError, match=r"distill.epochs: 2 -> 3"):
@@ -293,3 +300,115 @@ def test_quick_config_with_two_processes(tmp_path):
     assert {"teacher/loss", "distill/loss", "distill/eval_accuracy"} <= set(events.Tags()["scalars"])
     assert len(events.Scalars("distill/loss")) == 2
     assert (run_dir / "run.log").read_text().count("[distill] done") == 1
+
+
+# ---------------------------------------------------------------------------------------------
+# The other generation methods and Student Search as stages
+
+
+def test_fast_method_from_the_quick_config(tmp_path, teacher_dir, accelerator):
+    run_dir = tmp_path / "run"
+    overrides = [f"out={run_dir}", f"teacher.model={teacher_dir}", "generate.method=fast", "generate.num_images=32",
+                 "generate.batch_size=16", "generate.fast.steps_per_batch=2", "generate.fast.warmup_batches=1",
+                 "distill.epochs=1", "distill.batch_size=16", "detector.enabled=false", "eval_dataset=digits:test[:90]"]
+    config_file = REPO / "configs" / "digits_quick.yaml"
+    summary = run_pipeline(load_config(config_file, overrides), accelerator, quiet=True)
+    state = records(run_dir)
+    assert all(r["status"] == "done" for r in state.values()) and state["generate"]["results"]["method"] == "fast"
+    assert state["generate"]["config"]["fast"]["steps_per_batch"] == 2
+    assert "diffusion" not in state["generate"]["config"] and "iterations" not in state["generate"]["config"]
+    manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
+    assert manifest["method"] == "fast" and manifest["num_images"] == 32
+    assert (run_dir / "synthetic" / "generator-state.safetensors").is_file()
+    assert summary["generate_method"] == "fast" and (run_dir / "report" / "samples.png").is_file()
+    # Another method's settings do not touch the set; the method's own do, and everything after it.
+    steps = {s.stage.name: s.action for s in plan(load_config(config_file, overrides + ["generate.diffusion.steps=3",
+                                                                                        "generate.iterations=7"]), run_dir)}
+    assert (steps["generate"], steps["distill"]) == ("skip", "skip")
+    steps = {s.stage.name: (s.action, s.reason) for s in plan(load_config(config_file, overrides + ["generate.fast.latent_dim=64"]), run_dir)}
+    assert steps["generate"] == ("rerun", "fast.latent_dim: 128 -> 64") and steps["evaluate"][0] == "rerun"
+    assert steps["teacher"][0] == "skip"
+
+
+def test_diffusion_method_with_a_saved_ddpm_pipeline(tmp_path, teacher_dir, accelerator):
+    from test_diffusion import save_ddpm
+
+    pipeline = save_ddpm(tmp_path / "ddpm")
+    run_dir = tmp_path / "run"
+    setting = tiny_setting(teacher_dir, run_dir)
+    setting["generate"] = {"method": "diffusion", "num_images": 32, "batch_size": 16,
+                           "diffusion": {"pipeline": str(pipeline), "steps": 2, "scheduler": "ddim"},
+                           "selection": {"min_confidence": 0.2, "max_tries": 2}}
+    path = write_config(tmp_path / "tiny.yaml", setting)
+    summary = run_pipeline(load_config(path), accelerator, quiet=True)
+    state = records(run_dir)
+    assert all(r["status"] == "done" for r in state.values())
+    generate = state["generate"]
+    assert generate["results"]["method"] == "diffusion" and generate["config"]["diffusion"]["steps"] == 2
+    assert sum(generate["results"]["selection"]["drawn"]) >= 32  # the teacher's selection was applied
+    manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())
+    assert manifest["method"] == "diffusion" and manifest["config"]["scheduler"] == "ddim"
+    assert manifest["config"]["selection"]["min_confidence"] == 0.2
+    assert summary["generate_method"] == "diffusion" and 0 <= summary["student_accuracy"] <= 1
+    assert "report/samples.png" in (run_dir / "report.html").read_text()
+    # Back to inversion: the set and everything after it are made again.
+    steps = {s.stage.name: (s.action, s.reason) for s in plan(load_config(path, ["generate.method=inversion"]), run_dir)}
+    assert steps["generate"][0] == "rerun" and 'method: "diffusion" -> "inversion"' in steps["generate"][1]
+    assert steps["distill"][0] == steps["evaluate"][0] == "rerun" and steps["teacher"][0] == "skip"
+
+
+def test_search_replaces_distillation(tmp_path, teacher_dir, accelerator):
+    run_dir = tmp_path / "run"
+    setting = tiny_setting(teacher_dir, run_dir)
+    setting["search"] = {"enabled": True, "budget": "params=0.6", "candidates": "width=0.5,1.0", "epochs": 1,
+                         "sparsity_epochs": 1, "batch_size": 16}
+    path = write_config(tmp_path / "tiny.yaml", setting)
+    summary = run_pipeline(load_config(path), accelerator, quiet=True)
+    state = records(run_dir)
+    distill = state["distill"]
+    assert all(r["status"] == "done" for r in state.values()) and distill["results"]["mode"] == "search"
+    assert "search" in distill["config"] and "distill" not in distill["config"]
+    report = json.loads((run_dir / "student" / "report.json").read_text())
+    assert report["chosen_costs"]["params"] <= report["limit"] and report["trained"] > 0
+    assert (run_dir / "search-cache").is_dir()
+    assert summary["distill_mode"] == "search"
+    assert summary["search"]["chosen"] == [row["candidate"] for row in report["chosen"]]
+    page = (run_dir / "report.html").read_text()
+    assert "Student Search" in page and '<img src="student/frontier.png"' in page
+    assert (run_dir / "student" / "frontier.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (run_dir / "report.md").read_text()
+    for row in report["chosen"]:  # the chosen candidate of every neighbourhood
+        assert f"| {row['neighbourhood']} | {row['candidate']} | {row['relative_mse']:.4f} |" in markdown
+    # Distillation settings are not the student's while the search is on; turning it off reruns it.
+    assert {s.stage.name: s.action for s in plan(load_config(path, ["distill.epochs=9"]), run_dir)}["distill"] == "skip"
+    steps = {s.stage.name: s.action for s in plan(load_config(path, ["search.enabled=false"]), run_dir)}
+    assert (steps["generate"], steps["distill"], steps["evaluate"]) == ("skip", "rerun", "rerun")
+
+
+def test_schema_errors_of_the_new_keys(tmp_path, teacher_dir):
+    path = write_config(tmp_path / "c.yaml", tiny_setting(teacher_dir, tmp_path / "run"))
+    with pytest.raises(SynthkdError) as error:
+        load_config(path, ["generate.method=diffusion", "generate.diffusion.steps=0", "generate.diffusion.class_table={",
+                           "generate.selection.min_confidence=2", "generate.fast.latnt_dim=3", "generate.fast.meta_lr=2",
+                           "search.enabled=true", "search.budget=memory=0.3", 'search.epochs="x"', "generate.method2=fast"])
+    message = str(error.value)
+    for expected in (
+        "generate.diffusion.pipeline: the diffusion method needs a diffusers pipeline",
+        "generate.diffusion.steps: must be positive, got 0",
+        "generate.diffusion.class_table: --class-table",
+        "generate.selection: --min-confidence must be in [0, 1], got 2",
+        "generate.fast.latnt_dim: unknown key; did you mean latent_dim?",
+        "search.budget: unknown budget kind 'memory'",
+        'search.epochs: expected an integer, got "x"',
+        "generate.method2: unknown key",
+    ):
+        assert expected in message, (expected, message)
+    assert "meta_lr" not in message  # fast settings are checked only when fast is the method
+    with pytest.raises(SynthkdError) as error:
+        load_config(path, ["generate.method=fast", "generate.fast.meta_lr=2", "generate.fast.bn_momentum=1"])
+    assert "generate.fast.meta_lr: must be in (0, 1]" in str(error.value)
+    assert "generate.fast.bn_momentum: must be in [0, 1)" in str(error.value)
+    with pytest.raises(SynthkdError, match=f"generate.diffusion.pipeline: no pipeline directory {tmp_path}/nowhere"):
+        load_config(path, ["generate.method=diffusion", f"generate.diffusion.pipeline={tmp_path}/nowhere"])
+    result = CliRunner().invoke(main, ["run", str(path), "--dry-run", "generate.method=diffusion"])
+    assert result.exit_code == 2 and "generate.diffusion.pipeline" in result.output

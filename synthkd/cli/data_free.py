@@ -8,7 +8,7 @@ import click
 
 from ..errors import SynthkdError
 from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
-from .diffusion import build_diffusion_generator, build_selection, diffusion_options, echo_report, selection_options
+from .diffusion import build_selection, diffusion_options, echo_report, selection_options
 from .fast import activation_options, fast_generator_options, synthesis_options
 
 
@@ -68,7 +68,7 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
              first_bn_weight, ce_weight, tv_weight, l2_weight, jitter, flip, crop_scale, competition_weight, student,
              diffusion, selection, seed, mixed_precision, out, **method_options):
     """Make a synthetic training set from the teacher alone."""
-    from synthkd.pipelines.generate import generate as run_generate
+    from synthkd.pipelines.generate import generate as run_generate, image_generator
     from synthkd.models import load_model
 
     if num_images <= 0 or batch_size <= 0 or iterations <= 0:
@@ -84,29 +84,15 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
             click.echo(f"wrote {num_images} input activations for each of {len(manifest['neighbourhoods'])} "
                        f"neighbourhoods to {out}")
         return
-    if method == "diffusion":
-        generator = build_diffusion_generator(teacher, accelerator, batch_size, diffusion)
-    else:
-        competitor = load_model(student).to(accelerator.device) if student else None
-        loss = dict(bn_weight=bn_weight, first_bn_weight=first_bn_weight, ce_weight=ce_weight, tv_weight=tv_weight,
-                    l2_weight=l2_weight, jitter=jitter, flip=flip, crop_scale=crop_scale,
-                    competition_weight=competition_weight)
-        generator = image_generator(method, teacher, loss, iterations, lr, competitor, seed, method_options)
+    competitor = load_model(student).to(accelerator.device) if student and method != "diffusion" else None
+    loss = dict(bn_weight=bn_weight, first_bn_weight=first_bn_weight, ce_weight=ce_weight, tv_weight=tv_weight,
+                l2_weight=l2_weight, jitter=jitter, flip=flip, crop_scale=crop_scale, competition_weight=competition_weight)
+    generator = image_generator(method, teacher, loss, iterations, lr, seed, batch_size, method_options, diffusion,
+                                competitor)
     manifest = run_generate(teacher, generator, num_images, out, batch_size, seed, accelerator, build_selection(selection))
     if accelerator.is_main_process:
         click.echo(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
         echo_report(manifest)
-
-
-def image_generator(method: str, teacher, loss: dict, iterations: int, lr: float, competitor, seed: int, options: dict):
-    """The generator of ``--method`` with the shared inversion-loss settings."""
-    if method == "fast":
-        from .fast import fast_generator
-
-        return fast_generator(teacher, loss, competitor, seed, options)
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
-
-    return ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=lr, **loss), competitor)
 
 
 @main.command()

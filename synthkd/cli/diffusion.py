@@ -60,21 +60,6 @@ def build_selection(options: dict[str, Any]):
     return Selection(**options)
 
 
-def build_diffusion_generator(teacher, accelerator, batch_size: int, options: dict[str, Any]):
-    """The DiffusionGenerator `generate --method diffusion` asks for."""
-    from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator, load_class_table
-
-    if not options["pipeline"]:
-        raise SynthkdError("--method diffusion needs --pipeline DIR_OR_HUB_ID (e.g. one from `synthkd train-diffusion`)")
-    config = DiffusionConfig(
-        pipeline=options["pipeline"], steps=options["steps"], scheduler=options["scheduler"],
-        guidance_scale=options["guidance_scale"], prompt_template=options["prompt_template"],
-        class_table=load_class_table(options["class_table"]),
-        sample_batch_size=options["sample_batch_size"] or batch_size,
-    )
-    return DiffusionGenerator(config, teacher.input_format, list(teacher.config.class_names), accelerator.device)
-
-
 def echo_report(manifest: dict[str, Any]) -> None:
     """Per class: the share wanted, how many the selection accepted, how many filled the gap."""
     report = manifest.get("report")

@@ -34,18 +34,6 @@ def fast_generator_options(function: Callable) -> Callable:
     ])
 
 
-def fast_generator(teacher, loss: dict[str, Any], student, seed: int, options: dict[str, Any]):
-    """A :class:`FastGenerator` from the shared inversion-loss settings and the options above."""
-    from synthkd.generators.fast import FastConfig, FastGenerator
-
-    config = FastConfig(
-        **loss, steps_per_batch=options["steps_per_batch"], lr=options["generator_lr"], latent_lr=options["latent_lr"],
-        meta_lr=options["meta_lr"], bn_momentum=options["bn_momentum"], warmup_batches=options["warmup_batches"],
-        latent_dim=options["latent_dim"], channels=options["generator_channels"],
-    )
-    return FastGenerator(teacher, config, student, seed)
-
-
 def activation_options(function: Callable) -> Callable:
     """Settings of ``generate --method activations``."""
     return add_options(function, [
@@ -82,11 +70,12 @@ def synthesis_options(function: Callable) -> Callable:
 def run_interleaved(teacher, student, data, out, train, temperature, flip, mixup, seed, eval_dataset, accelerator,
                     options: dict[str, Any]):
     """``distill --synthesize fast``: the student is both trained and the generator's competitor."""
+    from synthkd.generators.fast import build_fast_generator
     from synthkd.generators.inversion import InversionLossConfig
     from synthkd.pipelines.interleave import distill_interleaved
 
     loss = vars(InversionLossConfig(competition_weight=options["competition_weight"]))
-    generator = fast_generator(teacher.to(accelerator.device), loss, student.to(accelerator.device), seed, options)
+    generator = build_fast_generator(teacher.to(accelerator.device), loss, student.to(accelerator.device), seed, options)
     return distill_interleaved(teacher, student, generator, data, out, options["synth_images"], options["gen_batch_size"],
                                options["batches_per_round"], train, temperature, flip, mixup, seed, eval_dataset,
                                accelerator)
