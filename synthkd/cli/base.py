@@ -10,7 +10,9 @@ from ..errors import SynthkdError
 
 
 class SynthkdGroup(click.Group):
-    """Turns :class:`SynthkdError` into a one-line message and exit code 2."""
+    """Turns :class:`SynthkdError` into a one-line message and exit code 2, and closes the
+    process group a command under ``accelerate launch`` opened (left to interpreter exit, gloo's
+    threads can abort the process after the work is done)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -18,6 +20,15 @@ class SynthkdGroup(click.Group):
         except SynthkdError as error:
             click.echo(f"error: {error}", err=True)
             ctx.exit(2)
+        finally:
+            close_process_group()
+
+
+def close_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def parse_floats(text: str | None) -> tuple[float, ...] | None:
