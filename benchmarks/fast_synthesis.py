@@ -53,7 +53,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value))
-    parser.add_argument("--steps-per-batch", type=int, default=5)
+    parser.add_argument("--steps-per-batch", type=int, default=20)
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")

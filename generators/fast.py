@@ -45,7 +45,7 @@ STATE_NAME = "generator-state.safetensors"
 
 @dataclass
 class FastConfig(InversionLossConfig):
-    steps_per_batch: int = 5
+    steps_per_batch: int = 20
     lr: float = 0.005  # Adam on the generator's weights within a batch
     latent_lr: float = 0.015  # Adam on the batch's latents
     meta_lr: float = 0.5  # Reptile: fraction of the way from the meta weights to the adapted ones

@@ -50,7 +50,7 @@ class StudentSection:
 class FastSection:
     """``generate.method: fast``: the meta-learned generator network (``synthkd generate -h``, --method fast)."""
 
-    steps_per_batch: int = field(default=5, metadata={"positive": True})
+    steps_per_batch: int = field(default=20, metadata={"positive": True})
     generator_lr: float = field(default=0.005, metadata={"positive": True})
     latent_lr: float = field(default=0.015, metadata={"positive": True})
     meta_lr: float = field(default=0.5, metadata={"positive": True})

@@ -17,7 +17,7 @@ FAST_OPTIONS = ("steps_per_batch", "generator_lr", "latent_lr", "meta_lr", "bn_m
 def fast_generator_options(function: Callable) -> Callable:
     """The settings of the meta-learned generator (``--method fast`` / ``--synthesize fast``)."""
     return add_options(function, [
-        click.option("--steps-per-batch", type=int, default=5, show_default=True,
+        click.option("--steps-per-batch", type=int, default=20, show_default=True,
                      help="Fast generator: optimisation steps per batch, from the meta-learned weights."),
         click.option("--generator-lr", type=float, default=0.005, show_default=True,
                      help="Fast generator: Adam learning rate on its weights within a batch."),
