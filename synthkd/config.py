@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from .errors import SynthkdError
+from .generators.fast import FastConfig
 from .generators.inversion import InversionConfig, InversionLossConfig
 
 
@@ -48,16 +49,17 @@ class StudentSection:
 
 @dataclass
 class FastSection:
-    """``generate.method: fast``: the meta-learned generator network (``synthkd generate -h``, --method fast)."""
+    """``generate.method: fast``: the meta-learned generator network (``synthkd generate -h``, --method fast),
+    named as on the command line; the defaults are FastConfig's."""
 
-    steps_per_batch: int = field(default=20, metadata={"positive": True})
-    generator_lr: float = field(default=0.005, metadata={"positive": True})
-    latent_lr: float = field(default=0.015, metadata={"positive": True})
-    meta_lr: float = field(default=0.5, metadata={"positive": True})
-    bn_momentum: float = 0.9
-    warmup_batches: int = 10
-    latent_dim: int = field(default=128, metadata={"positive": True})
-    generator_channels: int = field(default=16, metadata={"positive": True})
+    steps_per_batch: int = field(default=FastConfig.steps_per_batch, metadata={"positive": True})
+    generator_lr: float = field(default=FastConfig.lr, metadata={"positive": True})
+    latent_lr: float = field(default=FastConfig.latent_lr, metadata={"positive": True})
+    meta_lr: float = field(default=FastConfig.meta_lr, metadata={"positive": True})
+    bn_momentum: float = FastConfig.bn_momentum
+    warmup_batches: int = FastConfig.warmup_batches
+    latent_dim: int = field(default=FastConfig.latent_dim, metadata={"positive": True})
+    generator_channels: int = field(default=FastConfig.channels, metadata={"positive": True})
 
 
 @dataclass

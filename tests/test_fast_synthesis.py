@@ -242,3 +242,18 @@ def test_cli_refuses_bad_fast_synthesis_input(teacher_dir, synthetic_dir, tmp_pa
     assert "not a synthkd activation-set manifest" in line
     line = error_line(invoke("generate", *common, "--method", "activations", "--num-images", "8", "--cuts", "nope"))
     assert "nope" in line
+
+
+def test_command_line_and_run_defaults_are_the_generators():
+    """The CLI states its defaults literally (so `synthkd -h` imports no torch); they must stay
+    FastConfig's, as the `synthkd run` schema's are by construction."""
+    from synthkd.config import FastSection
+
+    options = {p.name: p.default for p in main.commands["generate"].params}
+    names = {"steps_per_batch": "steps_per_batch", "generator_lr": "lr", "latent_lr": "latent_lr", "meta_lr": "meta_lr",
+             "bn_momentum": "bn_momentum", "warmup_batches": "warmup_batches", "latent_dim": "latent_dim",
+             "generator_channels": "channels"}
+    defaults = FastConfig()
+    for option, field_name in names.items():
+        assert options[option] == getattr(defaults, field_name), option
+        assert getattr(FastSection(), option) == getattr(defaults, field_name), option
