@@ -8,7 +8,9 @@ calibration) and on the cached inverted synthetic set only. Failure sources: tes
 digits upsampled to 28x28, Gaussian and uniform noise, vertically flipped and inverted
 Fashion-MNIST, FGSM and PGD (L-inf, [0,1] pixels) on the first test images. Baselines on the same
 features: MSP, energy, Mahalanobis and kNN (fitted on real training features, and on synthetic
-ones). Also the false-alarm rate at alpha = 0.05 and fit/score times on 60k/10k features.
+ones). Also the synthetic GMM with the BatchNorm term (``gmm+bn``, weight 2; the trade-off over
+other weights is printed), the false-alarm rate at alpha = 0.05 and fit/score times on 60k/10k
+features (the coarse-to-fine GMM fit beside a full EM fit).
 
     python benchmarks/detector_fashion_mnist.py [--quick] [--out results.json]
 """
@@ -37,6 +39,12 @@ from synthkd.pipelines.evaluate_detector import (  # noqa: E402
 OOD = ["digits:test", "noise:gaussian", "noise:uniform", "fashion-mnist:test|vflip", "fashion-mnist:test|invert"]
 ATTACKS = ["fgsm", "pgd"]
 QUICK = {"limit": 2000, "attack_limit": 300, "fit_data": "fashion-mnist:train[:12000]"}
+# Weight of the BatchNorm term. Chosen before this benchmark existed on adversarial versions of training
+# images 50000-52000 and the teacher's mistakes on training images 48000-60000, never the test set;
+# the sweep below shows the trade-off on the test sources.
+BATCHNORM_WEIGHT = 2.0
+BATCHNORM_SWEEP = (0.5, 1.0, 2.0, 4.0)
+SECONDS = 20  # "seconds, not minutes": a fit or a scoring pass under this many seconds meets the target
 FULL = {"limit": None, "attack_limit": 2000, "fit_data": "fashion-mnist:train"}
 
 
@@ -68,12 +76,16 @@ def main() -> None:
             with timed(timings, f"calibrate_{density}_{source_name}_seconds"):
                 detectors[f"{density} ({source_name})"] = calibrate(
                     teacher, data, work / f"{density}-{source_name}", density, args.alpha, accelerator=accelerator)
+    with timed(timings, "calibrate_gmm+bn_synthetic_seconds"):
+        detectors["gmm+bn (synthetic)"] = calibrate(teacher, synthetic, work / "gmm-bn-synthetic", "gmm", args.alpha,
+                                                    accelerator=accelerator, batchnorm_weight=BATCHNORM_WEIGHT)
     layer = detectors["gmm (real)"].layer
 
     in_name = "fashion-mnist:test"
     with timed(timings, "sources_seconds (features of every source, attacks included)"):
         sources = collect_sources(teacher, in_name, OOD, ATTACKS, args.epsilon, args.pgd_steps, layer, accelerator,
-                                  cache / "detector-features", settings["limit"], settings["attack_limit"])
+                                  cache / "detector-features", settings["limit"], settings["attack_limit"],
+                                  batchnorm=detectors["gmm+bn (synthetic)"].batchnorm)
     scorers = {}
     for name, detector in detectors.items():
         scorers[name] = detector_scorers(detector, name, baselines=False)[name]
@@ -88,6 +100,7 @@ def main() -> None:
     alarms = {name: alarm_rates(d, scores[name], sources, in_name, args.alpha) for name, d in detectors.items()}
     write_plots(scores, sources, in_name, work / "plots", {n: d.threshold() for n, d in detectors.items()})
 
+    sweep = batchnorm_sweep(detectors["gmm+bn (synthetic)"], sources, in_name)
     speed = measure_speed(teacher, settings["fit_data"], detectors, layer, accelerator, cache / "detector-features", sources[in_name])
     results = {
         "settings": {**settings, "ood": OOD, "attacks": ATTACKS, "layer": layer, "synthetic_set": synthetic.name,
@@ -97,6 +110,7 @@ def main() -> None:
         "detectors": {name: {k: v for k, v in d.info.items()} | {"components": getattr(d.density, "components", None)}
                       for name, d in detectors.items()},
         **report,
+        "batchnorm_weight_sweep (gmm+bn synthetic, AUROC)": sweep,
         "alarms": alarms,
         "speed": speed,
         "timings": timings,
@@ -106,23 +120,40 @@ def main() -> None:
     write_json(args.out, results)
 
 
+def batchnorm_sweep(detector, sources, in_name) -> dict:
+    """AUROC per failure source of the synthetic detector with the BatchNorm term at other weights
+    (the same fitted terms, reweighted)."""
+    sweep, chosen = {}, detector.batchnorm_weight
+    for weight in BATCHNORM_SWEEP:
+        detector.batchnorm_weight = weight
+        scores = {"sweep": {source: detector.score_features(f.features, f.deviations) for source, f in sources.items()}}
+        report = detection_report(scores, sources, in_name)["sources"]
+        sweep[f"weight {weight:g}"] = {source: metrics["sweep"]["auroc"] for source, metrics in report.items()}
+    detector.batchnorm_weight = chosen
+    return sweep
+
+
 def measure_speed(teacher, fit_data, detectors, layer, accelerator, cache_dir, test_features) -> dict:
     """Fit time on the training features (60k in the full run) and score time on the test features."""
     train = cached_extract(teacher, load_dataset(fit_data), accelerator, layer, cache_dir)
     standardized = detectors["gmm (real)"].standardize(train.features).to(accelerator.device)
     test = detectors["gmm (real)"].standardize(test_features.features).to(accelerator.device)
     speed = {"num_fit": len(train), "num_scored": len(test)}
+    components = detectors["gmm (real)"].density.components
     models = {
-        f"gmm, {detectors['gmm (real)'].density.components} components (BIC choice of the real detector)":
-            GaussianMixture(detectors["gmm (real)"].density.components),
+        f"gmm, {components} components (BIC choice of the real detector)": GaussianMixture(components),
+        f"gmm, {components} components, full EM on every row (before coarse-to-fine)":
+            GaussianMixture(components, subset_size=None),
         "flow (maf)": NormalizingFlow(),
     }
     for name, model in models.items():
         started = time.perf_counter()
         model.fit_features(standardized)
         fitted = time.perf_counter()
-        model.score_features(test)
-        speed[name] = {"fit_seconds": fitted - started, "score_seconds": time.perf_counter() - fitted}
+        scores = model.score_features(test)
+        scored = time.perf_counter()
+        speed[name] = {"fit_seconds": fitted - started, "score_seconds": scored - fitted,
+                       "mean_log_likelihood_scored": float(scores.mean())}
     return speed
 
 
@@ -131,7 +162,7 @@ def targets(results: dict) -> dict:
     sources = results["sources"]
     failure_sources = [s for s in sources if s != MISCLASSIFICATION]
     out = {}
-    for density in ("gmm", "flow"):
+    for density in ("gmm", "flow", "gmm+bn"):
         rows = {s: {"detector": sources[s][f"{density} (synthetic)"]["auroc"], "mahalanobis (real)": sources[s]["mahalanobis (real)"]["auroc"]}
                 for s in failure_sources}
         out[f"{density} (synthetic) AUROC >= mahalanobis (real) on OOD and adversarial"] = {
@@ -139,7 +170,7 @@ def targets(results: dict) -> dict:
             "sources_met": sum(r["detector"] >= r["mahalanobis (real)"] for r in rows.values()),
             "sources": len(rows), "per_source": rows}
     misclassification = sources[MISCLASSIFICATION]
-    for name in ("gmm (real)", "flow (real)", "gmm (synthetic)", "flow (synthetic)"):
+    for name in ("gmm (real)", "flow (real)", "gmm (synthetic)", "flow (synthetic)", "gmm+bn (synthetic)"):
         out[f"misclassification AUROC of {name} >= msp"] = {
             "met": misclassification[name]["auroc"] >= misclassification["msp"]["auroc"],
             "detector": misclassification[name]["auroc"], "msp": misclassification["msp"]["auroc"]}
@@ -150,9 +181,9 @@ def targets(results: dict) -> dict:
             entry["met"] = 0.03 <= rate <= 0.07
         out[f"false-alarm rate at alpha of {name}" + (" in 0.03..0.07" if "(real)" in name else " (shift reported)")] = entry
     for name, timing in results["speed"].items():
-        if isinstance(timing, dict):
+        if isinstance(timing, dict) and "before" not in name:  # the full-EM fit is the reference, not a target
             out[f"{name}: fit {results['speed']['num_fit']} / score {results['speed']['num_scored']} in seconds"] = {
-                "met": timing["fit_seconds"] < 60 and timing["score_seconds"] < 60, **timing}
+                "met": timing["fit_seconds"] < SECONDS and timing["score_seconds"] < SECONDS, **timing}
     return out
 
 
@@ -168,6 +199,8 @@ def print_tables(results: dict) -> None:
                 "Mann-Whitney U, misclassified vs correct test inputs")
     print_table([{"detector": n, "alpha": a["alpha"], "false_alarm_rate": a["false_alarm_rate"], **a["flag_rate"]}
                  for n, a in results["alarms"].items()], "Flag rate at alpha (in-distribution: false alarms)")
+    sweep = results["batchnorm_weight_sweep (gmm+bn synthetic, AUROC)"]
+    print_table([{"weight": w, **row} for w, row in sweep.items()], "AUROC of gmm+bn (synthetic) by BatchNorm weight")
     print_table([{"target": k, "met": v.get("met", "-")} for k, v in results["targets"].items()], "Targets of issue 4")
 
 

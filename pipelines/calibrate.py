@@ -3,7 +3,9 @@
 The features of the data are split once (seeded): the density model is fitted on one part,
 and the other part (``holdout``) gives the calibration scores behind the conformal p-values.
 No class labels are used; the Mahalanobis and kNN baselines saved beside it are fitted on the
-same features (Mahalanobis on the classifier's predicted labels).
+same features (Mahalanobis on the classifier's predicted labels). With ``batchnorm_weight`` the
+detector also weighs the inputs' deviations from the network's BatchNorm statistics
+(:mod:`synthkd.detector.detector`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from accelerate import Accelerator
@@ -21,7 +24,7 @@ from synthkd.data import load_dataset
 from synthkd.data.shards import SyntheticDataset, is_synthetic_dir
 from synthkd.detector import DENSITIES, Detector, KNearestNeighbours, Mahalanobis
 from synthkd.detector.conformal import check_alpha
-from synthkd.detector.features import cached_extract, features_cache_dir, resolve_layer
+from synthkd.detector.features import cached_extract, features_cache_dir, resolve_batchnorm_layers, resolve_layer
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier
 
@@ -49,6 +52,8 @@ def calibrate(
     holdout: float = 0.2,
     seed: int = 0,
     accelerator: Accelerator | None = None,
+    batchnorm_weight: float = 0.0,
+    batchnorm_layers: Sequence[str] | None = None,
 ) -> Detector:
     """Fit the density of ``model``'s features on ``data``, keep held-out calibration scores, and
     write the detector directory ``out``. Features are cached under ``out/features`` (or
@@ -59,9 +64,13 @@ def calibrate(
         raise SynthkdError(f"unknown density {density!r}; use one of {', '.join(DENSITIES)}")
     if not 0 < holdout < 1:
         raise SynthkdError(f"holdout is the calibration fraction and must lie in (0, 1), got {holdout}")
+    if batchnorm_weight < 0:
+        raise SynthkdError(f"batchnorm_weight must be 0 (off) or positive, got {batchnorm_weight}")
     layer = resolve_layer(model, layer)
+    batchnorm = resolve_batchnorm_layers(model, batchnorm_layers) if batchnorm_weight > 0 else []
     dataset = open_inputs(data)
-    data_features = cached_extract(model, dataset, accelerator, layer, features_cache_dir(Path(out) / "features"))
+    data_features = cached_extract(model, dataset, accelerator, layer, features_cache_dir(Path(out) / "features"),
+                                   batchnorm=batchnorm)
     num_calibration = round(holdout * len(data_features))
     if num_calibration < 1 or len(data_features) - num_calibration < 2:
         raise SynthkdError(
@@ -88,8 +97,10 @@ def calibrate(
         "data": str(data), "holdout": holdout, "seed": seed, "num_fit": len(fit_part),
         "num_calibration": len(calibration_part), "feature_dim": int(mean.numel()), "fit_seconds": fit_seconds,
     }
-    detector = Detector(model, density_model, layer, mean, std, None, alpha, baselines, info, normalize=True)
-    detector.calibration_scores = detector.score_features(calibration_part.features.to(device))
+    detector = Detector(model, density_model, layer, mean, std, None, alpha, baselines, info, normalize=True,
+                        batchnorm=batchnorm, batchnorm_weight=batchnorm_weight)
+    detector.fit_terms(fit_part)
+    detector.calibration_scores = detector.score_features(calibration_part.features.to(device), calibration_part.deviations)
     if accelerator.is_main_process:
         detector.save_pretrained(out)
     accelerator.wait_for_everyone()

@@ -70,26 +70,28 @@ def adversarial_set(model: Classifier, dataset: Dataset, name: str, epsilon: flo
 def collect_sources(
     model: Classifier, dataset: str, ood: Sequence[str], attacks: Sequence[str], epsilon: float, pgd_steps: int,
     layer: str, accelerator: Accelerator, cache_dir: Path | None, limit: int | None = None,
-    attack_limit: int | None = None,
+    attack_limit: int | None = None, batchnorm: Sequence[str] = (),
 ) -> dict[str, Features]:
-    """Features of the in-distribution set (first key), each out-of-distribution set and each attack
-    on the first ``attack_limit`` in-distribution images, extracted once and cached."""
+    """Features (and deviations at the ``batchnorm`` layers) of the in-distribution set (first key),
+    each out-of-distribution set and each attack on the first ``attack_limit`` in-distribution
+    images, extracted once and cached."""
     unknown = [name for name in attacks if name not in ATTACKS]
     if unknown:
         raise SynthkdError(f"unknown attack {unknown[0]!r}; use one of {', '.join(ATTACKS)}")
     in_data = _limited(load_dataset(dataset), limit)
-    sources = {dataset: cached_extract(model, in_data, accelerator, layer, cache_dir)}
+    sources = {dataset: cached_extract(model, in_data, accelerator, layer, cache_dir, batchnorm=batchnorm)}
     for spec in expand_ood(ood):
         if spec in sources:
             raise SynthkdError(f"{spec} is the in-distribution set; give other sets with --ood")
-        sources[spec] = cached_extract(model, _limited(load_dataset(spec), limit), accelerator, layer, cache_dir)
+        sources[spec] = cached_extract(model, _limited(load_dataset(spec), limit), accelerator, layer, cache_dir,
+                                       batchnorm=batchnorm)
     attacked = _limited(in_data, attack_limit)
     attacked_fingerprint = dataset_fingerprint(attacked)
     for name in attacks:
         sources[name] = cached_extract(
             model, lambda name=name: adversarial_set(model, attacked, name, epsilon, pgd_steps, accelerator),
             accelerator, layer, cache_dir if attacked_fingerprint else None,
-            data_key=f"{attacked_fingerprint}|{name}|eps={epsilon}|steps={pgd_steps}",
+            data_key=f"{attacked_fingerprint}|{name}|eps={epsilon}|steps={pgd_steps}", batchnorm=batchnorm,
         )
     return sources
 
@@ -168,7 +170,7 @@ def _slug(name: str) -> str:
 
 def detector_scorers(detector: Detector, name: str = "detector", baselines: bool = True) -> dict[str, Scorer]:
     """The detector, and (with ``baselines``) MSP, energy and its fitted Mahalanobis/kNN baselines."""
-    scorers: dict[str, Scorer] = {name: lambda f: detector.score_features(f.features)}
+    scorers: dict[str, Scorer] = {name: lambda f: detector.score_features(f.features, f.deviations)}
     if baselines:
         scorers["msp"] = lambda f: max_softmax(f.logits)
         scorers["energy"] = lambda f: energy(f.logits)
@@ -203,7 +205,7 @@ def evaluate_detector(
     detector.to(accelerator.device)
     out = Path(out)
     sources = collect_sources(model, dataset, ood, attacks, epsilon, pgd_steps, detector.layer, accelerator,
-                              features_cache_dir(out / "features"), limit)
+                              features_cache_dir(out / "features"), limit, batchnorm=detector.batchnorm)
     scores = {name: {source: fn(data) for source, data in sources.items()} for name, fn in detector_scorers(detector).items()}
     report = {
         "dataset": dataset,

@@ -27,6 +27,7 @@ from accelerate import Accelerator
 
 from synthkd.config import RunConfig, differences, flatten, validate
 from synthkd.data.shards import is_synthetic_dir
+from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
 from synthkd.models import Classifier, load_model
@@ -198,7 +199,16 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
             "gap_points": 100 * (report["teacher"]["accuracy"] - report["student"]["accuracy"])}
 
 
-CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout")
+CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout", "batchnorm_weight")
+
+
+def calibration_section(config: RunConfig) -> dict[str, Any]:
+    """The calibrate stage's settings; the BatchNorm weight only when on, so runs from before it
+    keep their fingerprint."""
+    section = {k: getattr(config.detector, k) for k in CALIBRATION_KEYS}
+    if not section["batchnorm_weight"]:
+        del section["batchnorm_weight"]
+    return {**section, "seed": config.seed}
 
 
 def run_calibrate(ctx: RunContext) -> dict[str, Any]:
@@ -207,7 +217,7 @@ def run_calibrate(ctx: RunContext) -> dict[str, Any]:
     section = ctx.config.detector
     detector = calibrate(ctx.student(), ctx.run_dir / "synthetic", ctx.run_dir / "detector", section.density,
                          section.alpha, section.layer, section.components, section.holdout, ctx.config.seed,
-                         ctx.accelerator)
+                         ctx.accelerator, section.batchnorm_weight)
     return {"density": detector.density.kind, "layer": detector.layer, "alpha": detector.alpha}
 
 
@@ -240,9 +250,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("evaluate", ("teacher", "distill"), lambda config: {"eval_dataset": config.eval_dataset}, run_evaluate,
           ("evaluation.json",), lambda run_dir, config: (run_dir / "evaluation.json").is_file(),
           enabled=lambda config: config.eval_dataset is not None),
-    Stage("calibrate", ("generate", "distill"),
-          lambda config: {**{k: getattr(config.detector, k) for k in CALIBRATION_KEYS}, "seed": config.seed},
-          run_calibrate, ("detector",), lambda run_dir, config: (run_dir / "detector" / "config.json").is_file(),
+    Stage("calibrate", ("generate", "distill"), calibration_section,
+          run_calibrate, ("detector",), lambda run_dir, config: (run_dir / "detector" / DETECTOR_CONFIG).is_file(),
           enabled=lambda config: config.detector.enabled),
     Stage("evaluate_detector", ("calibrate",),
           lambda config: {**{k: v for k, v in asdict(config.detector).items() if k not in CALIBRATION_KEYS},

@@ -169,6 +169,7 @@ class DetectorSection:
     layer: str | None = None         # null: the penultimate features
     components: int | None = field(default=None, metadata={"positive": True})
     holdout: float = field(default=0.2, metadata={"positive": True})
+    batchnorm_weight: float = 0.0    # weight of the deviation from the student's BatchNorm statistics (0: off)
     ood: list[str] = field(default_factory=list)      # dataset specs or aliases (noise, digits, ...)
     attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=list)
     epsilon: float = field(default=0.1, metadata={"positive": True})
@@ -368,6 +369,8 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
             errors.append(f"detector.density: expected one of {', '.join(DENSITIES)}, got {_show(detector.density)}")
         if not detector.holdout < 1 or not detector.alpha < 1:
             errors.append("detector: alpha and holdout are fractions between 0 and 1")
+        if detector.batchnorm_weight < 0:
+            errors.append(f"detector.batchnorm_weight: expected 0 (off) or a positive weight, got {_show(detector.batchnorm_weight)}")
         if config.eval_dataset is None:
             errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:

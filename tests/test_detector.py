@@ -18,6 +18,7 @@ from synthkd.detector import (
     conformal_p_values, detection_metrics, energy, mann_whitney, max_softmax,
 )
 from synthkd.detector.attacks import fgsm, pgd
+from synthkd.detector.features import batchnorm_deviation, default_batchnorm_layers
 from synthkd.detector.metrics import fpr_at_tpr
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier
@@ -52,6 +53,18 @@ def test_gmm_recovers_a_known_mixture(covariance):
     true_log_density = torch.logsumexp(torch.stack([
         torch.distributions.Normal(means[j], scales[j]).log_prob(x).sum(1) + weights[j].log() for j in range(3)]), 0)
     assert abs(float(gmm.score_features(x).mean() - true_log_density.mean())) < 0.02
+
+
+def test_gmm_fits_large_sets_coarse_to_fine():
+    """EM and the BIC choice on a subset, then passes over every row: the mixture is still recovered,
+    and the full-data passes raise the likelihood of the subset's solution."""
+    x, means, *_ = known_mixture(3000, seed=1)
+    subset_only = GaussianMixture(candidates=(1, 2, 3, 4), subset_size=150, refine_iter=0).fit_features(x)
+    refined = GaussianMixture(candidates=(1, 2, 3, 4), subset_size=150, refine_iter=5).fit_features(x)
+    assert refined.components == 3, refined.bic
+    order = [int(torch.cdist(m[None], refined.means.float()).argmin()) for m in means]
+    assert torch.allclose(refined.means.float()[order], means, atol=0.2)
+    assert float(refined.score_features(x).mean()) > float(subset_only.score_features(x).mean()) + 1e-3
 
 
 def test_gmm_survives_singular_features():
@@ -224,6 +237,40 @@ def test_calibrate_on_a_synthetic_set(synthetic_dir, teacher, tmp_path, accelera
         calibrate(teacher, synthetic_dir, tmp_path / "x", density="kde", accelerator=accelerator)
 
 
+def test_batchnorm_deviation_matches_a_direct_computation():
+    layer = torch.nn.BatchNorm2d(3).eval()
+    layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
+    layer.running_var.copy_(torch.tensor([4.0, 1.0, 0.25]))
+    images = torch.randn(5, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    means = images.mean((2, 3))
+    expected = ((means - layer.running_mean) ** 2 / (layer.running_var + layer.eps)).mean(1)
+    assert torch.allclose(batchnorm_deviation(layer, images), expected)
+    layer_1d = torch.nn.BatchNorm1d(3).eval()  # vectors are their own channel means
+    assert torch.allclose(batchnorm_deviation(layer_1d, means), (means**2 / (1 + layer_1d.eps)).mean(1))
+
+
+def test_detector_with_the_batchnorm_term(teacher, tmp_path, accelerator):
+    detector = calibrate(teacher, "digits:train", tmp_path / "bn", "gmm", alpha=0.1, components=3, accelerator=accelerator,
+                         batchnorm_weight=2.0)
+    assert detector.batchnorm == default_batchnorm_layers(teacher) and len(detector.batchnorm) >= 1
+    loaded = Detector.from_pretrained(tmp_path / "bn", teacher)
+    assert loaded.batchnorm == detector.batchnorm and loaded.batchnorm_weight == 2.0
+    images = load_dataset("digits:test").images[:64].float() / 255
+    scores = loaded.score(images)
+    assert torch.allclose(scores, detector.score(images))
+    data = loaded.features(images)  # the score is the weighted sum of the two standardised terms
+    mean, std, bn_mean, bn_std = loaded.term_stats.tolist()
+    expected = (loaded.density_term(data.features) - mean) / std + 2.0 * (-data.deviations.mean(1) - bn_mean) / bn_std
+    assert torch.allclose(scores, expected, atol=1e-5)
+    # the deviations alone separate noise from digits: the term carries information of its own
+    noise = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert loaded.features(noise).deviations.mean() > 2 * data.deviations.mean()
+    with pytest.raises(SynthkdError, match="needs the deviations at its"):
+        loaded.score_features(data.features)
+    with pytest.raises(SynthkdError, match="'fc' is not a BatchNorm layer"):
+        calibrate(teacher, "digits:train", tmp_path / "x", batchnorm_weight=1.0, batchnorm_layers=["fc"], accelerator=accelerator)
+
+
 def test_features_are_cached(teacher, tmp_path, accelerator):
     data = load_dataset("digits:test[:30]")
     first = cached_extract(teacher, data, accelerator, "fc", tmp_path)
@@ -278,6 +325,19 @@ def test_cli_calibrate_detect_evaluate(teacher_dir, tmp_path):
         assert (report_dir / name).read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_with_the_batchnorm_term(teacher_dir, tmp_path):
+    out = tmp_path / "detector"
+    ok("calibrate", "--model", teacher_dir, "--data", "digits:train", "--components", "2", "--batchnorm-weight", "2",
+       "--out", out)
+    assert json.loads((out / "detector.json").read_text())["batchnorm_weight"] == 2.0
+    rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json").stdout.splitlines()]
+    assert len(rows) == 5
+    ok("evaluate", "--model", teacher_dir, "--detector", out, "--dataset", "digits:test[:100]", "--ood", "noise",
+       "--out", tmp_path / "report")
+    metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
+    assert metrics["sources"]["noise:uniform"]["detector"]["auroc"] > 0.9
+
+
 def test_cli_detector_errors(teacher_dir, detector_dir, tmp_path):
     other = tmp_path / "other"
     Classifier.from_config(Classifier.from_pretrained(teacher_dir).config).save_pretrained(other)
@@ -290,5 +350,8 @@ def test_cli_detector_errors(teacher_dir, detector_dir, tmp_path):
     assert "--detector" in error_line(invoke("evaluate", "--model", teacher_dir, "--dataset", "digits:test", "--ood", "noise"))
     assert "alpha" in error_line(invoke("calibrate", "--model", teacher_dir, "--data", "digits:train", "--alpha", "2",
                                         "--out", tmp_path / "d"))
+    assert "not a BatchNorm layer" in error_line(invoke("calibrate", "--model", teacher_dir, "--data", "digits:train",
+                                                        "--batchnorm-weight", "1", "--batchnorm-layers", "stem",
+                                                        "--out", tmp_path / "d"))
     assert "unknown attack" in error_line(invoke("evaluate", "--model", teacher_dir, "--detector", detector_dir,
                                                  "--dataset", "digits:test", "--attacks", "cw", "--out", tmp_path / "r"))

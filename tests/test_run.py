@@ -265,6 +265,10 @@ def test_report_references_only_files_that_exist(tmp_path, teacher_dir, accelera
     assert set(summary["detector_auroc"]) == {"misclassification", "noise:gaussian"}
     assert set(summary["stages"]) == {"teacher", "generate", "distill", "evaluate", "calibrate", "evaluate_detector"}
     assert all(v["seconds"] > 0 for v in summary["stages"].values())
+    # finished detector stages are skipped next time; the BatchNorm term reruns calibration and what follows
+    assert {s.stage.name: s.action for s in plan(load_config(path), run_dir)} == dict.fromkeys(summary["stages"], "skip")
+    steps = {s.stage.name: s.action for s in plan(load_config(path, ["detector.batchnorm_weight=2"]), run_dir)}
+    assert [steps["distill"], steps["calibrate"], steps["evaluate_detector"]] == ["skip", "rerun", "rerun"]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -390,7 +394,8 @@ def test_schema_errors_of_the_new_keys(tmp_path, teacher_dir):
     with pytest.raises(SynthkdError) as error:
         load_config(path, ["generate.method=diffusion", "generate.diffusion.steps=0", "generate.diffusion.class_table={",
                            "generate.selection.min_confidence=2", "generate.fast.latnt_dim=3", "generate.fast.meta_lr=2",
-                           "search.enabled=true", "search.budget=memory=0.3", 'search.epochs="x"', "generate.method2=fast"])
+                           "search.enabled=true", "search.budget=memory=0.3", 'search.epochs="x"', "generate.method2=fast",
+                           "detector.enabled=true", "detector.batchnorm_weight=-1"])
     message = str(error.value)
     for expected in (
         "generate.diffusion.pipeline: the diffusion method needs a diffusers pipeline",
@@ -401,6 +406,7 @@ def test_schema_errors_of_the_new_keys(tmp_path, teacher_dir):
         "search.budget: unknown budget kind 'memory'",
         'search.epochs: expected an integer, got "x"',
         "generate.method2: unknown key",
+        "detector.batchnorm_weight: expected 0 (off) or a positive weight, got -1",
     ):
         assert expected in message, (expected, message)
     assert "meta_lr" not in message  # fast settings are checked only when fast is the method

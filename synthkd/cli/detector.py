@@ -24,14 +24,20 @@ def _split_list(text: str | None) -> list[str]:
 @click.option("--components", type=int, help="Gaussian mixture components (default: chosen by BIC).")
 @click.option("--holdout", type=float, default=0.2, show_default=True, help="Fraction kept for the calibration scores.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batchnorm-weight", type=float, default=0.0, show_default=True,
+              help="Weight of the inputs' deviation from the model's BatchNorm statistics in the score (0: off; "
+                   "2 on Fashion-MNIST flags more adversarial inputs, fewer mistakes).")
+@click.option("--batchnorm-layers", help="Comma-separated BatchNorm module paths for it (default: the middle half).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
-def calibrate(model_spec, weights, input_shape, mean, std, data, density, alpha, layer, components, holdout, seed, out):
+def calibrate(model_spec, weights, input_shape, mean, std, data, density, alpha, layer, components, holdout, seed,
+              batchnorm_weight, batchnorm_layers, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
     from synthkd.pipelines.calibrate import calibrate as run_calibrate
 
     model = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator()
-    detector = run_calibrate(model, data, out, density, alpha, layer, components, holdout, seed, accelerator)
+    detector = run_calibrate(model, data, out, density, alpha, layer, components, holdout, seed, accelerator,
+                             batchnorm_weight, _split_list(batchnorm_layers))
     if accelerator.is_main_process:
         info = detector.info
         click.echo(f"{density} on {info['num_fit']} features of layer {detector.layer!r}, {info['num_calibration']} "
@@ -57,8 +63,8 @@ def detect(detector_dir, inputs, model_dir, alpha, batch_size, as_json):
     alpha = check_alpha(detector.alpha if alpha is None else alpha)
     accelerator = make_accelerator()
     detector.to(accelerator.device)
-    data = extract(detector.model, open_inputs(inputs), accelerator, detector.layer, batch_size)
-    scores = detector.score_features(data.features)
+    data = extract(detector.model, open_inputs(inputs), accelerator, detector.layer, batch_size, detector.batchnorm)
+    scores = detector.score_features(data.features, data.deviations)
     p_values = detector.p_values(scores)
     if not accelerator.is_main_process:
         return

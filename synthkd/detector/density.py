@@ -79,8 +79,7 @@ class FeatureScorer(nn.Module, ABC):
         return self.fit_features(data.features.to(accelerator.device), data.logits.argmax(1).to(accelerator.device))
 
     def score(self, model: Classifier, images: torch.Tensor, layer: str | None = None) -> torch.Tensor:
-        features, _ = features_of_batch(model.eval(), images, resolve_layer(model, layer))
-        return self.score_features(features)
+        return self.score_features(features_of_batch(model.eval(), images, resolve_layer(model, layer)).features)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         self._check_fitted()

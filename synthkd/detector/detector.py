@@ -1,7 +1,15 @@
 """The failure detector: a classifier, a density model of its features, and conformal calibration.
 
-Saved as a directory: ``detector.json`` (layer, alpha, the model's fingerprint, where it was
-calibrated), ``detector.safetensors`` (feature mean/std and the held-out calibration scores),
+The score is the density's log-likelihood of the features. With a ``batchnorm_weight`` above 0
+it also weighs in how far the input's channel means at some BatchNorm layers lie from the
+statistics the network stored while training (:func:`~synthkd.detector.features.batchnorm_deviation`):
+score = z(log-likelihood) + weight * z(-mean deviation), each term standardised by its mean and
+std on the fitting features. The stored statistics come from the real training data, for free;
+they help most against adversarial inputs, which the synthetic-fitted density misses.
+
+Saved as a directory: ``detector.json`` (layer, BatchNorm layers and weight, alpha, the model's
+fingerprint, where it was calibrated), ``detector.safetensors`` (feature mean/std, the two terms'
+mean/std and the held-out calibration scores),
 ``density/`` (the density model), ``baselines/`` (Mahalanobis and kNN fitted on the same
 features, for evaluation) and ``model/`` (a copy of the classifier, so ``synthkd detect`` needs
 only the detector directory). A detector used with another model than the one it was fitted on
@@ -12,7 +20,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +55,9 @@ class Detector:
         info: dict[str, Any] | None = None,
         model_fingerprint: str | None = None,
         normalize: bool = True,
+        batchnorm: Sequence[str] = (),
+        batchnorm_weight: float = 0.0,
+        term_stats: torch.Tensor | None = None,
     ):
         self.model = model.eval()
         self.density = density
@@ -59,6 +70,11 @@ class Detector:
         self.info = dict(info or {})
         self.model_fingerprint = model_fingerprint or model.fingerprint()
         self.normalize = normalize
+        if batchnorm_weight < 0 or (batchnorm_weight > 0 and not batchnorm):
+            raise SynthkdError("batchnorm_weight must be >= 0, and above 0 it needs BatchNorm layers to read")
+        self.batchnorm = list(batchnorm)
+        self.batchnorm_weight = float(batchnorm_weight)
+        self.term_stats = term_stats  # mean and std of the density term, then of the BatchNorm term
 
     # ------------------------------------------------------------------ scores
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
@@ -68,18 +84,49 @@ class Detector:
         features = F.normalize(features.float(), dim=1) if self.normalize else features.float()
         return (features - self.feature_mean.to(features.device)) / self.feature_std.to(features.device)
 
-    def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Density score of raw features of this model's layer (higher = more typical)."""
+    def density_term(self, features: torch.Tensor) -> torch.Tensor:
         return self.density.score_features(self.standardize(features)).cpu()
+
+    @staticmethod
+    def batchnorm_term(deviations: torch.Tensor) -> torch.Tensor:
+        """Higher = closer to the training statistics."""
+        return -deviations.float().mean(1).cpu()
+
+    def fit_terms(self, fitting: Features) -> None:
+        """Mean and std of both terms on the fitting features, which put them on one scale."""
+        if self.batchnorm_weight == 0:
+            return
+        terms = (self.density_term(fitting.features), self.batchnorm_term(self._deviations(fitting.deviations)))
+        self.term_stats = torch.stack([torch.stack([t.mean(), t.std().clamp_min(1e-12)]) for t in terms]).flatten()
+
+    def score_features(self, features: torch.Tensor, deviations: torch.Tensor | None = None) -> torch.Tensor:
+        """Score of raw features of this model's layer, and of the BatchNorm deviations when the
+        detector weighs them (higher = more typical)."""
+        density = self.density_term(features)
+        if self.batchnorm_weight == 0:
+            return density
+        if self.term_stats is None:
+            raise SynthkdError("this detector weighs BatchNorm deviations but was not fitted (fit_terms); calibrate it again")
+        mean, std, bn_mean, bn_std = self.term_stats.tolist()
+        typicality = self.batchnorm_term(self._deviations(deviations))
+        return (density - mean) / std + self.batchnorm_weight * (typicality - bn_mean) / bn_std
+
+    def _deviations(self, deviations: torch.Tensor | None) -> torch.Tensor:
+        if deviations is None or deviations.ndim != 2 or deviations.shape[1] != len(self.batchnorm):
+            got = "none" if deviations is None else f"shape {tuple(deviations.shape)}"
+            raise SynthkdError(f"this detector needs the deviations at its {len(self.batchnorm)} BatchNorm layers, got "
+                               f"{got}; extract features with batchnorm=detector.batchnorm")
+        return deviations
 
     def features(self, images: torch.Tensor) -> Features:
         device = next(self.model.parameters()).device
-        features, logits = features_of_batch(self.model, images.to(device), self.layer)
-        return Features(features.cpu(), logits.cpu(), torch.full((len(images),), -1))
+        data = features_of_batch(self.model, images.to(device), self.layer, self.batchnorm)
+        return Features(data.features.cpu(), data.logits.cpu(), data.labels.cpu(), data.deviations.cpu())
 
     def score(self, images: torch.Tensor) -> torch.Tensor:
         """Scores of a batch of [0,1] images N x C x H x W (higher = more typical)."""
-        return self.score_features(self.features(images).features)
+        data = self.features(images)
+        return self.score_features(data.features, data.deviations)
 
     def p_values(self, scores: torch.Tensor) -> torch.Tensor:
         """Conformal p-values of scores against the held-out calibration scores."""
@@ -118,10 +165,13 @@ class Detector:
         tensors = {"feature_mean": self.feature_mean.contiguous(), "feature_std": self.feature_std.contiguous()}
         if self.calibration_scores is not None:
             tensors["calibration_scores"] = self.calibration_scores.float().cpu().contiguous()
+        if self.term_stats is not None:
+            tensors["term_stats"] = self.term_stats.float().cpu().contiguous()
         atomic_write(directory / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
         atomic_write_json(directory / CONFIG_NAME, {
             "format": FORMAT, "version": VERSION, "density": self.density.kind, "layer": self.layer,
             "alpha": self.alpha, "model_fingerprint": self.model_fingerprint, "normalize": self.normalize,
+            "batchnorm": self.batchnorm, "batchnorm_weight": self.batchnorm_weight,
             "baselines": sorted(self.baselines), **self.info,
         })
 
@@ -138,20 +188,21 @@ class Detector:
         if config.get("format") != FORMAT or config.get("version") != VERSION:
             raise SynthkdError(f"{directory / CONFIG_NAME} is not a version-{VERSION} synthkd detector; re-run `synthkd calibrate`")
         tensors = load_file(str(directory / TENSORS_NAME))
-        fingerprint = config.pop("model_fingerprint")
         stored = Classifier.from_pretrained(directory / "model")
+        arguments = {name: config.pop(name) for name in ("layer", "alpha", "normalize", "model_fingerprint")}
+        baselines = {name: FeatureScorer.from_pretrained(directory / "baselines" / name) for name in config.pop("baselines", [])}
         detector = cls(
             model=stored,
             density=FeatureScorer.from_pretrained(directory / "density"),
-            layer=config.pop("layer"),
             feature_mean=tensors["feature_mean"],
             feature_std=tensors["feature_std"],
             calibration_scores=tensors.get("calibration_scores"),
-            alpha=config.pop("alpha"),
-            baselines={name: FeatureScorer.from_pretrained(directory / "baselines" / name) for name in config.pop("baselines", [])},
+            baselines=baselines,
+            batchnorm=config.pop("batchnorm", []),  # absent in detectors from before the BatchNorm term
+            batchnorm_weight=float(config.pop("batchnorm_weight", 0.0)),
+            term_stats=tensors.get("term_stats"),
             info={k: v for k, v in config.items() if k not in ("format", "version", "density")},
-            model_fingerprint=fingerprint,
-            normalize=bool(config.pop("normalize")),
+            **arguments,
         )
         detector.check_model(stored)  # the stored copy itself must be intact
         if model is not None:
