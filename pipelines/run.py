@@ -25,11 +25,11 @@ from typing import Any, Callable, Iterator, TextIO
 
 from accelerate import Accelerator
 
-from synthkd.config import RunConfig, differences, flatten, validate
+from synthkd.config import RunConfig, validate
 from synthkd.data.shards import is_synthetic_dir
 from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.errors import SynthkdError
-from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
+from synthkd.io import atomic_write, atomic_write_json, differences, flatten, read_json, sha256_file
 from synthkd.models import Classifier, load_model
 
 CONFIG_NAME = "config.yaml"

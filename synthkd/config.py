@@ -450,20 +450,3 @@ def _missing(check: str, value: str) -> str | None:
 # ---------------------------------------------------------------------------------------------
 # Comparing configs
 
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
-    flat = {}
-    for key, value in data.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
-    """``key: old -> new`` for every key whose value differs."""
-    before, after = flatten(old), flatten(new)
-    return [f"{key}: {_show(before.get(key))} -> {_show(after.get(key))}"
-            for key in sorted(set(before) | set(after)) if before.get(key) != after.get(key)]

@@ -45,3 +45,27 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
         while block := f.read(chunk):
             digest.update(block)
     return digest.hexdigest()
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``."""
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def differences(old: dict[str, Any], new: dict[str, Any]) -> list[str]:
+    """``key: old -> new`` (dotted keys, JSON values, ``absent`` for a missing key) for every leaf
+    whose value or type differs: what to tell a user whose settings changed."""
+    before, after = flatten(old), flatten(new)
+
+    def show(flat: dict[str, Any], key: str) -> str:
+        return json.dumps(flat[key], default=str) if key in flat else "absent"
+
+    return [f"{key}: {show(before, key)} -> {show(after, key)}" for key in sorted(set(before) | set(after))
+            if key not in before or key not in after or before[key] != after[key]
+            or type(before[key]) is not type(after[key])]

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .augment import distillation_augmentation
 from .data.activations import ActivationDataset
-from .errors import SynthkdError
+from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import kd_loss
 from .models import Classifier, unwrap
@@ -227,8 +226,7 @@ class NeighbourhoodDistiller:
                 return None
             state = load_file(str(weights))
         except Exception as error:  # a truncated or overwritten file: any parse error
-            print(f"synthkd: warning: the finished neighbourhood {self.names[k]!r} in {folder} is corrupt ({error}); "
-                  "training it again", file=sys.stderr)
+            warn(f"the finished neighbourhood {self.names[k]!r} in {folder} is corrupt ({error}); training it again")
             return None
         current = self.neighbourhoods[k].state_dict()
         if state.keys() != current.keys() or any(state[n].shape != current[n].shape for n in state):

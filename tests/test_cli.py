@@ -253,7 +253,7 @@ def test_generate_resumed_with_other_settings(flow, tmp_path):
     result = invoke("generate", "--teacher", flow["teacher"], "--num-images", "40", "--batch-size", "16",
                     "--iterations", "6", "--out", data)
     line = error_line(result)
-    assert "config.iterations: 5 in the existing run, 6 now" in line and "--out" in line
+    assert "existing run -> now: config.iterations: 5 -> 6" in line and "--out" in line
     assert files_state(data) == before  # manifest.json, run.json and shards: nothing rewritten
 
     # An unfinished set is protected the same way.
@@ -261,7 +261,7 @@ def test_generate_resumed_with_other_settings(flow, tmp_path):
     run_before = (data / "run.json").read_bytes()
     result = invoke("generate", "--teacher", flow["teacher"], "--num-images", "48", "--batch-size", "16",
                     "--iterations", "5", "--out", data)
-    assert "num_images: 40 in the existing run, 48 now" in error_line(result)
+    assert "num_images: 40 -> 48" in error_line(result)
     assert (data / "run.json").read_bytes() == run_before
     assert not (data / "manifest.json").exists()
 

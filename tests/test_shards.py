@@ -189,7 +189,7 @@ def test_different_config_is_refused(tmp_path):
     with pytest.raises(SynthkdError) as info:
         make_writer(out, config={"iterations": 100, "lr": 0.1})
     message = str(info.value)
-    assert "config.iterations: 200 in the existing run, 100 now" in message
+    assert "existing run -> now: config.iterations: 200 -> 100" in message
     assert "lr" not in message
     assert "--out" in message
     assert (out / "run.json").read_bytes() == run_before

@@ -25,9 +25,9 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import Dataset
 
 from synthkd.errors import SynthkdError
-from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
+from synthkd.io import atomic_write, atomic_write_json, differences, read_json, sha256_file
 
-from .shards import _diff, _plain_json, shard_name
+from .shards import _plain_json, shard_name
 
 FORMAT = "synthkd-activations"
 VERSION = 1
@@ -58,11 +58,11 @@ class ActivationWriter:
         if not run.is_file():
             raise SynthkdError(f"{self.out_dir} is not empty and holds no activation set; use a new --out directory")
         try:
-            mismatches = _diff(read_json(run), self.record)
+            mismatches = differences(read_json(run), self.record)
         except ValueError as error:  # unreadable JSON
             mismatches = [f"run.json is unreadable ({error})"]
         if mismatches:
-            raise SynthkdError(f"{self.out_dir} holds an activation set with other settings ({'; '.join(mismatches)}); "
+            raise SynthkdError(f"{self.out_dir} holds an activation set with other settings (existing run -> now: {'; '.join(mismatches)}); "
                                "use a new --out directory or delete it (nothing was overwritten)")
 
     def shard_path(self, k: int, shard: int) -> Path:

@@ -20,7 +20,6 @@ import json
 import math
 import os
 import re
-import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,8 +27,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from synthkd.errors import SynthkdError
-from synthkd.io import atomic_write, atomic_write_json, read_json, sha256_file
+from synthkd.errors import SynthkdError, warn
+from synthkd.io import atomic_write, atomic_write_json, differences, read_json, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
     import accelerate
@@ -54,34 +53,12 @@ def _shard_id(name: str) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _warn(message: str) -> None:
-    print(f"synthkd: warning: {message}", file=sys.stderr, flush=True)
-
-
 def _plain_json(value: Any, what: str) -> Any:
     """Round-trip through JSON so tuples/lists compare equal to what a resume reads back."""
     try:
         return json.loads(json.dumps(value, sort_keys=True))
     except (TypeError, ValueError) as error:
         raise ValueError(f"{what} must be JSON-serialisable to be recorded in run.json: {error}") from error
-
-
-def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """Human-readable differences, one per leaf key, e.g. ``config.iterations: 200 ... 100 now``."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                out.append(f"{name}: absent in the existing run, {json.dumps(new[key])} now")
-            elif key not in new:
-                out.append(f"{name}: {json.dumps(old[key])} in the existing run, absent now")
-            else:
-                out.extend(_diff(old[key], new[key], name))
-        return out
-    if old == new and type(old) is type(new):
-        return []
-    return [f"{prefix or 'value'}: {json.dumps(old)} in the existing run, {json.dumps(new)} now"]
 
 
 def _load_shard(path: Path) -> dict[str, torch.Tensor]:
@@ -197,7 +174,7 @@ class SyntheticWriter:
         mismatches = self._mismatches()
         if mismatches:
             raise SynthkdError(
-                f"{self.out_dir} holds a run with different settings ("
+                f"{self.out_dir} holds a run with different settings (existing run -> now: "
                 + "; ".join(mismatches)
                 + "); use a new --out directory or delete it (nothing was overwritten)"
             )
@@ -364,7 +341,7 @@ class SyntheticWriter:
             existing = read_json(self._run_path)
         except (OSError, json.JSONDecodeError) as error:
             return [f"{RUN_NAME} is unreadable ({error})"]
-        return _diff(existing, self.record)
+        return differences(existing, self.record)
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of writes killed before their rename; nobody else is writing now."""
@@ -389,7 +366,7 @@ class SyntheticWriter:
             bad, complete = [f"{MANIFEST_NAME} ({error})"], False
         if not bad and complete:
             return True
-        _warn(
+        warn(
             f"{self.out_dir} was finished but {', '.join(bad) or 'some shards'} are missing or changed; "
             "regenerating them"
         )
@@ -403,7 +380,7 @@ class SyntheticWriter:
             entries = read_json(path)["shards"]
             return [e for e in entries if isinstance(e, dict) and isinstance(e.get("file"), str)]
         except (OSError, KeyError, TypeError, json.JSONDecodeError) as error:
-            _warn(f"ignoring unreadable progress file {path} ({error})")
+            warn(f"ignoring unreadable progress file {path} ({error})")
             return []
 
     def _progress_files(self) -> list[tuple[int, Path]]:
@@ -467,11 +444,11 @@ class SyntheticWriter:
                 if name in kept:
                     continue  # duplicate of an entry already kept
                 if not self._entry_valid(entry):
-                    _warn(f"progress entry for {name} in {path.name} does not match this run; regenerating it")
+                    warn(f"progress entry for {name} in {path.name} does not match this run; regenerating it")
                 elif current_hash(name) is None:
-                    _warn(f"{name} is recorded as done but the file is missing; regenerating it")
+                    warn(f"{name} is recorded as done but the file is missing; regenerating it")
                 elif current_hash(name) != entry["sha256"]:
-                    _warn(f"{name} does not match its recorded checksum (corrupt or changed); regenerating it")
+                    warn(f"{name} does not match its recorded checksum (corrupt or changed); regenerating it")
                     rejected.add(name)
                 else:
                     good.append(entry)
@@ -496,10 +473,10 @@ class SyntheticWriter:
                     and (count == 0 or (int(targets.min()) >= 0 and int(targets.max()) < self.num_classes))
                 )
             except Exception as error:  # safetensors raises several types for a damaged file
-                _warn(f"{path.name} is unreadable ({error}); regenerating it")
+                warn(f"{path.name} is unreadable ({error}); regenerating it")
                 continue
             if not ok:
-                _warn(f"{path.name} has the wrong shapes for this run; regenerating it")
+                warn(f"{path.name} has the wrong shapes for this run; regenerating it")
                 continue
             entry = {
                 "file": path.name,
