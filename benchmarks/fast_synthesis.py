@@ -14,15 +14,18 @@ size N: the student trained on the first N images of its set, and the time it to
   N-th image was written.
 - Activations: one input set per neighbourhood, then neighbourhood distillation on it alone.
 
-From the two curves: the generation time the fast generator needs to reach each inversion point's
-accuracy (linear between its own points; none if it never gets there), and the ratio to inversion's.
+From the two curves: for every accuracy either method reached, the generation time each needs to
+reach it (linear between a curve's points; only an upper bound where a curve's first point is
+already above it; none if it never gets there), and their ratio.
 
     python benchmarks/fast_synthesis.py [--quick] [--out benchmarks/results/fast_synthesis.json]
+    python benchmarks/fast_synthesis.py --summary-of benchmarks/results/fast_synthesis.json   # tables only
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import sys
 import time
@@ -42,6 +45,7 @@ from synthkd.evaluation import evaluate  # noqa: E402
 from synthkd.generators.activations import ActivationConfig  # noqa: E402
 from synthkd.generators.fast import FastConfig, FastGenerator  # noqa: E402
 from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
+from synthkd.io import atomic_write_json  # noqa: E402
 from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
 from synthkd.pipelines.activations import generate_activations  # noqa: E402
 from synthkd.pipelines.distill import KDObjective, build_student, distill_neighbourhood  # noqa: E402
@@ -61,18 +65,40 @@ def epochs_for(kd_steps: int, images: int, batch_size: int) -> int:
     return max(1, round(kd_steps / max(1, images // batch_size)))
 
 
-def time_to_reach(curve: list[tuple[float, float]], accuracy: float) -> float | None:
-    """The time at which a (time, accuracy) curve first reaches ``accuracy``, linear between its
-    points; its first point's time if that one already does; None if it never does."""
+def time_to_reach(curve: list[dict[str, float]], accuracy: float) -> tuple[float | None, bool]:
+    """The generation time at which a curve (points with ``generate_seconds`` and ``accuracy``, by
+    time) first reaches ``accuracy``, linear between its points, and whether that is exact: if its
+    first point already reaches it, that point's time is only an upper bound; None if never."""
     previous = None
-    for seconds, reached in curve:
+    for point in curve:
+        seconds, reached = point["generate_seconds"], point["accuracy"]
         if reached >= accuracy:
             if previous is None:
-                return seconds
-            (t0, a0), t1 = previous, seconds
-            return t0 + (accuracy - a0) / (reached - a0) * (t1 - t0)
+                return seconds, False
+            t0, a0 = previous
+            return t0 + (accuracy - a0) / (reached - a0) * (seconds - t0), True
         previous = (seconds, reached)
-    return None
+    return None, True
+
+
+def same_accuracy(curves: dict[str, list[dict[str, float]]]) -> list[dict[str, object]]:
+    """For every accuracy one of the curves reached: the time each method needs to reach it, and
+    inversion's time over the fast generator's."""
+    levels = sorted({point["accuracy"] for curve in curves.values() for point in curve})
+    table = []
+    for accuracy in levels:
+        (inversion, inversion_exact), (fast, fast_exact) = (time_to_reach(curves[m], accuracy) for m in ("inversion", "fast"))
+        table.append({"accuracy": accuracy, "inversion_s": inversion, "inversion_exact": inversion_exact,
+                      "fast_s": fast, "fast_exact": fast_exact,
+                      "ratio": inversion / fast if inversion is not None and fast is not None else None})
+    return table
+
+
+def report(result: dict[str, object]) -> None:
+    print_table(result["rows"], f"Fashion-MNIST, teacher {result['teacher_accuracy']:.4f}, "
+                                f"{result['settings']['kd_steps']} distillation steps each")
+    print_table(result["same_accuracy"], "generation time to reach each accuracy (exact False: at most this; "
+                                         "ratio: inversion / fast)")
 
 
 def main() -> None:
@@ -86,13 +112,22 @@ def main() -> None:
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
+    parser.add_argument("--summary-of", metavar="RUN.json",
+                        help="measure nothing: print a saved run's tables with this comparison (and rewrite it to --out)")
     args = parser.parse_args()
+    if args.summary_of:
+        result = json.loads(Path(args.summary_of).read_text())
+        result["same_accuracy"] = same_accuracy(result["curves"])
+        report(result)
+        if args.out:
+            atomic_write_json(args.out, result)
+        return
     settings = dict(QUICK if args.quick else FULL)
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     inversion_points = [int(n) for n in settings["inversion_points"].split(",")]
-    fast_points = [int(n) for n in settings["fast_points"].split(",")]
+    fast_points = [int(n) for n in settings["fast_points"].split(",") if n]  # none: no fast set
     fast_config = FastConfig(**{o.name: getattr(args, o.name) for o in GENERATOR_OPTIONS if getattr(args, o.name) is not None})
     config = load_setting()
     cache = Path(args.cache)
@@ -136,7 +171,8 @@ def main() -> None:
     generator = FastGenerator(teacher, fast_config, seed=0)
     written: list[float] = []
     started = time.perf_counter()
-    while generate(teacher, generator, max(fast_points), fast_dir, batch, 0, accelerator, max_rounds=1) is None:
+    while fast_points and generate(teacher, generator, max(fast_points), fast_dir, batch, 0, accelerator,
+                                   max_rounds=1) is None:
         written.append(time.perf_counter() - started)
     written.append(time.perf_counter() - started)
     for images in fast_points:
@@ -164,13 +200,6 @@ def main() -> None:
             "relative_mse": {name: record["relative_mse"] for name, record in metrics["neighbourhoods"].items()},
         }
 
-    fast_curve = [(point["generate_seconds"], point["accuracy"]) for point in curves["fast"]]
-    same_accuracy = []
-    for point in curves["inversion"]:
-        needed = time_to_reach(fast_curve, point["accuracy"])
-        same_accuracy.append({"accuracy": point["accuracy"], "inversion_images": point["images"],
-                              "inversion_seconds": point["generate_seconds"], "fast_seconds": needed,
-                              "generation_time_ratio": point["generate_seconds"] / needed if needed else None})
     rows = [{"method": method, "images": point["images"], "generate_s": point["generate_seconds"],
              "per_minute": 60 * point["images"] / point["generate_seconds"], "distill_s": point["distill_seconds"],
              "accuracy": point["accuracy"], "gap_points": 100 * (teacher_accuracy - point["accuracy"])}
@@ -179,13 +208,13 @@ def main() -> None:
         rows.append({"method": "activations", "images": activations["inputs_per_neighbourhood"],
                      "generate_s": activations["generate_seconds"], "distill_s": activations["distill_seconds"],
                      "accuracy": activations["accuracy"], "gap_points": 100 * (teacher_accuracy - activations["accuracy"])})
-    print_table(rows, f"Fashion-MNIST, teacher {teacher_accuracy:.4f}, {settings['kd_steps']} distillation steps each")
-    print_table(same_accuracy, "generation time to reach each inversion point's accuracy")
-    write_json(args.out, {
+    result = {
         "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "generator": generator.config(),
         "teacher_accuracy": teacher_accuracy, "inversion_seconds_per_batch": per_batch, "curves": curves,
-        "same_accuracy": same_accuracy, "activations": activations, "rows": rows,
-    })
+        "same_accuracy": same_accuracy(curves), "activations": activations, "rows": rows,
+    }
+    report(result)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":
