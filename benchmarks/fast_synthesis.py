@@ -1,67 +1,134 @@
-"""Fast synthesis on the standard setting: plain inversion vs the meta-learned generator vs
-per-neighbourhood activations, each followed by the same fixed distillation budget.
+"""Fast synthesis on the standard setting: accuracy against generation time for plain inversion and
+the meta-learned generator, and per-neighbourhood activations, each with the same distillation budget.
 
-For each method: the wall time to make its data, and the accuracy on the 10k real test images of
-the resnet20 x0.5 student distilled on that data alone with ``--kd-steps`` optimiser steps
-(batch 128; e2e KD for images, neighbourhood distillation for activations, which have no
-image to fine-tune on). Plain inversion's per-batch time is measured in this run on
-``--inversion-batches`` batches; its student is trained on the cached 6,144-image inverted set
-(benchmarks/common.standard_synthetic, made in an earlier session), and its generation time is
-that per-batch time times the number of batches of that set.
+Every student is resnet20 x0.5 distilled with ``--kd-steps`` optimiser steps (batch 128) on one
+data set alone and scored on the 10k real test images. A method's curve has one point per data
+size N: the student trained on the first N images of its set, and the time it took to make them.
+
+- Plain inversion: the first N images of the cached 6,144-image inverted set
+  (benchmarks/common.standard_synthetic, 100 steps per batch of 256, made in an earlier session);
+  its generation time is N/256 batches x the per-batch time measured in this run (the cost of a
+  step does not depend on the step, so ``--inversion-iterations`` steps are timed and scaled to 100).
+- Fast: one set made here with the library's default fast generator (the options below override
+  it), timed shard by shard, warm-up included; the time for N images is the time until its
+  N-th image was written.
+- Activations: one input set per neighbourhood, then neighbourhood distillation on it alone.
+
+From the two curves: for every accuracy either method reached, the generation time each needs to
+reach it (linear between a curve's points; only an upper bound where a curve's first point is
+already above it; none if it never gets there), and their ratio.
 
     python benchmarks/fast_synthesis.py [--quick] [--out benchmarks/results/fast_synthesis.json]
+    python benchmarks/fast_synthesis.py --summary-of benchmarks/results/fast_synthesis.json   # tables only
 """
 
 from __future__ import annotations
 
 import argparse
-import math
+import json
 import shutil
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, write_json  # noqa: E402
 
 import torch  # noqa: E402
+from torch.utils.data import Subset  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
+from synthkd.data.shards import SyntheticDataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
 from synthkd.generators.activations import ActivationConfig  # noqa: E402
 from synthkd.generators.fast import FastConfig, FastGenerator  # noqa: E402
 from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
+from synthkd.io import atomic_write_json  # noqa: E402
 from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
 from synthkd.pipelines.activations import generate_activations  # noqa: E402
-from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood  # noqa: E402
+from synthkd.pipelines.distill import KDObjective, build_student, distill_neighbourhood  # noqa: E402
 from synthkd.pipelines.generate import generate, shard_seed  # noqa: E402
-from synthkd.training import TrainConfig  # noqa: E402
+from synthkd.training import TrainConfig, fit  # noqa: E402
 
-QUICK = {"inversion_batches": 1, "inversion_iterations": 10, "fast_images": 1024, "activation_images": 256,
-         "activation_iterations": 10, "kd_steps": 60}
-FULL = {"inversion_batches": 1, "inversion_iterations": 100, "fast_images": 8192, "activation_images": 1024,
-        "activation_iterations": 30, "kd_steps": 800}
+QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_points": "512,1024",
+         "activation_images": 256, "activation_iterations": 10, "kd_steps": 60}
+FULL = {"inversion_iterations": 100, "inversion_points": "1024,2048,4096,6144", "fast_points": "2048,4096,6144,8192",
+        "activation_images": 1024, "activation_iterations": 30, "kd_steps": 800}
 INVERTED_IMAGES = 6144  # the cached standard set (100 steps per batch of 256)
+GENERATOR_OPTIONS = [f for f in fields(FastConfig) if f.name in
+                {"steps_per_batch", "warmup_batches", "meta_lr", "draws_per_adaptation", "latent_noise", "channels"}]
 
 
 def epochs_for(kd_steps: int, images: int, batch_size: int) -> int:
     return max(1, round(kd_steps / max(1, images // batch_size)))
 
 
+def time_to_reach(curve: list[dict[str, float]], accuracy: float) -> tuple[float | None, bool]:
+    """The generation time at which a curve (points with ``generate_seconds`` and ``accuracy``, by
+    time) first reaches ``accuracy``, linear between its points, and whether that is exact: if its
+    first point already reaches it, that point's time is only an upper bound; None if never."""
+    previous = None
+    for point in curve:
+        seconds, reached = point["generate_seconds"], point["accuracy"]
+        if reached >= accuracy:
+            if previous is None:
+                return seconds, False
+            t0, a0 = previous
+            return t0 + (accuracy - a0) / (reached - a0) * (seconds - t0), True
+        previous = (seconds, reached)
+    return None, True
+
+
+def same_accuracy(curves: dict[str, list[dict[str, float]]]) -> list[dict[str, object]]:
+    """For every accuracy one of the curves reached: the time each method needs to reach it, and
+    inversion's time over the fast generator's."""
+    levels = sorted({point["accuracy"] for curve in curves.values() for point in curve})
+    table = []
+    for accuracy in levels:
+        (inversion, inversion_exact), (fast, fast_exact) = (time_to_reach(curves[m], accuracy) for m in ("inversion", "fast"))
+        table.append({"accuracy": accuracy, "inversion_s": inversion, "inversion_exact": inversion_exact,
+                      "fast_s": fast, "fast_exact": fast_exact,
+                      "ratio": inversion / fast if inversion is not None and fast is not None else None})
+    return table
+
+
+def report(result: dict[str, object]) -> None:
+    print_table(result["rows"], f"Fashion-MNIST, teacher {result['teacher_accuracy']:.4f}, "
+                                f"{result['settings']['kd_steps']} distillation steps each")
+    print_table(result["same_accuracy"], "generation time to reach each accuracy (exact False: at most this; "
+                                         "ratio: inversion / fast)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     for key, value in FULL.items():
         parser.add_argument(f"--{key.replace('_', '-')}", type=type(value))
-    parser.add_argument("--steps-per-batch", type=int, default=20)
+    for option in GENERATOR_OPTIONS:
+        parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default),
+                            help=f"fast generator (default {option.default})")
+    parser.add_argument("--skip-activations", action="store_true", help="leave the activation method out")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
+    parser.add_argument("--summary-of", metavar="RUN.json",
+                        help="measure nothing: print a saved run's tables with this comparison (and rewrite it to --out)")
     args = parser.parse_args()
+    if args.summary_of:
+        result = json.loads(Path(args.summary_of).read_text())
+        result["same_accuracy"] = same_accuracy(result["curves"])
+        report(result)
+        if args.out:
+            atomic_write_json(args.out, result)
+        return
     settings = dict(QUICK if args.quick else FULL)
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    inversion_points = [int(n) for n in settings["inversion_points"].split(",")]
+    fast_points = [int(n) for n in settings["fast_points"].split(",") if n]  # none: no fast set
+    fast_config = FastConfig(**{o.name: getattr(args, o.name) for o in GENERATOR_OPTIONS if getattr(args, o.name) is not None})
     config = load_setting()
     cache = Path(args.cache)
     work = cache / "fast-synthesis"  # this benchmark's own outputs, cleared before timing
@@ -74,76 +141,80 @@ def main() -> None:
     kd_batch = config["distill"]["batch_size"]
     evaluation = load_dataset(config["eval_dataset"])
     teacher_accuracy = evaluate(teacher, evaluation, accelerator)["accuracy"]
-    rows, results = [], {}
 
-    def distill_images(name: str, data: Path, images: int) -> float:
+    def distill_prefix(data: Path, images: int) -> dict[str, float]:
+        """The student distilled on the first ``images`` images of ``data`` with the fixed budget."""
         train = TrainConfig(epochs=epochs_for(settings["kd_steps"], images, kd_batch), batch_size=kd_batch,
                             lr=config["distill"]["lr"])
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        objective = KDObjective(teacher, config["distill"]["temperature"], True, config["distill"]["mixup"])
         started = time.perf_counter()
-        distill_e2e(teacher, student, data, work / f"student-{name}", train, config["distill"]["temperature"],
-                    mixup=config["distill"]["mixup"], accelerator=accelerator)
-        results[name] = {"distill_seconds": time.perf_counter() - started, "distill_epochs": train.epochs}
-        return evaluate(student, evaluation, accelerator)["accuracy"]
+        fit(student, Subset(SyntheticDataset(data), range(images)), objective.to(accelerator.device), train,
+            accelerator, description=f"distill ({images} images)")
+        return {"distill_seconds": time.perf_counter() - started, "distill_epochs": train.epochs,
+                "accuracy": evaluate(student, evaluation, accelerator)["accuracy"]}
 
-    # Plain inversion: per-batch time measured here; the student from the cached inverted set.
+    # Plain inversion: the per-batch time measured here, the students on the cached set's prefixes.
     inversion = ActivationInversion(teacher, InversionConfig(iterations=settings["inversion_iterations"],
                                                              lr=config["generate"]["lr"]))
-    targets = torch.arange(batch) % teacher.num_classes
     started = time.perf_counter()
-    for index in range(settings["inversion_batches"]):
-        inversion.generate(targets, seed=shard_seed(0, index))
-    per_batch = (time.perf_counter() - started) / settings["inversion_batches"]
-    per_batch_100 = per_batch * 100 / settings["inversion_iterations"]  # the cached set's 100 steps per batch
+    inversion.generate(torch.arange(batch) % teacher.num_classes, seed=shard_seed(0, 0))
+    per_batch = (time.perf_counter() - started) * 100 / settings["inversion_iterations"]
     inverted = standard_synthetic(config, teacher, INVERTED_IMAGES, 100, cache, timings)
-    inversion_generate = per_batch_100 * math.ceil(INVERTED_IMAGES / batch)
-    accuracy = distill_images("inversion", inverted, INVERTED_IMAGES)
-    results["inversion"].update({"images": INVERTED_IMAGES, "generate_seconds": inversion_generate,
-                                 "seconds_per_batch_measured": per_batch, "iterations_measured": settings["inversion_iterations"],
-                                 "accuracy": accuracy, "note": "cached set; generation time = measured per-batch time x batches"})
+    curves: dict[str, list[dict[str, float]]] = {"inversion": [], "fast": []}
+    for images in inversion_points:
+        curves["inversion"].append({"images": images, "generate_seconds": per_batch * images / batch,
+                                    **distill_prefix(inverted, images)})
 
-    # The fast generator: make its set (timed, warm-up included), then the same budget.
+    # The fast generator: one set, timed shard by shard, students on its prefixes.
     fast_dir = work / "fast-set"
-    generator = FastGenerator(teacher, FastConfig(steps_per_batch=args.steps_per_batch), seed=0)
+    generator = FastGenerator(teacher, fast_config, seed=0)
+    written: list[float] = []
     started = time.perf_counter()
-    generate(teacher, generator, settings["fast_images"], fast_dir, batch, 0, accelerator)
-    fast_generate = time.perf_counter() - started
-    accuracy = distill_images("fast", fast_dir, settings["fast_images"])
-    results["fast"].update({"images": settings["fast_images"], "generate_seconds": fast_generate, "accuracy": accuracy,
-                            "generator": generator.config()})
+    while fast_points and generate(teacher, generator, max(fast_points), fast_dir, batch, 0, accelerator,
+                                   max_rounds=1) is None:
+        written.append(time.perf_counter() - started)
+    written.append(time.perf_counter() - started)
+    for images in fast_points:
+        curves["fast"].append({"images": images, "generate_seconds": written[-(-images // batch) - 1],
+                               **distill_prefix(fast_dir, images)})
 
     # Per-neighbourhood activations: make the sets, then neighbourhood distillation on them.
-    activation_dir = work / "activation-set"
-    started = time.perf_counter()
-    generate_activations(teacher, ActivationConfig(iterations=settings["activation_iterations"]),
-                         settings["activation_images"], activation_dir, batch, 0, accelerator)
-    activation_generate = time.perf_counter() - started
-    student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
-    neighbourhood = NeighbourhoodConfig(epochs=epochs_for(settings["kd_steps"], settings["activation_images"], kd_batch),
-                                        batch_size=kd_batch, holdout=min(512, settings["activation_images"] // 5))
-    started = time.perf_counter()
-    _, metrics = distill_neighbourhood(teacher, student, activation_dir, work / "student-activations", neighbourhood,
-                                       None, accelerator=accelerator, inputs="activations")
-    results["activations"] = {
-        "images": 0, "inputs_per_neighbourhood": settings["activation_images"], "generate_seconds": activation_generate,
-        "distill_seconds": time.perf_counter() - started, "distill_epochs": neighbourhood.epochs,
-        "accuracy": evaluate(student, evaluation, accelerator)["accuracy"],
-        "relative_mse": {name: record["relative_mse"] for name, record in metrics["neighbourhoods"].items()},
-    }
+    activations = None
+    if not args.skip_activations:
+        activation_dir = work / "activation-set"
+        started = time.perf_counter()
+        generate_activations(teacher, ActivationConfig(iterations=settings["activation_iterations"]),
+                             settings["activation_images"], activation_dir, batch, 0, accelerator)
+        activation_generate = time.perf_counter() - started
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        neighbourhood = NeighbourhoodConfig(epochs=epochs_for(settings["kd_steps"], settings["activation_images"], kd_batch),
+                                            batch_size=kd_batch, holdout=min(512, settings["activation_images"] // 5))
+        started = time.perf_counter()
+        _, metrics = distill_neighbourhood(teacher, student, activation_dir, work / "student-activations", neighbourhood,
+                                           None, accelerator=accelerator, inputs="activations")
+        activations = {
+            "inputs_per_neighbourhood": settings["activation_images"], "generate_seconds": activation_generate,
+            "distill_seconds": time.perf_counter() - started, "distill_epochs": neighbourhood.epochs,
+            "accuracy": evaluate(student, evaluation, accelerator)["accuracy"],
+            "relative_mse": {name: record["relative_mse"] for name, record in metrics["neighbourhoods"].items()},
+        }
 
-    for name, result in results.items():
-        made = result["images"] or result["inputs_per_neighbourhood"]
-        rows.append({"method": name, "made": made, "generate_s": result["generate_seconds"],
-                     "per_minute": 60 * made / result["generate_seconds"], "distill_s": result["distill_seconds"],
-                     "accuracy": result["accuracy"], "gap_points": 100 * (teacher_accuracy - result["accuracy"]),
-                     "total_min": (result["generate_seconds"] + result["distill_seconds"]) / 60})
-    print_table(rows, f"Fashion-MNIST, teacher {teacher_accuracy:.4f}, {settings['kd_steps']} distillation steps each")
-    write_json(args.out, {
-        "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "steps_per_batch": args.steps_per_batch,
-        "teacher_accuracy": teacher_accuracy, "rows": rows, "results": results,
-        "generation_speedup_fast_vs_inversion_per_image": (results["inversion"]["generate_seconds"] / INVERTED_IMAGES)
-        / (results["fast"]["generate_seconds"] / settings["fast_images"]),
-    })
+    rows = [{"method": method, "images": point["images"], "generate_s": point["generate_seconds"],
+             "per_minute": 60 * point["images"] / point["generate_seconds"], "distill_s": point["distill_seconds"],
+             "accuracy": point["accuracy"], "gap_points": 100 * (teacher_accuracy - point["accuracy"])}
+            for method, curve in curves.items() for point in curve]
+    if activations:
+        rows.append({"method": "activations", "images": activations["inputs_per_neighbourhood"],
+                     "generate_s": activations["generate_seconds"], "distill_s": activations["distill_seconds"],
+                     "accuracy": activations["accuracy"], "gap_points": 100 * (teacher_accuracy - activations["accuracy"])})
+    result = {
+        "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "generator": generator.config(),
+        "teacher_accuracy": teacher_accuracy, "inversion_seconds_per_batch": per_batch, "curves": curves,
+        "same_accuracy": same_accuracy(curves), "activations": activations, "rows": rows,
+    }
+    report(result)
+    write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -60,6 +60,8 @@ class FastSection:
     warmup_batches: int = FastConfig.warmup_batches
     latent_dim: int = field(default=FastConfig.latent_dim, metadata={"positive": True})
     generator_channels: int = field(default=FastConfig.channels, metadata={"positive": True})
+    draws_per_adaptation: int = field(default=FastConfig.draws_per_adaptation, metadata={"positive": True})
+    latent_noise: float = FastConfig.latent_noise
 
 
 @dataclass
@@ -399,6 +401,8 @@ def _check_generate(section: GenerateSection, errors: list[str]) -> None:
             errors.append(f"generate.fast.bn_momentum: must be in [0, 1), got {_show(fast.bn_momentum)}")
         if fast.warmup_batches < 0:
             errors.append(f"generate.fast.warmup_batches: must not be negative, got {_show(fast.warmup_batches)}")
+        if fast.latent_noise < 0:
+            errors.append(f"generate.fast.latent_noise: must not be negative, got {_show(fast.latent_noise)}")
     if section.method == "diffusion":
         if diffusion.pipeline is None:
             errors.append("generate.diffusion.pipeline: the diffusion method needs a diffusers pipeline (a directory, "

@@ -41,7 +41,7 @@ def first_step_below(losses: list[float], level: float) -> int | None:
 
 def test_meta_initialisation_reduces_the_steps_a_new_batch_needs(teacher):
     # Momentum off, so both generators are judged against the same statistics.
-    config = FastConfig(steps_per_batch=5, warmup_batches=0, bn_momentum=0.0, **NO_VIEWS)
+    config = FastConfig(steps_per_batch=5, warmup_batches=0, bn_momentum=0.0, draws_per_adaptation=1, **NO_VIEWS)
     targets = torch.arange(32) % 10
     meta = FastGenerator(teacher, config, seed=0)
     for batch in range(15):
@@ -58,30 +58,53 @@ def test_meta_initialisation_reduces_the_steps_a_new_batch_needs(teacher):
     assert fresh.batches == 0 and meta.batches == 15
 
 
+def test_redraws_reuse_one_adaptation_for_several_batches(teacher):
+    config = FastConfig(steps_per_batch=10, warmup_batches=4, draws_per_adaptation=3, latent_noise=0.25, **NO_VIEWS)
+    generator = FastGenerator(teacher, config, seed=0)
+    targets = torch.arange(40) % 10
+    batches = [generator.generate(targets, seed=seed) for seed in range(4)]
+    assert generator.batches == 4 + 2  # warm-up, then calls 1 and 4 adapt (one meta step each); 2 and 3 redraw
+    with torch.no_grad():
+        agreement = [float((teacher(images).argmax(1) == targets).float().mean()) for images in batches[:3]]
+    # A redraw is a new batch, aimed at the targets nearly as well as the adapted one ...
+    assert not torch.allclose(batches[1], batches[0]) and not torch.allclose(batches[2], batches[1])
+    assert agreement[0] > 0.5 and min(agreement[1:]) > agreement[0] - 0.2, agreement
+    # ... and a fixed function of its seed.
+    again = FastGenerator(teacher, config, seed=0)
+    again.generate(targets, seed=0)
+    assert torch.equal(again.generate(targets, seed=1), batches[1])
+    # Far noise leaves the fitted latents: the targets are lost.
+    generator.settings.latent_noise = 20.0
+    with torch.no_grad():
+        far = float((teacher(generator.redraw(targets, seed=9)).argmax(1) == targets).float().mean())
+    assert far < min(agreement[1:]) - 0.1, (far, agreement)
+
+
 def test_fast_generation_saves_and_resumes_its_state(teacher, tmp_path, accelerator):
-    config = FastConfig(steps_per_batch=2, warmup_batches=2, **NO_VIEWS)
+    config = FastConfig(steps_per_batch=2, warmup_batches=2, draws_per_adaptation=2, **NO_VIEWS)
     generator = FastGenerator(teacher, config, seed=3)
     manifest = generate(teacher, generator, 40, tmp_path / "set", batch_size=16, seed=3, accelerator=accelerator)
     assert manifest["method"] == "fast" and manifest["config"]["steps_per_batch"] == 2
     data = SyntheticDataset(tmp_path / "set")
     assert data.images.shape == (40, 1, 8, 8) and 0 <= float(data.images.min()) and float(data.images.max()) <= 1
-    assert generator.batches == 2 + 3  # warm-up plus one per shard
+    assert generator.batches == 2 + 2  # warm-up, then shards 0 and 2 adapt (shard 1 is a redraw)
     state = load_file(str(tmp_path / "set" / STATE_NAME))
     assert torch.equal(state["meta.project.weight"], generator.meta.project.weight.detach())
     assert all(f"bn_history.{i}" in state for i in range(len(generator.objective.history)))
 
     resumed = FastGenerator(teacher, config, seed=3)
     resumed.load_state(tmp_path / "set")
-    assert resumed.batches == 5
+    assert resumed.batches == 4
     for a, b in zip(resumed.meta.state_dict().values(), generator.meta.state_dict().values()):
         assert torch.equal(a, b)
     assert all(torch.equal(a, b) for a, b in zip(resumed.objective.history, generator.objective.history))
-    # A resumed generator skips the warm-up: one more batch is one more meta step.
+    # A resumed generator skips the warm-up and adapts first: one more batch is one more meta step.
     resumed.generate(torch.arange(4), seed=11)
-    assert resumed.batches == 6
+    assert resumed.batches == 5
 
     with pytest.raises(SynthkdError, match="other settings"):
-        FastGenerator(teacher, FastConfig(steps_per_batch=3, warmup_batches=2, **NO_VIEWS), seed=3).load_state(tmp_path / "set")
+        FastGenerator(teacher, FastConfig(steps_per_batch=3, warmup_batches=2, draws_per_adaptation=2, **NO_VIEWS),
+                      seed=3).load_state(tmp_path / "set")
     (tmp_path / "set" / STATE_NAME).write_bytes(b"not safetensors")
     with pytest.raises(SynthkdError, match="unreadable"):
         FastGenerator(teacher, config, seed=3).load_state(tmp_path / "set")
@@ -92,6 +115,8 @@ def test_bad_fast_settings_are_refused(teacher):
         FastGenerator(teacher, FastConfig(meta_lr=1.5))
     with pytest.raises(SynthkdError, match="--steps-per-batch"):
         FastGenerator(teacher, FastConfig(steps_per_batch=0))
+    with pytest.raises(SynthkdError, match="--draws-per-adaptation"):
+        FastGenerator(teacher, FastConfig(draws_per_adaptation=0))
     with pytest.raises(SynthkdError, match="needs a student"):
         FastGenerator(teacher, FastConfig(competition_weight=1.0))
 
@@ -213,7 +238,8 @@ def test_two_ranks_make_one_fast_set(teacher_dir, tmp_path):
         *launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(__import__("conftest").free_port()),
         "-m", "synthkd", "generate", "--teacher", str(teacher_dir), "--method", "fast", "--num-images", "48",
-        "--batch-size", "16", "--steps-per-batch", "2", "--warmup-batches", "1", "--out", str(out),
+        "--batch-size", "16", "--steps-per-batch", "2", "--warmup-batches", "1", "--draws-per-adaptation", "1",
+        "--out", str(out),
     ]
     if cmd[0] != __import__("shutil").which("accelerate"):
         cmd.remove("launch")
@@ -225,7 +251,8 @@ def test_two_ranks_make_one_fast_set(teacher_dir, tmp_path):
     assert [s["rank"] for s in manifest["shards"]] == [0, 1, 0]
     assert len(SyntheticDataset(out)) == 48
     # Warm-up batch + two rounds, each a Reptile step averaged over the ranks.
-    state = FastGenerator(Classifier.from_pretrained(teacher_dir), FastConfig(steps_per_batch=2, warmup_batches=1))
+    state = FastGenerator(Classifier.from_pretrained(teacher_dir),
+                          FastConfig(steps_per_batch=2, warmup_batches=1, draws_per_adaptation=1))
     state.load_state(out)
     assert state.batches == 3
 
@@ -252,7 +279,8 @@ def test_command_line_and_run_defaults_are_the_generators():
     options = {p.name: p.default for p in main.commands["generate"].params}
     names = {"steps_per_batch": "steps_per_batch", "generator_lr": "lr", "latent_lr": "latent_lr", "meta_lr": "meta_lr",
              "bn_momentum": "bn_momentum", "warmup_batches": "warmup_batches", "latent_dim": "latent_dim",
-             "generator_channels": "channels"}
+             "generator_channels": "channels", "draws_per_adaptation": "draws_per_adaptation",
+             "latent_noise": "latent_noise"}
     defaults = FastConfig()
     for option, field_name in names.items():
         assert options[option] == getattr(defaults, field_name), option

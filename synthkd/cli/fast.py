@@ -10,9 +10,6 @@ import click
 
 from .base import add_options
 
-FAST_OPTIONS = ("steps_per_batch", "generator_lr", "latent_lr", "meta_lr", "bn_momentum", "warmup_batches",
-                "latent_dim", "generator_channels")
-
 
 def fast_generator_options(function: Callable) -> Callable:
     """The settings of the meta-learned generator (``--method fast`` / ``--synthesize fast``)."""
@@ -27,10 +24,15 @@ def fast_generator_options(function: Callable) -> Callable:
                      help="Fast generator: Reptile step, the fraction of the way to a batch's adapted weights."),
         click.option("--bn-momentum", type=float, default=0.9, show_default=True,
                      help="Fast generator: weight of past batches in the BN statistics a batch must match."),
-        click.option("--warmup-batches", type=int, default=10, show_default=True,
+        click.option("--warmup-batches", type=int, default=0, show_default=True,
                      help="Fast generator: meta-learning batches before the first shard (not kept)."),
         click.option("--latent-dim", type=int, default=128, show_default=True, help="Fast generator: latent size."),
         click.option("--generator-channels", type=int, default=16, show_default=True, help="Fast generator: width."),
+        click.option("--draws-per-adaptation", type=int, default=4, show_default=True,
+                     help="Fast generator: batches drawn from one adapted generator; after the adapted batch, "
+                          "each redraw costs one forward pass (its latents: fitted ones of the class plus noise)."),
+        click.option("--latent-noise", type=float, default=0.25, show_default=True,
+                     help="Fast generator: std of the noise on a redraw's latents (larger: more varied, less on target)."),
     ])
 
 
