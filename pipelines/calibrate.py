@@ -24,6 +24,7 @@ from synthkd.data import load_dataset
 from synthkd.data.shards import SyntheticDataset, is_synthetic_dir
 from synthkd.detector import DENSITIES, Detector, KNearestNeighbours, Mahalanobis
 from synthkd.detector.conformal import check_alpha
+from synthkd.detector.detector import check_batchnorm_weight
 from synthkd.detector.features import cached_extract, features_cache_dir, resolve_batchnorm_layers, resolve_layer
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier
@@ -64,8 +65,7 @@ def calibrate(
         raise SynthkdError(f"unknown density {density!r}; use one of {', '.join(DENSITIES)}")
     if not 0 < holdout < 1:
         raise SynthkdError(f"holdout is the calibration fraction and must lie in (0, 1), got {holdout}")
-    if batchnorm_weight < 0:
-        raise SynthkdError(f"batchnorm_weight must be 0 (off) or positive, got {batchnorm_weight}")
+    check_batchnorm_weight(batchnorm_weight)  # before the features are extracted
     layer = resolve_layer(model, layer)
     batchnorm = resolve_batchnorm_layers(model, batchnorm_layers) if batchnorm_weight > 0 else []
     dataset = open_inputs(data)

@@ -450,7 +450,3 @@ def _missing(check: str, value: str) -> str | None:
     what = "a zoo architecture, " if check == "student" else ""
     return f"{value!r} is neither {what}a model directory nor FILE.py:factory"
 
-
-# ---------------------------------------------------------------------------------------------
-# Comparing configs
-

@@ -39,6 +39,13 @@ FORMAT = "synthkd-detector"
 VERSION = 1
 
 
+def check_batchnorm_weight(weight: float) -> float:
+    """The BatchNorm term's weight: 0 turns the term off, a positive weight weighs it in."""
+    if weight < 0:
+        raise SynthkdError(f"batchnorm_weight must be 0 (off) or positive, got {weight}")
+    return float(weight)
+
+
 class Detector:
     """Flags inputs whose features are atypical: p-value of the density score below alpha."""
 
@@ -70,10 +77,10 @@ class Detector:
         self.info = dict(info or {})
         self.model_fingerprint = model_fingerprint or model.fingerprint()
         self.normalize = normalize
-        if batchnorm_weight < 0 or (batchnorm_weight > 0 and not batchnorm):
-            raise SynthkdError("batchnorm_weight must be >= 0, and above 0 it needs BatchNorm layers to read")
+        self.batchnorm_weight = check_batchnorm_weight(batchnorm_weight)
+        if self.batchnorm_weight > 0 and not batchnorm:
+            raise SynthkdError("a batchnorm_weight above 0 needs BatchNorm layers to read; name them with --batchnorm-layers")
         self.batchnorm = list(batchnorm)
-        self.batchnorm_weight = float(batchnorm_weight)
         self.term_stats = term_stats  # mean and std of the density term, then of the BatchNorm term
 
     # ------------------------------------------------------------------ scores
