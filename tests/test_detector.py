@@ -237,6 +237,23 @@ def test_calibrate_on_a_synthetic_set(synthetic_dir, teacher, tmp_path, accelera
         calibrate(teacher, synthetic_dir, tmp_path / "x", density="kde", accelerator=accelerator)
 
 
+def test_covariance_floor_reaches_the_mixture(teacher, tmp_path, accelerator):
+    detector = calibrate(teacher, "digits:train", tmp_path / "floor", "gmm", components=2, reg_covar=0.5,
+                         accelerator=accelerator)
+    loaded = Detector.from_pretrained(tmp_path / "floor", teacher).density
+    assert loaded.reg_covar == 0.5 and torch.equal(loaded.covariances, detector.density.covariances)
+    # the floor is added to a positive semi-definite covariance: no eigenvalue falls below it
+    assert torch.linalg.eigvalsh(loaded.covariances).min() >= 0.5 - 1e-9
+    plain = calibrate(teacher, "digits:train", tmp_path / "plain", "gmm", components=2, accelerator=accelerator).density
+    assert torch.linalg.eigvalsh(plain.covariances).min() < 0.5
+    with pytest.raises(SynthkdError, match="Gaussian mixture option"):
+        calibrate(teacher, "digits:train", tmp_path / "x", "flow", reg_covar=0.1, accelerator=accelerator)
+    with pytest.raises(SynthkdError, match="reg_covar must be positive"):
+        calibrate(teacher, "digits:train", tmp_path / "x", reg_covar=0.0, accelerator=accelerator)
+    with pytest.raises(SynthkdError, match="weight is 0"):
+        calibrate(teacher, "digits:train", tmp_path / "x", batchnorm_layers=["stem.1"], accelerator=accelerator)
+
+
 def test_batchnorm_deviation_matches_a_direct_computation():
     layer = torch.nn.BatchNorm2d(3).eval()
     layer.running_mean.copy_(torch.tensor([0.5, -1.0, 2.0]))
@@ -328,8 +345,9 @@ def test_cli_calibrate_detect_evaluate(teacher_dir, tmp_path):
 def test_cli_with_the_batchnorm_term(teacher_dir, tmp_path):
     out = tmp_path / "detector"
     ok("calibrate", "--model", teacher_dir, "--data", "digits:train", "--components", "2", "--batchnorm-weight", "2",
-       "--out", out)
+       "--reg-covar", "0.1", "--out", out)
     assert json.loads((out / "detector.json").read_text())["batchnorm_weight"] == 2.0
+    assert json.loads((out / "density" / "config.json").read_text())["reg_covar"] == 0.1
     rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json").stdout.splitlines()]
     assert len(rows) == 5
     ok("evaluate", "--model", teacher_dir, "--detector", out, "--dataset", "digits:test[:100]", "--ood", "noise",

@@ -12,8 +12,8 @@ from .gmm import GaussianMixture
 from .metrics import detection_metrics, mann_whitney
 
 DENSITIES = {
-    "gmm": lambda components, seed: GaussianMixture(components, "full", seed=seed),
-    "gmm-diag": lambda components, seed: GaussianMixture(components, "diag", seed=seed),
+    "gmm": lambda components, seed, **options: GaussianMixture(components, "full", seed=seed, **options),
+    "gmm-diag": lambda components, seed, **options: GaussianMixture(components, "diag", seed=seed, **options),
     "flow": lambda components, seed: NormalizingFlow(architecture="maf", seed=seed),
     "flow-nsf": lambda components, seed: NormalizingFlow(architecture="nsf", seed=seed),
 }
