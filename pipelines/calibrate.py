@@ -22,7 +22,7 @@ from torch.utils.data import Dataset
 from synthkd.accelerator import make_accelerator
 from synthkd.data import load_dataset
 from synthkd.data.shards import SyntheticDataset, is_synthetic_dir
-from synthkd.detector import DENSITIES, Detector, KNearestNeighbours, Mahalanobis
+from synthkd.detector import Detector, KNearestNeighbours, Mahalanobis, build_density
 from synthkd.detector.conformal import check_alpha
 from synthkd.detector.detector import check_batchnorm_weight
 from synthkd.detector.features import cached_extract, features_cache_dir, resolve_batchnorm_layers, resolve_layer
@@ -55,33 +55,23 @@ def calibrate(
     accelerator: Accelerator | None = None,
     batchnorm_weight: float = 0.0,
     batchnorm_layers: Sequence[str] | None = None,
-    reg_covar: float | None = None,
+    smoothing: float = 0.0,
 ) -> Detector:
     """Fit the density of ``model``'s features on ``data``, keep held-out calibration scores, and
     write the detector directory ``out``. Features are cached under ``out/features`` (or
     ``$SYNTHKD_FEATURE_CACHE``), so a rerun does not extract them again.
 
-    ``reg_covar`` (Gaussian mixtures only) is the variance added to each covariance's diagonal, in
-    units of the standardised features. Features of synthetic images spread less than real ones,
-    so a mixture fitted on them with the tiny default floor finds real inputs atypical along
-    directions the synthetic set barely varies in; a floor of about 0.1 widens it (README)."""
+    ``smoothing`` widens the density by Gaussian noise of that variance, in standardised feature
+    units (:func:`synthkd.detector.build_density`); about 0.1 suits synthetic data (README)."""
     accelerator = accelerator or make_accelerator()
     check_alpha(alpha)
-    if density not in DENSITIES:
-        raise SynthkdError(f"unknown density {density!r}; use one of {', '.join(DENSITIES)}")
+    density_model = build_density(density, components, seed, smoothing)  # checked before the features are extracted
     if not 0 < holdout < 1:
         raise SynthkdError(f"holdout is the calibration fraction and must lie in (0, 1), got {holdout}")
     check_batchnorm_weight(batchnorm_weight)  # before the features are extracted
     if batchnorm_layers and batchnorm_weight == 0:
         raise SynthkdError("BatchNorm layers were given but the BatchNorm term's weight is 0 (off); "
                            "give a positive --batchnorm-weight, or leave the layers out")
-    density_options = {}
-    if reg_covar is not None:
-        if not density.startswith("gmm"):
-            raise SynthkdError(f"reg_covar is a Gaussian mixture option; the {density} density has none: leave it out")
-        if not reg_covar > 0:
-            raise SynthkdError(f"reg_covar must be positive, got {reg_covar}")
-        density_options["reg_covar"] = float(reg_covar)
     layer = resolve_layer(model, layer)
     batchnorm = resolve_batchnorm_layers(model, batchnorm_layers) if batchnorm_weight > 0 else []
     dataset = open_inputs(data)
@@ -101,7 +91,6 @@ def calibrate(
     mean, std = fit_features.mean(0), fit_features.std(0)
     std = torch.where(std > 1e-6 * std.max().clamp_min(1e-12), std, torch.ones_like(std))  # constant features stay finite
     device = accelerator.device
-    density_model = DENSITIES[density](components, seed, **density_options)
     started = time.perf_counter()
     density_model.fit_features(((fit_features - mean) / std).to(device))
     fit_seconds = time.perf_counter() - started

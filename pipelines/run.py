@@ -199,14 +199,14 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
             "gap_points": 100 * (report["teacher"]["accuracy"] - report["student"]["accuracy"])}
 
 
-CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout", "batchnorm_weight", "reg_covar")
+CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout", "batchnorm_weight", "smoothing")
 
 
 def calibration_section(config: RunConfig) -> dict[str, Any]:
-    """The calibrate stage's settings; the BatchNorm weight and the covariance floor only when set,
+    """The calibrate stage's settings; the BatchNorm weight and the smoothing only when on,
     so runs from before them keep their fingerprint."""
     section = {k: getattr(config.detector, k) for k in CALIBRATION_KEYS}
-    for later_key in ("batchnorm_weight", "reg_covar"):
+    for later_key in ("batchnorm_weight", "smoothing"):
         if not section[later_key]:
             del section[later_key]
     return {**section, "seed": config.seed}
@@ -218,7 +218,7 @@ def run_calibrate(ctx: RunContext) -> dict[str, Any]:
     section = ctx.config.detector
     detector = calibrate(ctx.student(), ctx.run_dir / "synthetic", ctx.run_dir / "detector", section.density,
                          section.alpha, section.layer, section.components, section.holdout, ctx.config.seed,
-                         ctx.accelerator, section.batchnorm_weight, reg_covar=section.reg_covar)
+                         ctx.accelerator, section.batchnorm_weight, smoothing=section.smoothing)
     return {"density": detector.density.kind, "layer": detector.layer, "alpha": detector.alpha}
 
 

@@ -170,9 +170,9 @@ class DetectorSection:
     alpha: float = field(default=0.05, metadata={"positive": True})
     layer: str | None = None         # null: the penultimate features
     components: int | None = field(default=None, metadata={"positive": True})
-    reg_covar: float | None = field(default=None, metadata={"positive": True})  # gmm covariance floor; null: 1e-4
     holdout: float = field(default=0.2, metadata={"positive": True})
     batchnorm_weight: float = 0.0    # weight of the deviation from the student's BatchNorm statistics (0: off)
+    smoothing: float = 0.0           # variance of the noise that widens the density (0: off; README)
     ood: list[str] = field(default_factory=list)      # dataset specs or aliases (noise, digits, ...)
     attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=list)
     epsilon: float = field(default=0.1, metadata={"positive": True})
@@ -374,8 +374,8 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
             errors.append("detector: alpha and holdout are fractions between 0 and 1")
         if detector.batchnorm_weight < 0:
             errors.append(f"detector.batchnorm_weight: expected 0 (off) or a positive weight, got {_show(detector.batchnorm_weight)}")
-        if detector.reg_covar is not None and not detector.density.startswith("gmm"):
-            errors.append(f"detector.reg_covar: a Gaussian mixture option, but density is {_show(detector.density)}; remove it")
+        if detector.smoothing < 0:
+            errors.append(f"detector.smoothing: expected 0 (off) or a positive noise variance, got {_show(detector.smoothing)}")
         if config.eval_dataset is None:
             errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:

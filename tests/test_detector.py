@@ -94,6 +94,16 @@ def test_flow_learns_the_density():
     assert flow.history[-1] > flow.history[0]  # held-out likelihood improved
 
 
+def test_smoothing_widens_the_flow_by_the_noise_variance():
+    x = torch.randn(2000, 2, generator=torch.Generator().manual_seed(0))
+    point = torch.tensor([[2.5, 2.5]])
+    plain, smoothed = (NormalizingFlow(transforms=2, hidden_features=(32, 32), epochs=30, smoothing=s).fit_features(x)
+                       for s in (0.0, 1.0))
+    # N(0, I) convolved with N(0, I) is N(0, 2I): log-density at the point -log(4 pi) - 6.25/2 = -5.66; unsmoothed -8.09
+    assert abs(float(smoothed.score_features(point)) - (-math.log(4 * math.pi) - 6.25 / 2)) < 0.5
+    assert abs(float(plain.score_features(point)) - (-math.log(2 * math.pi) - 6.25)) < 0.5
+
+
 def test_nan_features_are_refused():
     x, *_ = known_mixture(100)
     x[7, 1] = float("nan")
@@ -237,19 +247,19 @@ def test_calibrate_on_a_synthetic_set(synthetic_dir, teacher, tmp_path, accelera
         calibrate(teacher, synthetic_dir, tmp_path / "x", density="kde", accelerator=accelerator)
 
 
-def test_covariance_floor_reaches_the_mixture(teacher, tmp_path, accelerator):
-    detector = calibrate(teacher, "digits:train", tmp_path / "floor", "gmm", components=2, reg_covar=0.5,
+def test_smoothing_reaches_the_mixture(teacher, tmp_path, accelerator):
+    detector = calibrate(teacher, "digits:train", tmp_path / "smooth", "gmm", components=2, smoothing=0.5,
                          accelerator=accelerator)
-    loaded = Detector.from_pretrained(tmp_path / "floor", teacher).density
+    loaded = Detector.from_pretrained(tmp_path / "smooth", teacher).density
     assert loaded.reg_covar == 0.5 and torch.equal(loaded.covariances, detector.density.covariances)
-    # the floor is added to a positive semi-definite covariance: no eigenvalue falls below it
+    # the variance is added to a positive semi-definite covariance: no eigenvalue falls below it
     assert torch.linalg.eigvalsh(loaded.covariances).min() >= 0.5 - 1e-9
     plain = calibrate(teacher, "digits:train", tmp_path / "plain", "gmm", components=2, accelerator=accelerator).density
     assert torch.linalg.eigvalsh(plain.covariances).min() < 0.5
-    with pytest.raises(SynthkdError, match="Gaussian mixture option"):
-        calibrate(teacher, "digits:train", tmp_path / "x", "flow", reg_covar=0.1, accelerator=accelerator)
-    with pytest.raises(SynthkdError, match="reg_covar must be positive"):
-        calibrate(teacher, "digits:train", tmp_path / "x", reg_covar=0.0, accelerator=accelerator)
+    flow = calibrate(teacher, "digits:train[:200]", tmp_path / "flow", "flow", smoothing=0.1, accelerator=accelerator)
+    assert Detector.from_pretrained(tmp_path / "flow", teacher).density.smoothing == flow.density.smoothing == 0.1
+    with pytest.raises(SynthkdError, match="smoothing is a noise variance"):
+        calibrate(teacher, "digits:train", tmp_path / "x", smoothing=-0.1, accelerator=accelerator)
     with pytest.raises(SynthkdError, match="weight is 0"):
         calibrate(teacher, "digits:train", tmp_path / "x", batchnorm_layers=["stem.1"], accelerator=accelerator)
 
@@ -345,7 +355,7 @@ def test_cli_calibrate_detect_evaluate(teacher_dir, tmp_path):
 def test_cli_with_the_batchnorm_term(teacher_dir, tmp_path):
     out = tmp_path / "detector"
     ok("calibrate", "--model", teacher_dir, "--data", "digits:train", "--components", "2", "--batchnorm-weight", "2",
-       "--reg-covar", "0.1", "--out", out)
+       "--smoothing", "0.1", "--out", out)
     assert json.loads((out / "detector.json").read_text())["batchnorm_weight"] == 2.0
     assert json.loads((out / "density" / "config.json").read_text())["reg_covar"] == 0.1
     rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json").stdout.splitlines()]

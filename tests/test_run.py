@@ -269,7 +269,7 @@ def test_report_references_only_files_that_exist(tmp_path, teacher_dir, accelera
     assert {s.stage.name: s.action for s in plan(load_config(path), run_dir)} == dict.fromkeys(summary["stages"], "skip")
     steps = {s.stage.name: s.action for s in plan(load_config(path, ["detector.batchnorm_weight=2"]), run_dir)}
     assert [steps["distill"], steps["calibrate"], steps["evaluate_detector"]] == ["skip", "rerun", "rerun"]
-    steps = {s.stage.name: s.action for s in plan(load_config(path, ["detector.reg_covar=0.1"]), run_dir)}
+    steps = {s.stage.name: s.action for s in plan(load_config(path, ["detector.smoothing=0.1"]), run_dir)}
     assert [steps["distill"], steps["calibrate"], steps["evaluate_detector"]] == ["skip", "rerun", "rerun"]
 
 
@@ -415,8 +415,8 @@ def test_schema_errors_of_the_new_keys(tmp_path, teacher_dir):
     with pytest.raises(SynthkdError) as error:
         load_config(path, ["generate.method=fast", "generate.fast.meta_lr=2", "generate.fast.bn_momentum=1"])
     assert "generate.fast.meta_lr: must be in (0, 1]" in str(error.value)
-    with pytest.raises(SynthkdError, match="detector.reg_covar: a Gaussian mixture option"):
-        load_config(path, ["detector.enabled=true", "detector.density=flow", "detector.reg_covar=0.1"])
+    with pytest.raises(SynthkdError, match="detector.smoothing: expected 0"):
+        load_config(path, ["detector.enabled=true", "detector.smoothing=-1"])
     assert "generate.fast.bn_momentum: must be in [0, 1)" in str(error.value)
     with pytest.raises(SynthkdError, match=f"generate.diffusion.pipeline: no pipeline directory {tmp_path}/nowhere"):
         load_config(path, ["generate.method=diffusion", f"generate.diffusion.pipeline={tmp_path}/nowhere"])

@@ -28,18 +28,19 @@ def _split_list(text: str | None) -> list[str]:
               help="Weight of the inputs' deviation from the model's BatchNorm statistics in the score (0: off; "
                    "2 on Fashion-MNIST flags more adversarial inputs, fewer mistakes).")
 @click.option("--batchnorm-layers", help="Comma-separated BatchNorm module paths for it (default: the middle half).")
-@click.option("--reg-covar", type=float, help="Gaussian mixture: variance added to the covariances' diagonals, in "
-                                             "standardised feature units (default 1e-4; 0.1 for synthetic data, see README).")
+@click.option("--smoothing", type=float, default=0.0, show_default=True,
+              help="Widen the density by Gaussian noise of this variance (standardised feature units); "
+                   "about 0.1 for synthetic data (README).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
 def calibrate(model_spec, weights, input_shape, mean, std, data, density, alpha, layer, components, holdout, seed,
-              batchnorm_weight, batchnorm_layers, reg_covar, out):
+              batchnorm_weight, batchnorm_layers, smoothing, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
     from synthkd.pipelines.calibrate import calibrate as run_calibrate
 
     model = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator()
     detector = run_calibrate(model, data, out, density, alpha, layer, components, holdout, seed, accelerator,
-                             batchnorm_weight, _split_list(batchnorm_layers), reg_covar)
+                             batchnorm_weight, _split_list(batchnorm_layers), smoothing)
     if accelerator.is_main_process:
         info = detector.info
         click.echo(f"{density} on {info['num_fit']} features of layer {detector.layer!r}, {info['num_calibration']} "

@@ -2,7 +2,10 @@
 
 Inputs are standardised with the training mean/std (kept as buffers, and accounted for in the
 log-density), a tenth of the training features is held out, and the weights with the best
-held-out likelihood are kept (early stopping), which matters on small synthetic sets.
+held-out likelihood are kept (early stopping), which matters on small synthetic sets. With
+``smoothing`` > 0 the flow is trained on the standardised features plus Gaussian noise of that
+variance, so it models the features convolved with that noise: the flow's counterpart of a
+Gaussian mixture's covariance floor (see :func:`synthkd.detector.build_density`).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ class NormalizingFlow(FeatureScorer):
         weight_decay: float = 1e-5,
         patience: int = 5,
         seed: int = 0,
+        smoothing: float = 0.0,
     ):
         super().__init__()
         if architecture not in ARCHITECTURES:
@@ -50,6 +54,7 @@ class NormalizingFlow(FeatureScorer):
         self.weight_decay = weight_decay
         self.patience = patience
         self.seed = seed
+        self.smoothing = float(smoothing)
         self.features = None
         self.flow = None
         self.history: list[float] = []
@@ -69,7 +74,8 @@ class NormalizingFlow(FeatureScorer):
     def get_config(self) -> dict[str, Any]:
         return {"features": self.features, "architecture": self.architecture, "transforms": self.transforms,
                 "hidden_features": list(self.hidden_features), "epochs": self.epochs, "batch_size": self.batch_size,
-                "lr": self.lr, "weight_decay": self.weight_decay, "patience": self.patience, "seed": self.seed}
+                "lr": self.lr, "weight_decay": self.weight_decay, "patience": self.patience, "seed": self.seed,
+                "smoothing": self.smoothing}
 
     def load_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
         if self.flow is None:
@@ -95,13 +101,22 @@ class NormalizingFlow(FeatureScorer):
         order = torch.randperm(len(x), generator=generator).to(x.device)
         held_out = max(1, len(x) // 10)
         validation, train = x[order[:held_out]], x[order[held_out:]]
+        noise_std = self.smoothing ** 0.5 * self.scale
+
+        def noisy(rows: torch.Tensor) -> torch.Tensor:
+            if not self.smoothing:
+                return rows
+            noise = torch.randn(rows.shape, generator=generator).to(rows.device)
+            return rows + noise_std * noise
+
+        validation = noisy(validation)  # drawn once: the held-out likelihood compares epochs on the same rows
         optimizer = torch.optim.Adam(self.flow.parameters(), lr=self.lr, weight_decay=self.weight_decay)
         best, best_state, stale = -float("inf"), None, 0
         self.history = []
         for _ in range(self.epochs):
             self.flow.train()
             for batch in torch.randperm(len(train), generator=generator).to(x.device).split(self.batch_size):
-                loss = -self._log_prob(train[batch]).mean()
+                loss = -self._log_prob(noisy(train[batch])).mean()
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()

@@ -23,6 +23,7 @@ from ..errors import SynthkdError
 from .density import FeatureScorer
 from .features import check_finite
 
+REG_COVAR = 1e-4  # the numerical floor; a density smoothed for synthetic features uses a larger one
 COVARIANCES = ("full", "diag")
 
 
@@ -60,7 +61,7 @@ class GaussianMixture(FeatureScorer):
         self,
         components: int | None = None,
         covariance: str = "full",
-        reg_covar: float = 1e-4,
+        reg_covar: float = REG_COVAR,
         max_iter: int = 100,
         tol: float = 1e-3,
         seed: int = 0,
