@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from synthkd.errors import SynthkdError
-from synthkd.models import Classifier, InputFormat
+from synthkd.models import Classifier, InputFormat, weights_fingerprint
 
 from .base import SyntheticImageGenerator
 
@@ -80,6 +80,29 @@ def load_pipeline(spec: str):
         raise SynthkdError(f"cannot load the diffusers pipeline {spec} from {where}: {error}") from error
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
+
+
+def pipeline_fingerprint(pipeline) -> str:
+    """The pipeline's identity by content: its class, every component's config and the weights of
+    its torch modules. A set records it, so a pipeline retrained at the same path is not taken for
+    the one that made the shards already there."""
+    from torch import nn
+
+    components = pipeline.components
+    header = {"pipeline": type(pipeline).__name__,
+              "components": {name: _component_settings(c) for name, c in sorted(components.items())}}
+    modules = [(f"{name}.", c) for name, c in sorted(components.items()) if isinstance(c, nn.Module)]
+    return weights_fingerprint(header, modules)
+
+
+def _component_settings(component) -> dict[str, Any] | str:
+    """A component's config without where it was loaded from or by which library version."""
+    config = getattr(component, "config", None)
+    if hasattr(config, "to_dict"):  # transformers configs
+        config = config.to_dict()
+    if not isinstance(config, dict) and not hasattr(config, "items"):
+        return type(component).__name__
+    return {k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")}
 
 
 def scheduler_class(name: str):
@@ -150,6 +173,7 @@ class DiffusionGenerator(SyntheticImageGenerator):
         self.device = torch.device(device)
         scheduler = scheduler_class(config.scheduler) if config.scheduler else None
         self.pipeline = load_pipeline(config.pipeline)
+        self.fingerprint = pipeline_fingerprint(self.pipeline)  # before a --scheduler swap, which the settings record
         if scheduler is not None:
             self.pipeline.scheduler = scheduler.from_config(self.pipeline.scheduler.config)
         self.pipeline.to(self.device)
@@ -164,7 +188,8 @@ class DiffusionGenerator(SyntheticImageGenerator):
         self.output_shape = self._check_output_shape()
 
     def config(self) -> dict[str, Any]:
-        return {**asdict(self.settings), "conditioning": self.conditioning, "pipeline_output_shape": list(self.output_shape)}
+        return {**asdict(self.settings), "conditioning": self.conditioning, "pipeline_output_shape": list(self.output_shape),
+                "pipeline_fingerprint": self.fingerprint}
 
     def generate(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)

@@ -95,6 +95,18 @@ def teacher_inputs(config: RunConfig) -> dict[str, str]:
     return {str(f): sha256_file(f) for f in files if f.is_file()}
 
 
+def generate_inputs(config: RunConfig) -> dict[str, str]:
+    """A hash of a local diffusers pipeline's files, so a pipeline retrained at the same path reruns
+    generation and what follows (the set itself also records the pipeline's fingerprint)."""
+    pipeline = config.generate.diffusion.pipeline
+    if config.generate.method != "diffusion" or not pipeline or not Path(pipeline).is_dir():
+        return {}
+    digest = hashlib.sha256()
+    for path in sorted(p for p in Path(pipeline).rglob("*") if p.is_file()):
+        digest.update(f"{path.relative_to(pipeline)}:{sha256_file(path)}".encode())
+    return {str(pipeline): digest.hexdigest()}
+
+
 def run_teacher(ctx: RunContext) -> dict[str, Any]:
     from synthkd.training import TrainConfig
 
@@ -244,7 +256,8 @@ STAGES: tuple[Stage, ...] = (
     Stage("teacher", (), teacher_section, run_teacher, ("teacher",),
           lambda run_dir, config: config.teacher.model is not None or model_saved(run_dir / "teacher"),
           inputs=teacher_inputs),
-    Stage("generate", ("teacher",), generate_section, run_generate, ("synthetic",), lambda run_dir, config: is_synthetic_dir(run_dir / "synthetic")),
+    Stage("generate", ("teacher",), generate_section, run_generate, ("synthetic",),
+          lambda run_dir, config: is_synthetic_dir(run_dir / "synthetic"), inputs=generate_inputs),
     Stage("distill", ("teacher", "generate"), distill_section, run_distill, ("student",),
           lambda run_dir, config: model_saved(run_dir / "student") and (run_dir / "student" / "metrics.json").is_file()
           and (not config.search.enabled or (run_dir / "student" / "report.json").is_file())),

@@ -15,7 +15,8 @@ from click.testing import CliRunner
 
 from synthkd.cli import main
 from synthkd.data.shards import SyntheticDataset, shard_name
-from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator
+from synthkd.errors import SynthkdError
+from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator, load_pipeline, pipeline_fingerprint
 from synthkd.pipelines.generate import Selection, generate
 
 from conftest import REPO, free_port, subprocess_env
@@ -174,6 +175,26 @@ def test_resumed_balanced_run_remakes_the_lost_shard(teacher, ddpm_dir, tmp_path
     after = SyntheticDataset(out)
     assert torch.equal(after.images, before.images) and torch.equal(after.targets, before.targets)
     assert second["report"] == first["report"]
+
+
+def test_a_pipeline_retrained_at_the_same_path_is_not_resumed_into(teacher, ddpm_dir, text_to_image_dir, tmp_path,
+                                                                 accelerator):
+    from diffusers import DDPMPipeline
+
+    shutil.copytree(text_to_image_dir, tmp_path / "t2i")  # the same content elsewhere is the same pipeline
+    assert pipeline_fingerprint(load_pipeline(str(tmp_path / "t2i"))) == pipeline_fingerprint(load_pipeline(str(text_to_image_dir)))
+    pipeline = tmp_path / "ddpm"
+    shutil.copytree(ddpm_dir, pipeline)
+    assert diffusion(teacher, pipeline).fingerprint == diffusion(teacher, ddpm_dir).fingerprint
+    out = tmp_path / "set"
+    generate(teacher, diffusion(teacher, pipeline), 20, out, batch_size=10, accelerator=accelerator, max_rounds=1)
+    retrained = DDPMPipeline.from_pretrained(pipeline)
+    with torch.no_grad():
+        next(retrained.unet.parameters()).add_(0.01)
+    retrained.save_pretrained(pipeline)
+    with pytest.raises(SynthkdError, match="pipeline_fingerprint"):
+        generate(teacher, diffusion(teacher, pipeline), 20, out, batch_size=10, accelerator=accelerator)
+    assert (out / shard_name(0)).is_file()  # the shard made by the first pipeline is kept
 
 
 def test_text_to_image_prompts_per_class(teacher, text_to_image_dir, tmp_path, accelerator):

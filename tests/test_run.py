@@ -361,6 +361,11 @@ def test_diffusion_method_with_a_saved_ddpm_pipeline(tmp_path, teacher_dir, acce
     steps = {s.stage.name: (s.action, s.reason) for s in plan(load_config(path, ["generate.method=inversion"]), run_dir)}
     assert steps["generate"][0] == "rerun" and 'method: "diffusion" -> "inversion"' in steps["generate"][1]
     assert steps["distill"][0] == steps["evaluate"][0] == "rerun" and steps["teacher"][0] == "skip"
+    # The pipeline retrained at the same path: generation and what follows rerun.
+    assert {s.stage.name: s.action for s in plan(load_config(path), run_dir)}["generate"] == "skip"
+    save_ddpm(pipeline, sample_size=16)
+    steps = {s.stage.name: (s.action, s.reason) for s in plan(load_config(path), run_dir)}
+    assert steps["generate"] == ("rerun", f"{pipeline} changed") and steps["distill"][0] == "rerun"
 
 
 def test_search_replaces_distillation(tmp_path, teacher_dir, accelerator):

@@ -10,13 +10,13 @@ import torch
 
 from ..errors import SynthkdError
 from . import chain, resnet  # noqa: F401  (registers the zoo)
-from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap
+from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap, weights_fingerprint
 from .registry import create_model, is_registered, list_models, register_model
 
 __all__ = [
     "Classifier", "InputFormat", "ModelConfig", "create_model", "import_factory", "is_registered",
     "list_models", "load_model",
-    "register_model", "unwrap",
+    "register_model", "unwrap", "weights_fingerprint",
 ]
 
 

@@ -16,7 +16,7 @@ import os
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -214,11 +214,18 @@ class Classifier(nn.Module):
 
     def fingerprint(self) -> str:
         """A hash of config and weights: synthetic data records which teacher made it."""
-        digest = hashlib.sha256(json.dumps(self.config.to_dict(), sort_keys=True).encode())
-        for name, tensor in sorted(unwrap(self.net).state_dict().items()):
-            digest.update(name.encode())
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-        return digest.hexdigest()[:16]
+        return weights_fingerprint(self.config.to_dict(), [("", self.net)])
+
+
+def weights_fingerprint(header: Any, modules: Iterable[tuple[str, nn.Module]]) -> str:
+    """16 hex digits of sha256 over a JSON header and every tensor of the modules' state dicts, by
+    prefixed name: weights identified by content, not by the path they were loaded from."""
+    digest = hashlib.sha256(json.dumps(header, sort_keys=True, default=str).encode())
+    for prefix, module in modules:
+        for name, tensor in sorted(unwrap(module).state_dict().items()):
+            digest.update(f"{prefix}{name}".encode())
+            digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def unwrap(module: nn.Module) -> nn.Module:
