@@ -22,6 +22,7 @@ from synthkd.neighbourhood_training import NeighbourhoodConfig
 from synthkd.search import DEFAULT_CANDIDATES, Budget, Exploration, candidate_space, parse_budget, select
 from synthkd.search.costs import describe, measure_latency
 from synthkd.search.explore import hold_at_zero
+from synthkd.search.knapsack import no_student_fits
 from synthkd.search.report import plot_frontier
 from synthkd.training import TrainConfig
 
@@ -37,14 +38,21 @@ def default_cache_dir() -> Path:
 def explore(
     teacher: Classifier, data: str | os.PathLike, candidates: str = DEFAULT_CANDIDATES, config: NeighbourhoodConfig | None = None,
     sparsity_epochs: int | None = None, cache_dir: str | os.PathLike | None = None, accelerator: Accelerator | None = None,
+    budget: Budget | None = None,
 ) -> Exploration:
-    """Every candidate piece distilled (or read from the cache) with its local error and costs."""
+    """Every candidate piece distilled (or read from the cache) with its local error and costs.
+    A parameter or FLOPs ``budget`` that no student can meet fails before any training."""
     accelerator = accelerator or make_accelerator()
     config = config or NeighbourhoodConfig(cuts="stages")
     space = candidate_space(candidates, teacher)
     training_data = open_training_data(data, teacher, accelerator)
     exploration = Exploration(teacher, space, config, max(1, config.epochs // 2) if sparsity_epochs is None else sparsity_epochs,
                               accelerator)
+    if budget is not None and budget.kind in ("params", "flops"):
+        least, teacher_cost = exploration.cost_lower_bound(budget.kind)
+        if least > budget.limit(teacher_cost):
+            raise no_student_fits(describe(budget.kind, budget.limit(teacher_cost)),
+                                  f"the cheapest piece of every neighbourhood together costs {describe(budget.kind, least)}")
     exploration.distill(training_data, data_fingerprint(data, training_data), Path(cache_dir) if cache_dir else default_cache_dir())
     return exploration
 
@@ -83,7 +91,7 @@ def search(
     config = config or NeighbourhoodConfig(cuts="stages")
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
     started = time.perf_counter()
-    exploration = explore(teacher, data, candidates, config, sparsity_epochs, cache_dir, accelerator)
+    exploration = explore(teacher, data, candidates, config, sparsity_epochs, cache_dir, accelerator, budget)
     explore_seconds = time.perf_counter() - started
     limit = budget.limit(exploration.teacher_costs[budget.kind])
     frontier = exploration.frontier(budget.kind)

@@ -201,6 +201,13 @@ def test_search_end_to_end(teacher, synthetic_dir, cache_dir, tmp_path, accelera
         dense = next(o for o in exploration.options[option.neighbourhood] if o.candidates == [option.candidate.name.rsplit("-s", 1)[0]])
         assert option.costs["params"] < dense.costs["params"] and option.costs["flops"] == dense.costs["flops"]
 
+    # The bound checked before training: exactly the trained pieces' costs, less the adapters.
+    for kind in ("params", "flops"):
+        least, teacher_cost = exploration.cost_lower_bound(kind)
+        assert teacher_cost == exploration.teacher_costs[kind]
+        assert least == sum(min(o.costs[kind] for o in options) for options in exploration.options)
+        assert least <= min(s.cost for s in exploration.frontier(kind))
+
 
 def test_pruned_weights_stay_zero_through_the_finetune(teacher, synthetic_dir, cache_dir, tmp_path, accelerator):
     # Only the teacher's width, dense or pruned: 60% of the teacher's parameters needs pruned pieces.
@@ -247,16 +254,17 @@ def test_corrupt_cache_entry_is_retrained(teacher, synthetic_dir, tmp_path, acce
     load_file(str(entry / "neighbourhoods" / "02.safetensors"))  # rewritten whole
 
 
-def test_infeasible_and_unknown_budgets(teacher_dir, synthetic_dir, cache_dir, tmp_path):
+def test_infeasible_and_unknown_budgets(teacher_dir, synthetic_dir, tmp_path):
     def run(budget):
         return CliRunner().invoke(main, ["search", "--teacher", str(teacher_dir), "--data", str(synthetic_dir), "--budget", budget,
-                                         "--candidates", SPACE, "--epochs", "1", "--batch-size", "16", "--cache-dir", str(cache_dir),
-                                         "--out", str(tmp_path / "s")])
+                                         "--candidates", SPACE, "--epochs", "1", "--batch-size", "16", "--cache-dir",
+                                         str(tmp_path / "cache"), "--out", str(tmp_path / "s")])
 
     result = run("params=100")
     assert result.exit_code == 2, result.output
-    assert "no student fits the budget of 100 parameters: the cheapest possible one costs" in result.stderr
+    assert "no student fits the budget of 100 parameters: the cheapest piece of every neighbourhood" in result.stderr
     assert "Traceback" not in result.output and not (tmp_path / "s").exists()
+    assert not (tmp_path / "cache").exists()  # refused before any piece was distilled
     result = run("watts=3")
     assert result.exit_code == 2 and result.stderr.strip().startswith("error: unknown budget kind 'watts'")
 

@@ -16,6 +16,7 @@ over the same space, with any budget, trains nothing.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 from dataclasses import asdict, dataclass, field, replace
@@ -31,9 +32,9 @@ from torch.utils.data import Dataset
 from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
-from ..neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, StudentNeighbourhood, balance
+from ..neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, StudentNeighbourhood, balance, count_flops
 from ..neighbourhoods import CutAdapter, adapter_key, fuse_adapters
-from .costs import KINDS, measure
+from .costs import KINDS, count_parameters, measure
 from .knapsack import Solution, pareto_frontier
 from .space import Candidate
 
@@ -157,6 +158,33 @@ class Exploration:
                 if candidate.sparsity:
                     by_network[candidate.network].sparse.setdefault(candidate.sparsity, []).append(candidate.name)
         return tasks
+
+    def cost_lower_bound(self, kind: str) -> tuple[float, float]:
+        """(least cost any student can have, the teacher's cost) in parameters or FLOPs, from the
+        untrained pieces, so an impossible budget fails before any training. Neither depends on
+        the weights (a pruned piece keeps the same number of entries), and the adapters a mixed
+        choice needs only add, so the sum of each neighbourhood's cheapest piece is a lower bound."""
+        if kind not in ("params", "flops"):
+            raise SynthkdError(f"a lower bound before training exists for params and flops, not {kind}")
+
+        def cost(module: nn.Module, x: torch.Tensor) -> float:
+            return float(count_parameters(module) if kind == "params" else count_flops(module, x))
+
+        total = 0.0
+        for k in range(len(self.names)):
+            cheapest = float("inf")
+            for task in (t for t in self.tasks if t.neighbourhood == k):
+                neighbourhood = self.plans[task.candidate.name].neighbourhoods[k]
+                with torch.no_grad():
+                    x = neighbourhood.in_adapter(self.activations[k]) if neighbourhood.in_adapter is not None else self.activations[k]
+                cheapest = min(cheapest, cost(neighbourhood.piece, x))
+                for sparsity in task.sparse:
+                    pruned = copy.deepcopy(neighbourhood.piece)
+                    prune_by_magnitude(pruned, sparsity)
+                    cheapest = min(cheapest, cost(pruned, x))
+            total += cheapest
+        teacher = sum(cost(piece, x) for piece, x in zip(self.teacher_split.pieces, self.activations))
+        return total, teacher
 
     # --- distillation -------------------------------------------------------------------------
 

@@ -55,9 +55,10 @@ def select(frontier: Sequence[Solution], budget: float, describe: Callable[[floa
     """The least-error student whose cost is within ``budget``."""
     feasible = [s for s in frontier if s.cost <= budget]
     if not feasible:
-        cheapest = min(s.cost for s in frontier)
-        raise SynthkdError(
-            f"no student fits the budget of {describe(budget)}: the cheapest possible one costs {describe(cheapest)}; "
-            "raise the budget or add cheaper candidates (narrower widths, fewer blocks, sparsity)"
-        )
+        raise no_student_fits(describe(budget), f"the cheapest possible one costs {describe(min(s.cost for s in frontier))}")
     return min(feasible, key=lambda s: (s.error, s.cost))
+
+
+def no_student_fits(budget: str, cheapest: str) -> SynthkdError:
+    return SynthkdError(f"no student fits the budget of {budget}: {cheapest}; "
+                        "raise the budget or add cheaper candidates (narrower widths, fewer blocks, sparsity)")
