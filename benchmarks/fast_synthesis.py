@@ -109,6 +109,8 @@ def main() -> None:
         parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default),
                             help=f"fast generator (default {option.default})")
     parser.add_argument("--skip-activations", action="store_true", help="leave the activation method out")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every student's initial weights, batch order and augmentation (not the data sets)")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
@@ -145,8 +147,8 @@ def main() -> None:
     def distill_prefix(data: Path, images: int) -> dict[str, float]:
         """The student distilled on the first ``images`` images of ``data`` with the fixed budget."""
         train = TrainConfig(epochs=epochs_for(settings["kd_steps"], images, kd_batch), batch_size=kd_batch,
-                            lr=config["distill"]["lr"])
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+                            lr=config["distill"]["lr"], seed=args.seed)
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
         objective = KDObjective(teacher, config["distill"]["temperature"], True, config["distill"]["mixup"])
         started = time.perf_counter()
         fit(student, Subset(SyntheticDataset(data), range(images)), objective.to(accelerator.device), train,
@@ -187,7 +189,7 @@ def main() -> None:
         generate_activations(teacher, ActivationConfig(iterations=settings["activation_iterations"]),
                              settings["activation_images"], activation_dir, batch, 0, accelerator)
         activation_generate = time.perf_counter() - started
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
         neighbourhood = NeighbourhoodConfig(epochs=epochs_for(settings["kd_steps"], settings["activation_images"], kd_batch),
                                             batch_size=kd_batch, holdout=min(512, settings["activation_images"] // 5))
         started = time.perf_counter()
@@ -209,7 +211,7 @@ def main() -> None:
                      "generate_s": activations["generate_seconds"], "distill_s": activations["distill_seconds"],
                      "accuracy": activations["accuracy"], "gap_points": 100 * (teacher_accuracy - activations["accuracy"])})
     result = {
-        "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "generator": generator.config(),
+        "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "seed": args.seed, "generator": generator.config(),
         "teacher_accuracy": teacher_accuracy, "inversion_seconds_per_batch": per_batch, "curves": curves,
         "same_accuracy": same_accuracy(curves), "activations": activations, "rows": rows,
     }
