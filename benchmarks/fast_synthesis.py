@@ -18,7 +18,10 @@ From the two curves: for every accuracy either method reached, the generation ti
 reach it (linear between a curve's points; only an upper bound where a curve's first point is
 already above it; none if it never gets there), and their ratio.
 
-    python benchmarks/fast_synthesis.py [--quick] [--out benchmarks/results/fast_synthesis.json]
+    python benchmarks/fast_synthesis.py --skip-activations --out benchmarks/results/fast_synthesis_kd2400.json
+    python benchmarks/fast_synthesis.py --quick --out /tmp/fast_synthesis_quick.json
+    python benchmarks/fast_synthesis.py --kd-steps 800 --inversion-points 1024,2048,4096,6144 \
+        --fast-points 2048,4096,6144,8192 --out benchmarks/results/fast_synthesis.json   # the earlier 800-step run
     python benchmarks/fast_synthesis.py --summary-of benchmarks/results/fast_synthesis.json   # tables only
 """
 
@@ -54,8 +57,9 @@ from synthkd.training import TrainConfig, fit  # noqa: E402
 
 QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_points": "512,1024",
          "activation_images": 256, "activation_iterations": 10, "kd_steps": 60}
-FULL = {"inversion_iterations": 100, "inversion_points": "1024,2048,4096,6144", "fast_points": "2048,4096,6144,8192",
-        "activation_images": 1024, "activation_iterations": 30, "kd_steps": 800}
+# 2,400 KD steps: the standard recipe's budget (50 epochs of 6,144 images, batch 128)
+FULL = {"inversion_iterations": 100, "inversion_points": "256,1024,6144", "fast_points": "2048,6144,12288",
+        "activation_images": 1024, "activation_iterations": 30, "kd_steps": 2400}
 INVERTED_IMAGES = 6144  # the cached standard set (100 steps per batch of 256)
 GENERATOR_OPTIONS = [f for f in fields(FastConfig) if f.name in
                 {"steps_per_batch", "warmup_batches", "meta_lr", "draws_per_adaptation", "latent_noise", "channels"}]
