@@ -18,7 +18,10 @@ From the two curves: for every accuracy either method reached, the generation ti
 reach it (linear between a curve's points; only an upper bound where a curve's first point is
 already above it; none if it never gets there), and their ratio.
 
-    python benchmarks/fast_synthesis.py [--quick] [--out benchmarks/results/fast_synthesis.json]
+    python benchmarks/fast_synthesis.py --skip-activations --out benchmarks/results/fast_synthesis_kd2400.json
+    python benchmarks/fast_synthesis.py --quick --out /tmp/fast_synthesis_quick.json
+    python benchmarks/fast_synthesis.py --kd-steps 800 --inversion-points 1024,2048,4096,6144 \
+        --fast-points 2048,4096,6144,8192 --out benchmarks/results/fast_synthesis.json   # the earlier 800-step run
     python benchmarks/fast_synthesis.py --summary-of benchmarks/results/fast_synthesis.json   # tables only
 """
 
@@ -54,8 +57,9 @@ from synthkd.training import TrainConfig, fit  # noqa: E402
 
 QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_points": "512,1024",
          "activation_images": 256, "activation_iterations": 10, "kd_steps": 60}
-FULL = {"inversion_iterations": 100, "inversion_points": "1024,2048,4096,6144", "fast_points": "2048,4096,6144,8192",
-        "activation_images": 1024, "activation_iterations": 30, "kd_steps": 800}
+# 2,400 KD steps: the standard recipe's budget (50 epochs of 6,144 images, batch 128)
+FULL = {"inversion_iterations": 100, "inversion_points": "256,1024,6144", "fast_points": "2048,6144,12288",
+        "activation_images": 1024, "activation_iterations": 30, "kd_steps": 2400}
 INVERTED_IMAGES = 6144  # the cached standard set (100 steps per batch of 256)
 GENERATOR_OPTIONS = [f for f in fields(FastConfig) if f.name in
                 {"steps_per_batch", "warmup_batches", "meta_lr", "draws_per_adaptation", "latent_noise", "channels"}]
@@ -109,6 +113,8 @@ def main() -> None:
         parser.add_argument(f"--{option.name.replace('_', '-')}", type=type(option.default),
                             help=f"fast generator (default {option.default})")
     parser.add_argument("--skip-activations", action="store_true", help="leave the activation method out")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="every student's initial weights, batch order and augmentation (not the data sets)")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
@@ -145,8 +151,8 @@ def main() -> None:
     def distill_prefix(data: Path, images: int) -> dict[str, float]:
         """The student distilled on the first ``images`` images of ``data`` with the fixed budget."""
         train = TrainConfig(epochs=epochs_for(settings["kd_steps"], images, kd_batch), batch_size=kd_batch,
-                            lr=config["distill"]["lr"])
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+                            lr=config["distill"]["lr"], seed=args.seed)
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
         objective = KDObjective(teacher, config["distill"]["temperature"], True, config["distill"]["mixup"])
         started = time.perf_counter()
         fit(student, Subset(SyntheticDataset(data), range(images)), objective.to(accelerator.device), train,
@@ -187,7 +193,7 @@ def main() -> None:
         generate_activations(teacher, ActivationConfig(iterations=settings["activation_iterations"]),
                              settings["activation_images"], activation_dir, batch, 0, accelerator)
         activation_generate = time.perf_counter() - started
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
         neighbourhood = NeighbourhoodConfig(epochs=epochs_for(settings["kd_steps"], settings["activation_images"], kd_batch),
                                             batch_size=kd_batch, holdout=min(512, settings["activation_images"] // 5))
         started = time.perf_counter()
@@ -209,7 +215,7 @@ def main() -> None:
                      "generate_s": activations["generate_seconds"], "distill_s": activations["distill_seconds"],
                      "accuracy": activations["accuracy"], "gap_points": 100 * (teacher_accuracy - activations["accuracy"])})
     result = {
-        "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "generator": generator.config(),
+        "benchmark": "fast_synthesis", "quick": args.quick, "settings": settings, "seed": args.seed, "generator": generator.config(),
         "teacher_accuracy": teacher_accuracy, "inversion_seconds_per_batch": per_batch, "curves": curves,
         "same_accuracy": same_accuracy(curves), "activations": activations, "rows": rows,
     }
