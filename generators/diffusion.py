@@ -100,7 +100,7 @@ def _component_settings(component) -> dict[str, Any] | str:
     config = getattr(component, "config", None)
     if hasattr(config, "to_dict"):  # transformers configs
         config = config.to_dict()
-    if not isinstance(config, dict) and not hasattr(config, "items"):
+    if not hasattr(config, "items"):
         return type(component).__name__
     return {k: v for k, v in config.items() if not k.startswith("_") and not k.endswith("_version")}
 

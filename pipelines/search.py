@@ -50,8 +50,9 @@ def explore(
                               accelerator)
     if budget is not None and budget.kind in ("params", "flops"):
         least, teacher_cost = exploration.cost_lower_bound(budget.kind)
-        if least > budget.limit(teacher_cost):
-            raise no_student_fits(describe(budget.kind, budget.limit(teacher_cost)),
+        limit = budget.limit(teacher_cost)
+        if least > limit:
+            raise no_student_fits(describe(budget.kind, limit),
                                   f"the cheapest piece of every neighbourhood together costs {describe(budget.kind, least)}")
     exploration.distill(training_data, data_fingerprint(data, training_data), Path(cache_dir) if cache_dir else default_cache_dir())
     return exploration

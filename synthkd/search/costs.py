@@ -52,10 +52,16 @@ def measure_latency(module: nn.Module, x: torch.Tensor, device: torch.device, re
     return statistics.median(times)
 
 
+def weight_free_cost(kind: str, module: nn.Module, x: torch.Tensor) -> float:
+    """Parameters or FLOPs of ``module`` for one input ``x``: neither depends on the weights' values
+    (pruned entries aside), so they are known before any training."""
+    return float(count_parameters(module) if kind == "params" else count_flops(module, x))
+
+
 def measure(module: nn.Module, x: torch.Tensor, device: torch.device) -> dict[str, float]:
     """All three costs of ``module`` for one input ``x`` (batch of 1)."""
     module.eval()
-    return {"params": float(count_parameters(module)), "flops": float(count_flops(module, x)),
+    return {"params": weight_free_cost("params", module, x), "flops": weight_free_cost("flops", module, x),
             "latency": measure_latency(module, x, device)}
 
 

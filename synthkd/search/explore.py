@@ -32,9 +32,9 @@ from torch.utils.data import Dataset
 from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
-from ..neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, StudentNeighbourhood, balance, count_flops
+from ..neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, StudentNeighbourhood, balance
 from ..neighbourhoods import CutAdapter, adapter_key, fuse_adapters
-from .costs import KINDS, count_parameters, measure
+from .costs import KINDS, measure, weight_free_cost
 from .knapsack import Solution, pareto_frontier
 from .space import Candidate
 
@@ -166,25 +166,27 @@ class Exploration:
         choice needs only add, so the sum of each neighbourhood's cheapest piece is a lower bound."""
         if kind not in ("params", "flops"):
             raise SynthkdError(f"a lower bound before training exists for params and flops, not {kind}")
-
-        def cost(module: nn.Module, x: torch.Tensor) -> float:
-            return float(count_parameters(module) if kind == "params" else count_flops(module, x))
-
         total = 0.0
         for k in range(len(self.names)):
             cheapest = float("inf")
             for task in (t for t in self.tasks if t.neighbourhood == k):
                 neighbourhood = self.plans[task.candidate.name].neighbourhoods[k]
-                with torch.no_grad():
-                    x = neighbourhood.in_adapter(self.activations[k]) if neighbourhood.in_adapter is not None else self.activations[k]
-                cheapest = min(cheapest, cost(neighbourhood.piece, x))
+                x = self._piece_input(k, neighbourhood)
+                cheapest = min(cheapest, weight_free_cost(kind, neighbourhood.piece, x))
                 for sparsity in task.sparse:
                     pruned = copy.deepcopy(neighbourhood.piece)
                     prune_by_magnitude(pruned, sparsity)
-                    cheapest = min(cheapest, cost(pruned, x))
+                    cheapest = min(cheapest, weight_free_cost(kind, pruned, x))
             total += cheapest
-        teacher = sum(cost(piece, x) for piece, x in zip(self.teacher_split.pieces, self.activations))
+        teacher = sum(weight_free_cost(kind, piece, x) for piece, x in zip(self.teacher_split.pieces, self.activations))
         return total, teacher
+
+    def _piece_input(self, k: int, neighbourhood: StudentNeighbourhood) -> torch.Tensor:
+        """The probe input of neighbourhood k's piece: the teacher's activation at its cut, through
+        the neighbourhood's input adapter when it has one."""
+        with torch.no_grad():
+            x = self.activations[k]
+            return neighbourhood.in_adapter(x) if neighbourhood.in_adapter is not None else x
 
     # --- distillation -------------------------------------------------------------------------
 
@@ -252,10 +254,7 @@ class Exploration:
                 option_costs.append([])
                 for i in range(len(options)):
                     neighbourhood = self.neighbourhood(k, i)
-                    x = self.activations[k]
-                    with torch.no_grad():
-                        x = neighbourhood.in_adapter(x) if neighbourhood.in_adapter is not None else x
-                    option_costs[-1].append(measure(neighbourhood.piece, x, device))
+                    option_costs[-1].append(measure(neighbourhood.piece, self._piece_input(k, neighbourhood), device))
             links = {}
             for k in range(len(self.cuts)):
                 for a, before in enumerate(self.options[k]):
