@@ -23,6 +23,9 @@ already above it; none if it never gets there), and their ratio.
     python benchmarks/fast_synthesis.py --kd-steps 800 --inversion-points 1024,2048,4096,6144 \
         --fast-points 2048,4096,6144,8192 --out benchmarks/results/fast_synthesis.json   # the earlier 800-step run
     python benchmarks/fast_synthesis.py --summary-of benchmarks/results/fast_synthesis.json   # tables only
+    cd benchmarks/results && python ../fast_synthesis.py --summary-of fast_synthesis_kd2400.json \
+        fast_synthesis_kd2400_seed1.json fast_synthesis_kd2400_seed1_more.json fast_synthesis_kd2400_seed2.json \
+        fast_synthesis_kd2400_seed2_more.json --out fast_synthesis_kd2400_mean.json   # the comparison on mean curves
 """
 
 from __future__ import annotations
@@ -98,6 +101,25 @@ def same_accuracy(curves: dict[str, list[dict[str, float]]]) -> list[dict[str, o
     return table
 
 
+def mean_curves(runs: list[dict[str, object]]) -> tuple[dict[str, list[dict[str, float]]], list[dict[str, object]]]:
+    """The runs' curves pooled: per method and data size, the mean accuracy and generation time
+    over the runs (KD seeds) that measured that point, and how many did; and a row per point."""
+    pooled: dict[tuple[str, int], list[dict[str, float]]] = {}
+    for run in runs:
+        for method, curve in run["curves"].items():
+            for point in curve:
+                pooled.setdefault((method, point["images"]), []).append(point)
+    curves: dict[str, list[dict[str, float]]] = {"inversion": [], "fast": []}
+    rows = []
+    for (method, images), points in sorted(pooled.items()):
+        mean = {key: sum(p[key] for p in points) / len(points) for key in ("generate_seconds", "accuracy")}
+        curves[method].append({"images": images, **mean})
+        rows.append({"method": method, "images": images, "runs": len(points), "generate_s": mean["generate_seconds"],
+                     "accuracy": mean["accuracy"], "min": min(p["accuracy"] for p in points),
+                     "max": max(p["accuracy"] for p in points)})
+    return curves, rows
+
+
 def report(result: dict[str, object]) -> None:
     print_table(result["rows"], f"Fashion-MNIST, teacher {result['teacher_accuracy']:.4f}, "
                                 f"{result['settings']['kd_steps']} distillation steps each")
@@ -118,11 +140,22 @@ def main() -> None:
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
-    parser.add_argument("--summary-of", metavar="RUN.json",
-                        help="measure nothing: print a saved run's tables with this comparison (and rewrite it to --out)")
+    parser.add_argument("--summary-of", metavar="RUN.json", nargs="+",
+                        help="measure nothing: print a saved run's tables with this comparison (and rewrite it to "
+                             "--out); several runs (other --seed): the comparison on their mean curves")
     args = parser.parse_args()
+    if args.summary_of and len(args.summary_of) > 1:
+        runs = [json.loads(Path(path).read_text()) for path in args.summary_of]
+        curves, rows = mean_curves(runs)
+        result = {"benchmark": "fast_synthesis", "summary_of": args.summary_of, "seeds": [run["seed"] for run in runs],
+                  "curves": curves, "rows": rows, "same_accuracy": same_accuracy(curves)}
+        print_table(rows, f"mean over {len(runs)} runs (KD seeds {result['seeds']}) of each point they measured")
+        print_table(result["same_accuracy"], "on the mean curves: generation time to reach each accuracy "
+                                             "(exact False: at most this; ratio: inversion / fast)")
+        write_json(args.out, result)
+        return
     if args.summary_of:
-        result = json.loads(Path(args.summary_of).read_text())
+        result = json.loads(Path(args.summary_of[0]).read_text())
         result["same_accuracy"] = same_accuracy(result["curves"])
         report(result)
         if args.out:
@@ -132,8 +165,8 @@ def main() -> None:
     for key in settings:
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
-    inversion_points = [int(n) for n in settings["inversion_points"].split(",")]
-    fast_points = [int(n) for n in settings["fast_points"].split(",") if n]  # none: no fast set
+    # "" for either: that method's curve is not measured
+    inversion_points, fast_points = ([int(n) for n in settings[key].split(",") if n] for key in ("inversion_points", "fast_points"))
     fast_config = FastConfig(**{o.name: getattr(args, o.name) for o in GENERATOR_OPTIONS if getattr(args, o.name) is not None})
     config = load_setting()
     cache = Path(args.cache)
