@@ -146,10 +146,14 @@ def main() -> None:
     args = parser.parse_args()
     if args.summary_of and len(args.summary_of) > 1:
         runs = [json.loads(Path(path).read_text()) for path in args.summary_of]
+        budgets = {run["settings"]["kd_steps"] for run in runs}
+        if len(budgets) > 1:
+            parser.error(f"--summary-of runs with different --kd-steps ({sorted(budgets)}) do not pool; give runs of one budget")
         curves, rows = mean_curves(runs)
-        result = {"benchmark": "fast_synthesis", "summary_of": args.summary_of, "seeds": [run["seed"] for run in runs],
+        seeds = [run.get("seed", 0) for run in runs]  # runs from before --seed used seed 0
+        result = {"benchmark": "fast_synthesis", "summary_of": args.summary_of, "kd_steps": budgets.pop(), "seeds": seeds,
                   "curves": curves, "rows": rows, "same_accuracy": same_accuracy(curves)}
-        print_table(rows, f"mean over {len(runs)} runs (KD seeds {result['seeds']}) of each point they measured")
+        print_table(rows, f"mean over {len(runs)} runs (KD seeds {seeds}, {result['kd_steps']} KD steps) of each point they measured")
         print_table(result["same_accuracy"], "on the mean curves: generation time to reach each accuracy "
                                              "(exact False: at most this; ratio: inversion / fast)")
         write_json(args.out, result)
