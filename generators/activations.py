@@ -26,7 +26,7 @@ from torch import nn
 from synthkd.errors import SynthkdError
 from synthkd.losses import BatchNormStatisticsLoss
 from synthkd.models import Classifier, unwrap
-from synthkd.neighbourhoods import activation_shapes, resolve_cuts, split_network
+from synthkd.models.neighbourhoods import activation_shapes, resolve_cuts, split_network
 
 
 @dataclass

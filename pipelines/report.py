@@ -9,11 +9,11 @@ import time
 from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
-from synthkd.config import RunConfig
+from .config import RunConfig
 from synthkd.io import atomic_write, atomic_write_json, read_json
 
 if TYPE_CHECKING:
-    from .run import Step
+    from .run_records import Step
 
 FIGURES = "report"  # PNGs live in RUN_DIR/report/, referenced relatively from the pages
 
@@ -25,7 +25,7 @@ def write_report(run_dir: Path, config: RunConfig, steps: list["Step"]) -> dict[
     import matplotlib
 
     matplotlib.use("Agg")
-    from .run import read_record
+    from .run_records import read_record
 
     records = {s.stage.name: read_record(run_dir, s.stage.name) for s in steps}
     results = {name: (r or {}).get("results", {}) for name, r in records.items()}
@@ -161,7 +161,7 @@ def sample_grid(run_dir: Path, config: RunConfig) -> list[Block]:
 def curves_figure(run_dir: Path, config: RunConfig) -> list[Block]:
     import matplotlib.pyplot as plt
 
-    from .run import training_curves
+    from .run_records import training_curves
 
     phases = {**training_curves(run_dir, "teacher"), **training_curves(run_dir, "distill")}
     if not phases:

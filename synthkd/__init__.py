@@ -1,12 +1,9 @@
-"""synthkd: distill image classifiers without their training data."""
+"""synthkd: distill image classifiers without their training data.
 
-from pathlib import Path as _Path
+The library core lives here; the synthetic-data stage (``generators/``) and the stages wired
+together (``pipelines/``) sit beside it in a checkout and are installed as ``synthkd.generators``
+and ``synthkd.pipelines`` (setuptools package-dir), so install the checkout (``pip install -e .``,
+as setup.sh does) before importing them.
+"""
 
 __version__ = "0.1.0"
-
-# generators/ and pipelines/ sit beside this package in a source checkout and are installed as
-# synthkd.generators / synthkd.pipelines (setuptools package-dir); let a checkout import them
-# under the same names.
-_checkout = _Path(__file__).resolve().parent.parent
-if not (_Path(__file__).parent / "generators").is_dir() and (_checkout / "generators" / "base.py").is_file():
-    __path__.append(str(_checkout))  # noqa: F821 (package __path__)

@@ -41,7 +41,7 @@ from .io import atomic_write, atomic_write_json, read_json
 from .losses import kd_loss
 from .models import Classifier, unwrap
 from .training import TrainConfig, warmup_cosine
-from .neighbourhoods import CutAdapter, attach_cut_adapters, adapter_key, cut_channel_pairs, fuse_adapters, resolve_cuts, split_network
+from .models.neighbourhoods import CutAdapter, attach_cut_adapters, adapter_key, cut_channel_pairs, fuse_adapters, resolve_cuts, split_network
 
 
 @dataclass

@@ -274,7 +274,7 @@ def test_cli_refuses_bad_fast_synthesis_input(teacher_dir, synthetic_dir, tmp_pa
 def test_command_line_and_run_defaults_are_the_generators():
     """The CLI states its defaults literally (so `synthkd -h` imports no torch); they must stay
     FastConfig's, as the `synthkd run` schema's are by construction."""
-    from synthkd.config import FastSection
+    from synthkd.pipelines.config import FastSection
 
     options = {p.name: p.default for p in main.commands["generate"].params}
     names = {"steps_per_batch": "steps_per_batch", "generator_lr": "lr", "latent_lr": "latent_lr", "meta_lr": "meta_lr",

@@ -25,7 +25,7 @@ from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
 from synthkd.models import Classifier, ModelConfig, create_model
 from synthkd.neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, balance
-from synthkd.neighbourhoods import CutAdapter, fuse_adapters, resolve_cuts, split_network
+from synthkd.models.neighbourhoods import CutAdapter, fuse_adapters, resolve_cuts, split_network
 from synthkd.pipelines.distill import build_student, data_fingerprint
 
 from conftest import REPO, free_port, subprocess_env

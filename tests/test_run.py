@@ -17,7 +17,7 @@ import yaml
 from click.testing import CliRunner
 
 from synthkd.cli import main
-from synthkd.config import load_config
+from synthkd.pipelines.config import load_config
 from synthkd.errors import SynthkdError
 from synthkd.pipelines.run import plan, run_pipeline
 

@@ -25,7 +25,7 @@ def run_command(config_file, overrides, dry_run, force, quiet, tracker):
     Overrides set any key, parsed as YAML: `synthkd run configs/digits_quick.yaml distill.epochs=5`."""
     import yaml
 
-    from synthkd.config import load_config
+    from synthkd.pipelines.config import load_config
     from synthkd.pipelines.run import check_run_dir, describe_plan, plan, run_pipeline
 
     config = load_config(config_file, overrides)  # every problem at once, before anything runs

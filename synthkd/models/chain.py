@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..neighbourhoods import CutAdapter, adapter_key, resolve_cuts, split_network
+from .neighbourhoods import CutAdapter, adapter_key, resolve_cuts, split_network
 from .classifier import build_network
 from .registry import register_model
 

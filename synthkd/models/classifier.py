@@ -184,7 +184,7 @@ class Classifier(nn.Module):
     def from_config(cls, config: ModelConfig) -> "Classifier":
         net = build_network(config.arch, config.arch_kwargs)
         if config.cut_adapters:
-            from ..neighbourhoods import attach_cut_adapters
+            from .neighbourhoods import attach_cut_adapters
 
             attach_cut_adapters(net, config.cut_adapters)
         return cls(net, config)

@@ -33,7 +33,7 @@ from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
 from ..neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, StudentNeighbourhood, balance
-from ..neighbourhoods import CutAdapter, adapter_key, fuse_adapters
+from ..models.neighbourhoods import CutAdapter, adapter_key, fuse_adapters
 from .costs import KINDS, measure, weight_free_cost
 from .knapsack import Solution, pareto_frontier
 from .space import Candidate

@@ -7,32 +7,29 @@ the YAML and reported at once, so a user fixes a config in one pass. Command-lin
 
 from __future__ import annotations
 
-import difflib
-import json
 import os
-import types
-import typing
-from dataclasses import asdict, dataclass, field, fields, is_dataclass
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Literal
 
-from .errors import SynthkdError
-from .generators.fast import FastConfig
-from .generators.inversion import InversionConfig, InversionLossConfig
+from synthkd.errors import SynthkdError
+from synthkd.settings import Settings, show
+from synthkd.generators.fast import FastConfig
+from synthkd.generators.inversion import InversionConfig, InversionLossConfig
 
 
 @dataclass
 class TeacherSection:
     """An existing teacher (``model``), or one trained here on ``dataset`` when ``model`` is null."""
 
-    model: str | None = field(default=None, metadata={"check": "model"})
-    weights: str | None = field(default=None, metadata={"check": "file"})
+    model: str | None = field(default=None, metadata={"check": lambda value: _missing("model", value)})
+    weights: str | None = field(default=None, metadata={"check": lambda value: _missing("file", value)})
     input_shape: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
     arch: str = "resnet20"
     width: float = field(default=1.0, metadata={"positive": True})
-    dataset: str | None = field(default=None, metadata={"check": "dataset"})
+    dataset: str | None = field(default=None, metadata={"check": lambda value: _missing("dataset", value)})
     epochs: int = field(default=15, metadata={"positive": True})
     batch_size: int = field(default=128, metadata={"positive": True})
     lr: float = field(default=0.1, metadata={"positive": True})
@@ -43,7 +40,7 @@ class TeacherSection:
 class StudentSection:
     """A zoo architecture at ``width``, or a model directory / FILE.py:factory to start from."""
 
-    arch: str = field(default="resnet20", metadata={"check": "student"})
+    arch: str = field(default="resnet20", metadata={"check": lambda value: _missing("student", value)})
     width: float = field(default=0.5, metadata={"positive": True})
 
 
@@ -186,7 +183,7 @@ class ReportSection:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(Settings):
     teacher: TeacherSection = field(default_factory=TeacherSection)
     student: StudentSection = field(default_factory=StudentSection)
     generate: GenerateSection = field(default_factory=GenerateSection)
@@ -194,14 +191,11 @@ class RunConfig:
     search: SearchSection = field(default_factory=SearchSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
     report: ReportSection = field(default_factory=ReportSection)
-    eval_dataset: str | None = field(default=None, metadata={"check": "dataset"})
+    eval_dataset: str | None = field(default=None, metadata={"check": lambda value: _missing("dataset", value)})
     out: str | None = None  # the run directory; null: runs/<config file name>
     seed: int = 0
     mixed_precision: Literal["no", "fp16", "bf16"] = "no"
     reference_epochs: int | None = None  # KD on real data, read by the benchmarks only
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -260,88 +254,11 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...])
 
 def validate(raw: dict[str, Any], errors: list[str]) -> RunConfig | None:
     """Build a :class:`RunConfig` from ``raw``, appending every problem to ``errors``."""
-    config = _build(RunConfig, raw, "", errors)
+    config = RunConfig.from_mapping(raw, "", errors)
     if config is None:
         return None
     _check_semantics(config, errors)
     return config
-
-
-def _build(cls: type, raw: Any, prefix: str, errors: list[str]) -> Any:
-    if not isinstance(raw, dict):
-        errors.append(f"{prefix.rstrip('.') or '(top level)'}: expected a section (mapping), got {_show(raw)}")
-        return None
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
-    for key in raw:
-        if key not in known:
-            close = difflib.get_close_matches(str(key), known, n=1)
-            hint = f"; did you mean {close[0]}?" if close else f"; known: {', '.join(known)}"
-            errors.append(f"{prefix}{key}: unknown key{hint}")
-    values = {}
-    for name, spec in known.items():
-        if name not in raw:
-            continue
-        path = f"{prefix}{name}"
-        hint = hints[name]
-        if is_dataclass(hint):
-            built = _build(hint, raw[name], f"{path}.", errors)
-            if built is not None:
-                values[name] = built
-            continue
-        ok, value = _convert(raw[name], hint)
-        if not ok:
-            errors.append(f"{path}: expected {_describe(hint)}, got {_show(raw[name])}")
-            continue
-        if spec.metadata.get("positive") and value is not None and value <= 0:
-            errors.append(f"{path}: must be positive, got {_show(value)}")
-            continue
-        values[name] = value
-    return cls(**values)
-
-
-def _convert(value: Any, hint: Any) -> tuple[bool, Any]:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        for option in typing.get_args(hint):
-            ok, converted = _convert(value, option)
-            if ok:
-                return True, converted
-        return False, None
-    if origin is Literal:
-        return value in typing.get_args(hint), value
-    if origin is list:
-        if not isinstance(value, list):
-            return False, None
-        (item,) = typing.get_args(hint)
-        converted = [_convert(v, item) for v in value]
-        return all(ok for ok, _ in converted), [v for _, v in converted]
-    if hint is type(None):
-        return value is None, None
-    if hint is bool:
-        return isinstance(value, bool), value
-    if hint is int:
-        return isinstance(value, int) and not isinstance(value, bool), value
-    if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool), float(value) if isinstance(value, (int, float)) else None
-    if hint is str:
-        return isinstance(value, str), value
-    raise TypeError(f"unsupported schema type {hint}")
-
-
-def _describe(hint: Any) -> str:
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return " or ".join(_describe(option) for option in typing.get_args(hint))
-    if origin is Literal:
-        return "one of " + ", ".join(json.dumps(v) for v in typing.get_args(hint))
-    if origin is list:
-        return f"a list of {_describe(typing.get_args(hint)[0]).removeprefix('a ').removeprefix('an ')}s"
-    return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}[hint]
-
-
-def _show(value: Any) -> str:
-    return json.dumps(value, default=str)
 
 
 def _check_semantics(config: RunConfig, errors: list[str]) -> None:
@@ -358,7 +275,7 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
                       "use `synthkd generate --student DIR --competition-weight W` for the competition term")
     _check_generate(config.generate, errors)
     if config.search.enabled:
-        from .search import parse_budget
+        from synthkd.search import parse_budget
 
         try:
             parse_budget(config.search.budget)
@@ -366,46 +283,39 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
             errors.append(f"search.budget: {error}")
     detector = config.detector
     if detector.enabled:
-        from .detector import DENSITIES
+        from synthkd.detector import DENSITIES
 
         if detector.density not in DENSITIES:
-            errors.append(f"detector.density: expected one of {', '.join(DENSITIES)}, got {_show(detector.density)}")
+            errors.append(f"detector.density: expected one of {', '.join(DENSITIES)}, got {show(detector.density)}")
         if not detector.holdout < 1 or not detector.alpha < 1:
             errors.append("detector: alpha and holdout are fractions between 0 and 1")
         if detector.batchnorm_weight < 0:
-            errors.append(f"detector.batchnorm_weight: expected 0 (off) or a positive weight, got {_show(detector.batchnorm_weight)}")
+            errors.append(f"detector.batchnorm_weight: expected 0 (off) or a positive weight, got {show(detector.batchnorm_weight)}")
         if detector.smoothing < 0:
-            errors.append(f"detector.smoothing: expected 0 (off) or a positive noise variance, got {_show(detector.smoothing)}")
+            errors.append(f"detector.smoothing: expected 0 (off) or a positive noise variance, got {show(detector.smoothing)}")
         if config.eval_dataset is None:
             errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
-        errors.append(f"teacher.input_shape: expected [C, H, W], got {_show(teacher.input_shape)}")
-    for section, prefix in ((config, ""), (teacher, "teacher."), (config.student, "student.")):
-        for spec in fields(section):
-            check, value = spec.metadata.get("check"), getattr(section, spec.name)
-            if check and value is not None:
-                problem = _missing(check, value)
-                if problem:
-                    errors.append(f"{prefix}{spec.name}: {problem}")
+        errors.append(f"teacher.input_shape: expected [C, H, W], got {show(teacher.input_shape)}")
 
 
 def _check_generate(section: GenerateSection, errors: list[str]) -> None:
     """The chosen method's settings: a diffusion pipeline that exists, a readable class table,
     fast-generator fractions in range, a valid selection."""
-    from .generators.diffusion import load_class_table
-    from .pipelines.generate import Selection
+    from synthkd.generators.diffusion import load_class_table
+    from .generate import Selection
 
     fast, diffusion = section.fast, section.diffusion
     if section.method == "fast":
         if not fast.meta_lr <= 1:
             errors.append(f"generate.fast.meta_lr: must be in (0, 1] (the fraction of the way to the adapted weights), "
-                          f"got {_show(fast.meta_lr)}")
+                          f"got {show(fast.meta_lr)}")
         if not 0 <= fast.bn_momentum < 1:
-            errors.append(f"generate.fast.bn_momentum: must be in [0, 1), got {_show(fast.bn_momentum)}")
+            errors.append(f"generate.fast.bn_momentum: must be in [0, 1), got {show(fast.bn_momentum)}")
         if fast.warmup_batches < 0:
-            errors.append(f"generate.fast.warmup_batches: must not be negative, got {_show(fast.warmup_batches)}")
+            errors.append(f"generate.fast.warmup_batches: must not be negative, got {show(fast.warmup_batches)}")
         if fast.latent_noise < 0:
-            errors.append(f"generate.fast.latent_noise: must not be negative, got {_show(fast.latent_noise)}")
+            errors.append(f"generate.fast.latent_noise: must not be negative, got {show(fast.latent_noise)}")
     if section.method == "diffusion":
         if diffusion.pipeline is None:
             errors.append("generate.diffusion.pipeline: the diffusion method needs a diffusers pipeline (a directory, "
@@ -430,8 +340,8 @@ def _looks_like_path(spec: str) -> bool:
 
 def _missing(check: str, value: str) -> str | None:
     """Why ``value`` (a model spec, file or dataset spec) cannot be read, or None."""
-    from .data import check_dataset
-    from .models import is_registered
+    from synthkd.data import check_dataset
+    from synthkd.models import is_registered
 
     if check == "dataset":
         try:

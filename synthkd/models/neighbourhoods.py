@@ -22,7 +22,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .errors import SynthkdError
+from ..errors import SynthkdError
 
 
 class _CutTracer(fx.Tracer):
