@@ -19,7 +19,7 @@ CACHE = Path(os.environ.get("SYNTHKD_BENCH_CACHE", REPO / ".cache" / "benchmarks
 def load_setting(path: str | os.PathLike | None = None) -> dict[str, Any]:
     """The standard setting from configs/fashion_mnist.yaml, validated and with the defaults of
     the `synthkd run` schema filled in."""
-    from synthkd.config import load_config
+    from synthkd.pipelines.config import load_config
 
     return load_config(path or REPO / "configs" / "fashion_mnist.yaml").to_dict()
 
