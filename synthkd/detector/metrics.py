@@ -1,7 +1,5 @@
-"""Detection metrics. Convention, stated once: **positives are failures** (misclassified,
-out-of-distribution or adversarial inputs) and negatives are the in-distribution inputs the
-classifier handles; scorers give higher scores to more typical inputs, so the detection score of
-an input is minus its scorer score.
+"""Detection metrics, by the conventions of :mod:`synthkd.detector` (positives are failures; the
+detection score of an input is minus its scorer score).
 
 - AUROC: probability that a failure scores as less typical than a negative (scikit-learn's
   roc_auc_score on raw scores; no sigmoid squashing).
@@ -23,6 +21,9 @@ from sklearn.metrics import average_precision_score, roc_auc_score, roc_curve
 
 from ..errors import SynthkdError
 
+CONVENTION = "positives = failures; scores: higher = more typical; AUROC from scikit-learn on raw scores"
+"""The conventions of :mod:`synthkd.detector`, as every metrics file records them."""
+
 
 def _labelled(negatives: torch.Tensor, failures: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
     if len(negatives) == 0 or len(failures) == 0:
@@ -38,7 +39,7 @@ def fpr_at_tpr(is_failure: np.ndarray, detection: np.ndarray, tpr: float = 0.95)
 
 
 def detection_metrics(negatives: torch.Tensor, failures: torch.Tensor) -> dict[str, float]:
-    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR from scorer scores (higher = more typical)."""
+    """AUROC, AUPR-in, AUPR-out and FPR at 95% TPR from scorer scores."""
     is_failure, detection = _labelled(negatives, failures)
     return {
         "auroc": float(roc_auc_score(is_failure, detection)),

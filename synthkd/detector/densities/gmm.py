@@ -19,9 +19,10 @@ from typing import Any, Sequence
 
 import torch
 
-from ..errors import SynthkdError
-from .density import FeatureScorer
-from .features import check_finite
+from ...errors import SynthkdError
+from ..density import FeatureScorer
+from ..features import check_finite
+from . import DENSITIES, DensityFactory, DensitySettings
 
 REG_COVAR = 1e-4  # the numerical floor; a density smoothed for synthetic features uses a larger one
 COVARIANCES = ("full", "diag")
@@ -199,7 +200,7 @@ class GaussianMixture(FeatureScorer):
                            "raise reg_covar or use covariance='diag'")
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each row under the mixture (higher = more typical)."""
+        """Log-likelihood of each row under the mixture."""
         self._check_fitted()
         x = self._check_dim(self._as_float64(features), self.means.shape[1])
         return torch.logsumexp(self._log_joint(x, self.weights, self.means, self.covariances), 1).float()
@@ -207,3 +208,14 @@ class GaussianMixture(FeatureScorer):
     def _as_float64(self, features: torch.Tensor) -> torch.Tensor:
         device = self.means.device if self.fitted else features.device
         return features.to(device=device, dtype=torch.float64)
+
+
+def _mixture(covariance: str) -> DensityFactory:
+    def build(settings: DensitySettings, seed: int) -> GaussianMixture:
+        return GaussianMixture(settings.components, covariance, seed=seed, reg_covar=max(REG_COVAR, settings.smoothing))
+
+    return build
+
+
+DENSITIES.add("gmm", _mixture("full"))
+DENSITIES.add("gmm-diag", _mixture("diag"))

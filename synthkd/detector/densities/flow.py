@@ -5,7 +5,7 @@ log-density), a tenth of the training features is held out, and the weights with
 held-out likelihood are kept (early stopping), which matters on small synthetic sets. With
 ``smoothing`` > 0 the flow is trained on the standardised features plus Gaussian noise of that
 variance, so it models the features convolved with that noise: the flow's counterpart of a
-Gaussian mixture's covariance floor (see :func:`synthkd.detector.build_density`).
+Gaussian mixture's covariance floor (see :func:`synthkd.detector.densities.build_density`).
 """
 
 from __future__ import annotations
@@ -16,9 +16,10 @@ from typing import Any, Sequence
 import torch
 import zuko
 
-from ..errors import SynthkdError
-from .density import FeatureScorer
-from .features import check_finite
+from ...errors import SynthkdError
+from ..density import FeatureScorer
+from ..features import check_finite
+from . import DENSITIES, DensityFactory, DensitySettings
 
 ARCHITECTURES = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}
 
@@ -135,8 +136,19 @@ class NormalizingFlow(FeatureScorer):
 
     @torch.no_grad()
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each row under the flow (higher = more typical)."""
+        """Log-likelihood of each row under the flow."""
         self._check_fitted()
         x = self._check_dim(features, self.features).to(self.shift.device, torch.float32)
         self.flow.eval()
         return torch.cat([self._log_prob(chunk) for chunk in x.split(8192)])
+
+
+def _flow(architecture: str) -> DensityFactory:
+    def build(settings: DensitySettings, seed: int) -> NormalizingFlow:
+        return NormalizingFlow(architecture=architecture, seed=seed, smoothing=settings.smoothing)
+
+    return build
+
+
+DENSITIES.add("flow", _flow("maf"))
+DENSITIES.add("flow-nsf", _flow("nsf"))
