@@ -11,6 +11,7 @@ Gaussian mixture's covariance floor (see :func:`synthkd.detector.densities.build
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -19,7 +20,7 @@ import zuko
 from ...errors import SynthkdError
 from ..density import FeatureScorer
 from ..features import check_finite
-from . import DENSITIES, DensityFactory, DensitySettings
+from . import DENSITIES, DensitySettings
 
 ARCHITECTURES = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}
 
@@ -71,6 +72,11 @@ class NormalizingFlow(FeatureScorer):
             )
         self.register_buffer("shift", torch.zeros(self.features))
         self.register_buffer("scale", torch.ones(self.features))
+
+    @classmethod
+    def from_settings(cls, settings: DensitySettings, seed: int, architecture: str = "maf") -> "NormalizingFlow":
+        """The flow of the calibration settings (the number of components is a mixture's setting)."""
+        return cls(architecture=architecture, seed=seed, smoothing=settings.smoothing)
 
     def get_config(self) -> dict[str, Any]:
         return {"features": self.features, "architecture": self.architecture, "transforms": self.transforms,
@@ -143,12 +149,5 @@ class NormalizingFlow(FeatureScorer):
         return torch.cat([self._log_prob(chunk) for chunk in x.split(8192)])
 
 
-def _flow(architecture: str) -> DensityFactory:
-    def build(settings: DensitySettings, seed: int) -> NormalizingFlow:
-        return NormalizingFlow(architecture=architecture, seed=seed, smoothing=settings.smoothing)
-
-    return build
-
-
-DENSITIES.add("flow", _flow("maf"))
-DENSITIES.add("flow-nsf", _flow("nsf"))
+DENSITIES.add("flow", NormalizingFlow.from_settings)
+DENSITIES.add("flow-nsf", partial(NormalizingFlow.from_settings, architecture="nsf"))

@@ -15,6 +15,7 @@ dimensional features lose too much in float32.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Sequence
 
 import torch
@@ -22,7 +23,7 @@ import torch
 from ...errors import SynthkdError
 from ..density import FeatureScorer
 from ..features import check_finite
-from . import DENSITIES, DensityFactory, DensitySettings
+from . import DENSITIES, DensitySettings
 
 REG_COVAR = 1e-4  # the numerical floor; a density smoothed for synthetic features uses a larger one
 COVARIANCES = ("full", "diag")
@@ -87,6 +88,11 @@ class GaussianMixture(FeatureScorer):
         self.subset_size = subset_size
         self.refine_iter = refine_iter
         self.converged = False
+
+    @classmethod
+    def from_settings(cls, settings: DensitySettings, seed: int, covariance: str = "full") -> "GaussianMixture":
+        """The mixture of the calibration settings: their ``smoothing`` is the covariance floor."""
+        return cls(settings.components, covariance, seed=seed, reg_covar=max(REG_COVAR, settings.smoothing))
 
     def get_config(self) -> dict[str, Any]:
         return {"components": self.components, "covariance": self.covariance, "reg_covar": self.reg_covar,
@@ -210,12 +216,5 @@ class GaussianMixture(FeatureScorer):
         return features.to(device=device, dtype=torch.float64)
 
 
-def _mixture(covariance: str) -> DensityFactory:
-    def build(settings: DensitySettings, seed: int) -> GaussianMixture:
-        return GaussianMixture(settings.components, covariance, seed=seed, reg_covar=max(REG_COVAR, settings.smoothing))
-
-    return build
-
-
-DENSITIES.add("gmm", _mixture("full"))
-DENSITIES.add("gmm-diag", _mixture("diag"))
+DENSITIES.add("gmm", GaussianMixture.from_settings)
+DENSITIES.add("gmm-diag", partial(GaussianMixture.from_settings, covariance="diag"))
