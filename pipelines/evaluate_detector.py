@@ -33,19 +33,7 @@ from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
 
 MISCLASSIFICATION = "misclassification"
-# Short names for the out-of-distribution sets available everywhere.
-OOD_ALIASES = {
-    "digits": ("digits:test",),
-    "noise": ("noise:gaussian", "noise:uniform"),
-    "flips": ("fashion-mnist:test|vflip",),
-    "inversions": ("fashion-mnist:test|invert",),
-}
 Scorer = Callable[[Features], torch.Tensor]
-
-
-def expand_ood(specs: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(s for spec in specs for s in OOD_ALIASES.get(spec, (spec,))))
-
 
 def _limited(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, range(min(limit, len(dataset)))) if limit is not None and limit < len(dataset) else dataset
@@ -79,7 +67,7 @@ def collect_sources(
     limit, epsilon, pgd_steps = settings.limit, settings.epsilon, settings.pgd_steps
     in_data = _limited(load_dataset(dataset), limit)
     sources = {dataset: cached_extract(model, in_data, accelerator, layer, cache_dir, batchnorm=batchnorm)}
-    for spec in expand_ood(settings.ood):
+    for spec in settings.ood_specs():
         if spec in sources:
             raise SynthkdError(f"{spec} is the in-distribution set; give other sets with --ood")
         sources[spec] = cached_extract(model, _limited(load_dataset(spec), limit), accelerator, layer, cache_dir,

@@ -23,6 +23,12 @@ def smoothing_problem(value: float) -> str | None:
 
 
 ALPHA_HELP = "False-alarm rate: flag inputs with p-value below it."
+OOD_ALIASES = {  # short names for the out-of-distribution sets available everywhere
+    "digits": ("digits:test",),
+    "noise": ("noise:gaussian", "noise:uniform"),
+    "flips": ("fashion-mnist:test|vflip",),
+    "inversions": ("fashion-mnist:test|invert",),
+}
 
 
 @dataclass
@@ -52,11 +58,15 @@ class DetectorEvaluationSettings(Settings):
 
     ood: list[str] = setting(
         default_factory=list,
-        help="Out-of-distribution dataset specs (digits, noise, flips, inversions are short names).")
+        help=f"Out-of-distribution dataset specs ({', '.join(OOD_ALIASES)} are short names).")
     attacks: list[str] = setting(default_factory=list, help="Attacks on the dataset.", choices=ATTACKS.names)
     epsilon: float = setting(0.1, help="L-inf attack budget in [0,1] pixel units.", positive=True)
     pgd_steps: int = setting(10, help="Steps of the PGD attack.", positive=True)
     limit: int | None = setting(None, help="At most this many inputs per source.", positive=True)
+
+    def ood_specs(self) -> list[str]:
+        """The out-of-distribution dataset specs, short names expanded, each once."""
+        return list(dict.fromkeys(spec for name in self.ood for spec in OOD_ALIASES.get(name, (name,))))
 
 
 @dataclass
