@@ -31,8 +31,9 @@ from common import CACHE, load_setting, print_table, standard_synthetic, standar
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
-from synthkd.detector import GaussianMixture, NormalizingFlow, cached_extract  # noqa: E402
+from synthkd.detector import CONVENTION, GaussianMixture, NormalizingFlow, cached_extract  # noqa: E402
 from synthkd.detector.features import CACHE_ENV  # noqa: E402
+from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings  # noqa: E402
 from synthkd.pipelines.calibrate import calibrate  # noqa: E402
 from synthkd.pipelines.evaluate_detector import (  # noqa: E402
     MISCLASSIFICATION, alarm_rates, collect_sources, detection_report, detector_scorers, source_summary, write_plots,
@@ -81,19 +82,21 @@ def main() -> None:
         for density in ("gmm", "flow"):
             with timed(timings, f"calibrate_{density}_{source_name}_seconds"):
                 detectors[f"{density} ({source_name})"] = calibrate(
-                    teacher, data, work / f"{density}-{source_name}", density, args.alpha, accelerator=accelerator)
+                    teacher, data, work / f"{density}-{source_name}", CalibrationSettings(density, args.alpha),
+                    accelerator=accelerator)
     for name, density, weight in (("gmm-smooth", "gmm", 0.0), ("flow-smooth", "flow", 0.0), ("gmm+bn", "gmm", BATCHNORM_WEIGHT)):
         with timed(timings, f"calibrate_{name}_synthetic_seconds"):
-            detectors[f"{name} (synthetic)"] = calibrate(
-                teacher, synthetic, work / f"{name}-synthetic", density, args.alpha, components=SMOOTH_COMPONENTS,
-                accelerator=accelerator, batchnorm_weight=weight, smoothing=SMOOTHING)
+            smoothed = CalibrationSettings(density, args.alpha, components=SMOOTH_COMPONENTS, batchnorm_weight=weight,
+                                           smoothing=SMOOTHING)
+            detectors[f"{name} (synthetic)"] = calibrate(teacher, synthetic, work / f"{name}-synthetic", smoothed,
+                                                         accelerator=accelerator)
     layer = detectors["gmm (real)"].layer
 
     in_name = "fashion-mnist:test"
     with timed(timings, "sources_seconds (features of every source, attacks included)"):
-        sources = collect_sources(teacher, in_name, OOD, ATTACKS, args.epsilon, args.pgd_steps, layer, accelerator,
-                                  cache / "detector-features", settings["limit"], settings["attack_limit"],
-                                  batchnorm=detectors["gmm+bn (synthetic)"].batchnorm)
+        evaluation = DetectorEvaluationSettings(OOD, ATTACKS, args.epsilon, args.pgd_steps, settings["limit"])
+        sources = collect_sources(teacher, in_name, evaluation, layer, accelerator, cache / "detector-features",
+                                  settings["attack_limit"], batchnorm=detectors["gmm+bn (synthetic)"].batchnorm)
     scorers = {}
     for name, detector in detectors.items():
         scorers[name] = detector_scorers(detector, name, baselines=False)[name]
@@ -115,7 +118,7 @@ def main() -> None:
                      "smoothing": SMOOTHING, "smooth_components": SMOOTH_COMPONENTS,
                      "batchnorm_weight": BATCHNORM_WEIGHT,
                      "attack_norm": "linf, [0,1] pixels, attacking the true label", "in_distribution": in_name},
-        "convention": "positives = failures; scores higher = more typical; AUROC by scikit-learn on raw scores",
+        "convention": CONVENTION,
         "inputs": source_summary(sources, in_name),
         "detectors": {name: {k: v for k, v in d.info.items()} | {"components": getattr(d.density, "components", None)}
                       for name, d in detectors.items()},

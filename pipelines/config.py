@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from synthkd.errors import SynthkdError
-from synthkd.settings import Settings, show
+from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
+from synthkd.settings import Settings, setting, show
 from synthkd.generators.fast import FastConfig
 from synthkd.generators.inversion import InversionConfig, InversionLossConfig
 
@@ -157,24 +158,13 @@ class SearchSection:
 
 
 @dataclass
-class DetectorSection:
+class DetectorSection(DetectorEvaluationSettings, CalibrationSettings):
     """The failure detector of the student: a density of its features calibrated on the synthetic
-    set (``calibrate``), then scored on ``eval_dataset`` against its mistakes, out-of-distribution
-    sets and attacks (``evaluate_detector``). See ``synthkd calibrate -h``."""
+    set (``calibrate``, :class:`CalibrationSettings`), then scored on ``eval_dataset`` against its
+    mistakes, out-of-distribution sets and attacks (``evaluate_detector``,
+    :class:`DetectorEvaluationSettings`). See ``synthkd calibrate -h``."""
 
-    enabled: bool = False
-    density: str = "gmm"             # gmm, gmm-diag or flow
-    alpha: float = field(default=0.05, metadata={"positive": True})
-    layer: str | None = None         # null: the penultimate features
-    components: int | None = field(default=None, metadata={"positive": True})
-    holdout: float = field(default=0.2, metadata={"positive": True})
-    batchnorm_weight: float = 0.0    # weight of the deviation from the student's BatchNorm statistics (0: off)
-    smoothing: float = 0.0           # variance of the noise that widens the density (0: off; README)
-    ood: list[str] = field(default_factory=list)      # dataset specs or aliases (noise, digits, ...)
-    attacks: list[Literal["fgsm", "pgd"]] = field(default_factory=list)
-    epsilon: float = field(default=0.1, metadata={"positive": True})
-    pgd_steps: int = field(default=10, metadata={"positive": True})
-    limit: int | None = field(default=None, metadata={"positive": True})  # inputs per source
+    enabled: bool = setting(False, help="Calibrate and evaluate the student's failure detector.", cli=False)
 
 
 @dataclass
@@ -281,20 +271,8 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
             parse_budget(config.search.budget)
         except SynthkdError as error:
             errors.append(f"search.budget: {error}")
-    detector = config.detector
-    if detector.enabled:
-        from synthkd.detector import DENSITIES
-
-        if detector.density not in DENSITIES:
-            errors.append(f"detector.density: expected one of {', '.join(DENSITIES)}, got {show(detector.density)}")
-        if not detector.holdout < 1 or not detector.alpha < 1:
-            errors.append("detector: alpha and holdout are fractions between 0 and 1")
-        if detector.batchnorm_weight < 0:
-            errors.append(f"detector.batchnorm_weight: expected 0 (off) or a positive weight, got {show(detector.batchnorm_weight)}")
-        if detector.smoothing < 0:
-            errors.append(f"detector.smoothing: expected 0 (off) or a positive noise variance, got {show(detector.smoothing)}")
-        if config.eval_dataset is None:
-            errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
+    if config.detector.enabled and config.eval_dataset is None:
+        errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
         errors.append(f"teacher.input_shape: expected [C, H, W], got {show(teacher.input_shape)}")
 

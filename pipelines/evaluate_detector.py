@@ -1,11 +1,12 @@
 """Stage: how well a detector flags the three failure sources, against baselines, in one run.
 
 Failure sources: the classifier's mistakes on the in-distribution set (negatives: the inputs it
-gets right), out-of-distribution sets and adversarial versions (FGSM, PGD) of the
-in-distribution inputs (negatives: the clean in-distribution inputs). Every scorer is computed
-on the same features: the detector, maximum softmax probability, energy, and the Mahalanobis and
-kNN baselines fitted on the detector's own fitting features. Metrics follow
-:mod:`synthkd.detector.metrics` (positives = failures). Writes ``metrics.json`` and PNG plots.
+gets right), out-of-distribution sets and adversarial versions (:data:`synthkd.detector.ATTACKS`)
+of the in-distribution inputs (negatives: the clean in-distribution inputs). Every scorer is
+computed on the same features: the detector, the logit scores (:data:`synthkd.detector.LOGIT_SCORES`:
+maximum softmax probability, energy) and the baselines fitted on the detector's own fitting
+features. Metrics follow the conventions of :mod:`synthkd.detector`. Writes ``metrics.json`` and
+PNG plots.
 """
 
 from __future__ import annotations
@@ -20,30 +21,19 @@ from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data import load_dataset
-from synthkd.detector import Detector, Features, cached_extract, energy, max_softmax
-from synthkd.detector.attacks import ATTACKS, attack
-from synthkd.detector.conformal import check_alpha
+from synthkd.detector import CONVENTION, LOGIT_SCORES, Detector, Features, cached_extract
+from synthkd.detector.attacks import attack
 from synthkd.detector.features import dataset_fingerprint, features_cache_dir
 from synthkd.detector.metrics import detection_metrics, mann_whitney
 from synthkd.detector.plots import plot_roc_curves, plot_score_histograms
+from synthkd.detector.settings import DetectorEvaluationSettings
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
+from synthkd.seeds import derive_seed
 
 MISCLASSIFICATION = "misclassification"
-# Short names for the out-of-distribution sets available everywhere.
-OOD_ALIASES = {
-    "digits": ("digits:test",),
-    "noise": ("noise:gaussian", "noise:uniform"),
-    "flips": ("fashion-mnist:test|vflip",),
-    "inversions": ("fashion-mnist:test|invert",),
-}
 Scorer = Callable[[Features], torch.Tensor]
-
-
-def expand_ood(specs: Sequence[str]) -> list[str]:
-    return list(dict.fromkeys(s for spec in specs for s in OOD_ALIASES.get(spec, (spec,))))
-
 
 def _limited(dataset: Dataset, limit: int | None) -> Dataset:
     return Subset(dataset, range(min(limit, len(dataset)))) if limit is not None and limit < len(dataset) else dataset
@@ -54,7 +44,7 @@ def adversarial_set(model: Classifier, dataset: Dataset, name: str, epsilon: flo
     """Adversarial versions of every image, attacking the true label (the prediction where unknown)."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     model = model.to(accelerator.device).eval()
-    generator = torch.Generator().manual_seed(seed + accelerator.process_index)
+    generator = torch.Generator().manual_seed(derive_seed(seed, "attack start", accelerator.process_index))
     images_out, labels_out = [], []
     for batch in loader:
         images, labels = batch[0].to(accelerator.device), torch.as_tensor(batch[-1]).long().to(accelerator.device)
@@ -68,26 +58,23 @@ def adversarial_set(model: Classifier, dataset: Dataset, name: str, epsilon: flo
 
 
 def collect_sources(
-    model: Classifier, dataset: str, ood: Sequence[str], attacks: Sequence[str], epsilon: float, pgd_steps: int,
-    layer: str, accelerator: Accelerator, cache_dir: Path | None, limit: int | None = None,
-    attack_limit: int | None = None, batchnorm: Sequence[str] = (),
+    model: Classifier, dataset: str, settings: DetectorEvaluationSettings, layer: str, accelerator: Accelerator,
+    cache_dir: Path | None, attack_limit: int | None = None, batchnorm: Sequence[str] = (),
 ) -> dict[str, Features]:
     """Features (and deviations at the ``batchnorm`` layers) of the in-distribution set (first key),
     each out-of-distribution set and each attack on the first ``attack_limit`` in-distribution
-    images, extracted once and cached."""
-    unknown = [name for name in attacks if name not in ATTACKS]
-    if unknown:
-        raise SynthkdError(f"unknown attack {unknown[0]!r}; use one of {', '.join(ATTACKS)}")
+    images, at most ``settings.limit`` inputs of each, extracted once and cached."""
+    limit, epsilon, pgd_steps = settings.limit, settings.epsilon, settings.pgd_steps
     in_data = _limited(load_dataset(dataset), limit)
     sources = {dataset: cached_extract(model, in_data, accelerator, layer, cache_dir, batchnorm=batchnorm)}
-    for spec in expand_ood(ood):
+    for spec in settings.ood_specs():
         if spec in sources:
             raise SynthkdError(f"{spec} is the in-distribution set; give other sets with --ood")
         sources[spec] = cached_extract(model, _limited(load_dataset(spec), limit), accelerator, layer, cache_dir,
                                        batchnorm=batchnorm)
     attacked = _limited(in_data, attack_limit)
     attacked_fingerprint = dataset_fingerprint(attacked)
-    for name in attacks:
+    for name in settings.attacks:
         sources[name] = cached_extract(
             model, lambda name=name: adversarial_set(model, attacked, name, epsilon, pgd_steps, accelerator),
             accelerator, layer, cache_dir if attacked_fingerprint else None,
@@ -169,11 +156,11 @@ def _slug(name: str) -> str:
 
 
 def detector_scorers(detector: Detector, name: str = "detector", baselines: bool = True) -> dict[str, Scorer]:
-    """The detector, and (with ``baselines``) MSP, energy and its fitted Mahalanobis/kNN baselines."""
+    """The detector, and (with ``baselines``) the logit scores and its fitted baselines."""
     scorers: dict[str, Scorer] = {name: lambda f: detector.score_features(f.features, f.deviations)}
     if baselines:
-        scorers["msp"] = lambda f: max_softmax(f.logits)
-        scorers["energy"] = lambda f: energy(f.logits)
+        for logit_score in LOGIT_SCORES.names():
+            scorers[logit_score] = lambda f, score=LOGIT_SCORES.get(logit_score): score(f.logits)
         for baseline, scorer in detector.baselines.items():
             scorers[baseline] = lambda f, scorer=scorer: scorer.score_features(f.features.to(_device_of(scorer))).cpu()
     return scorers
@@ -188,15 +175,13 @@ def evaluate_detector(
     detector: Detector | str | Path,
     dataset: str,
     out: str | Path,
-    ood: Sequence[str] = (),
-    attacks: Sequence[str] = (),
-    epsilon: float = 0.1,
-    pgd_steps: int = 10,
+    settings: DetectorEvaluationSettings | None = None,
     accelerator: Accelerator | None = None,
-    limit: int | None = None,
 ) -> dict[str, Any]:
-    """Evaluate ``detector`` for ``model`` on ``dataset`` (in-distribution) and the failure sources;
-    ``limit`` caps the number of inputs of every source. Writes OUT/metrics.json and PNG plots."""
+    """Evaluate ``detector`` for ``model`` on ``dataset`` (in-distribution) and the failure sources
+    of ``settings``. Writes OUT/metrics.json and PNG plots; returns the report."""
+    settings = settings or DetectorEvaluationSettings()
+    settings.check()
     accelerator = accelerator or make_accelerator()
     if not isinstance(detector, Detector):
         detector = Detector.from_pretrained(detector, model)
@@ -204,18 +189,19 @@ def evaluate_detector(
     detector.model = model.eval()
     detector.to(accelerator.device)
     out = Path(out)
-    sources = collect_sources(model, dataset, ood, attacks, epsilon, pgd_steps, detector.layer, accelerator,
-                              features_cache_dir(out / "features"), limit, batchnorm=detector.batchnorm)
+    sources = collect_sources(model, dataset, settings, detector.layer, accelerator, features_cache_dir(out / "features"),
+                              batchnorm=detector.batchnorm)
     scores = {name: {source: fn(data) for source, data in sources.items()} for name, fn in detector_scorers(detector).items()}
+    attack = {"epsilon": settings.epsilon, "pgd_steps": settings.pgd_steps, "norm": "linf", "space": "[0,1] pixels"}
     report = {
         "dataset": dataset,
         "model_fingerprint": detector.model_fingerprint,
         "detector": {"density": detector.density.kind, "layer": detector.layer, **detector.info},
-        "convention": "positives = failures; scores: higher = more typical; AUROC from scikit-learn on raw scores",
-        "attack": {"epsilon": epsilon, "pgd_steps": pgd_steps, "norm": "linf", "space": "[0,1] pixels"} if attacks else None,
+        "convention": CONVENTION,
+        "attack": attack if settings.attacks else None,
         "inputs": source_summary(sources, dataset),
         **detection_report(scores, sources, dataset),
-        "alarms": alarm_rates(detector, scores["detector"], sources, dataset, check_alpha(detector.alpha)),
+        "alarms": alarm_rates(detector, scores["detector"], sources, dataset, detector.alpha),
     }
     if accelerator.is_main_process:
         report["plots"] = write_plots(scores, sources, dataset, out, {"detector": detector.threshold()})

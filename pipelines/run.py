@@ -28,6 +28,7 @@ from accelerate import Accelerator
 from synthkd.pipelines.config import RunConfig, validate
 from synthkd.data.shards import is_synthetic_dir
 from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
+from synthkd.detector.settings import CALIBRATION_KEYS
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write, atomic_write_json, differences, flatten, sha256_file
 from synthkd.models import Classifier
@@ -179,9 +180,6 @@ def run_evaluate(ctx: RunContext) -> dict[str, Any]:
             "gap_points": 100 * (report["teacher"]["accuracy"] - report["student"]["accuracy"])}
 
 
-CALIBRATION_KEYS = ("density", "alpha", "layer", "components", "holdout", "batchnorm_weight", "smoothing")
-
-
 def calibration_section(config: RunConfig) -> dict[str, Any]:
     """The calibrate stage's settings; the BatchNorm weight and the smoothing only when on,
     so runs from before them keep their fingerprint."""
@@ -192,23 +190,25 @@ def calibration_section(config: RunConfig) -> dict[str, Any]:
     return {**section, "seed": config.seed}
 
 
+def evaluation_section(config: RunConfig) -> dict[str, Any]:
+    """The evaluate_detector stage's settings: the detector section less the calibration's."""
+    return {**{k: v for k, v in asdict(config.detector).items() if k not in CALIBRATION_KEYS},
+            "eval_dataset": config.eval_dataset}
+
+
 def run_calibrate(ctx: RunContext) -> dict[str, Any]:
     from .calibrate import calibrate
 
-    section = ctx.config.detector
-    detector = calibrate(ctx.student(), ctx.run_dir / "synthetic", ctx.run_dir / "detector", section.density,
-                         section.alpha, section.layer, section.components, section.holdout, ctx.config.seed,
-                         ctx.accelerator, section.batchnorm_weight, smoothing=section.smoothing)
+    detector = calibrate(ctx.student(), ctx.run_dir / "synthetic", ctx.run_dir / "detector", ctx.config.detector,
+                         seed=ctx.config.seed, accelerator=ctx.accelerator)
     return {"density": detector.density.kind, "layer": detector.layer, "alpha": detector.alpha}
 
 
 def run_evaluate_detector(ctx: RunContext) -> dict[str, Any]:
     from .evaluate_detector import evaluate_detector
 
-    section = ctx.config.detector
     report = evaluate_detector(ctx.student(), ctx.run_dir / "detector", ctx.config.eval_dataset,
-                               ctx.run_dir / "detector-evaluation", section.ood, section.attacks, section.epsilon,
-                               section.pgd_steps, ctx.accelerator, section.limit)
+                               ctx.run_dir / "detector-evaluation", ctx.config.detector, ctx.accelerator)
     return {"auroc": {source: scorers["detector"]["auroc"] for source, scorers in report["sources"].items()}}
 
 
@@ -235,10 +235,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("calibrate", ("generate", "distill"), calibration_section,
           run_calibrate, ("detector",), lambda run_dir, config: (run_dir / "detector" / DETECTOR_CONFIG).is_file(),
           enabled=lambda config: config.detector.enabled),
-    Stage("evaluate_detector", ("calibrate",),
-          lambda config: {**{k: v for k, v in asdict(config.detector).items() if k not in CALIBRATION_KEYS},
-                          "eval_dataset": config.eval_dataset},
-          run_evaluate_detector, ("detector-evaluation",),
+    Stage("evaluate_detector", ("calibrate",), evaluation_section, run_evaluate_detector, ("detector-evaluation",),
           lambda run_dir, config: (run_dir / "detector-evaluation" / "metrics.json").is_file(),
           enabled=lambda config: config.detector.enabled),
 )

@@ -14,15 +14,17 @@ from scipy.stats import kstest, rankdata
 
 from synthkd.data import load_dataset
 from synthkd.detector import (
-    Detector, FeatureScorer, GaussianMixture, KNearestNeighbours, Mahalanobis, NormalizingFlow, cached_extract,
-    conformal_p_values, detection_metrics, energy, mann_whitney, max_softmax,
+    DENSITIES, SCORERS, Detector, FeatureScorer, GaussianMixture, KNearestNeighbours, Mahalanobis, NormalizingFlow,
+    build_density, cached_extract, conformal_p_values, detection_metrics, energy, mann_whitney, max_softmax,
 )
 from synthkd.detector.attacks import fgsm, pgd
 from synthkd.detector.features import batchnorm_deviation, default_batchnorm_layers
 from synthkd.detector.metrics import fpr_at_tpr
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier
+from synthkd.detector.settings import CalibrationSettings
 from synthkd.pipelines.calibrate import calibrate
+from synthkd.pipelines.config import RunConfig
 
 from test_cli import error_line, invoke, ok
 
@@ -84,6 +86,60 @@ def test_density_save_load_round_trip(tmp_path, make):
     loaded = FeatureScorer.from_pretrained(tmp_path / "scorer")
     assert type(loaded) is type(scorer) and loaded.get_config() == scorer.get_config()
     assert torch.equal(loaded.score_features(x), scorer.score_features(x))
+
+
+@pytest.mark.parametrize("name", DENSITIES.names())
+def test_every_registered_density_fits_scores_and_round_trips(tmp_path, name):
+    """What a density registered in synthkd.detector.densities must do, whichever it is."""
+    x, *_ = known_mixture(400)
+    density = build_density(CalibrationSettings(name, components=2, smoothing=0.01), seed=0)
+    assert density.kind in SCORERS and not density.fitted
+    far = torch.tensor([[40.0, -40.0]])
+    fitted = density.fit_features(x)
+    assert fitted.score_features(far) < fitted.score_features(x).min()  # the convention: higher = more typical
+    fitted.save_pretrained(tmp_path / name)
+    assert torch.equal(FeatureScorer.from_pretrained(tmp_path / name).score_features(x), fitted.score_features(x))
+
+
+def test_a_density_registered_by_a_test_file_alone(teacher_dir, tmp_path):
+    """A new density is one module that registers itself: here a toy one (minus the squared
+    distance to the mean), registered from this file, calibrated by the command line and the
+    run schema's choice, then unregistered."""
+
+    class ToyDensity(FeatureScorer):
+        kind = "toy"
+
+        def fit_features(self, features, labels=None):
+            self.register_buffer("mean", features.float().mean(0))
+            return self
+
+        def score_features(self, features):
+            self._check_fitted()
+            x = self._check_dim(features, len(self.mean)).float().to(self.mean.device)
+            return -((x - self.mean) ** 2).sum(1)
+
+        def get_config(self):
+            return {}
+
+        def load_tensors(self, tensors):
+            self.register_buffer("mean", tensors["mean"])
+
+    DENSITIES.add("toy", lambda settings, seed: ToyDensity())
+    try:
+        out = tmp_path / "toy"
+        text = ok("calibrate", "--model", teacher_dir, "--data", "digits:train", "--density", "toy", "--out", out).stdout
+        assert text.startswith("toy on ") and isinstance(Detector.from_pretrained(out).density, ToyDensity)
+        rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "noise:uniform[:10]",
+                                                  "--json").stdout.splitlines()]
+        assert len(rows) == 10 and all(row["flagged"] == (row["p_value"] < 0.05) for row in rows)
+        errors: list[str] = []
+        RunConfig.from_mapping({"detector": {"enabled": True, "density": "toy"}}, "", errors)
+        assert not [e for e in errors if e.startswith("detector")], errors
+    finally:
+        DENSITIES.unregister("toy")
+        SCORERS.unregister("toy")
+    assert "--density expected one of" in error_line(invoke("calibrate", "--model", teacher_dir, "--data", "digits:train",
+                                                           "--density", "toy", "--out", tmp_path / "again"))
 
 
 def test_flow_learns_the_density():
@@ -197,8 +253,8 @@ def test_attacks_stay_in_the_budget_and_hurt(teacher):
 @pytest.fixture(scope="module")
 def detector_dir(tmp_path_factory, teacher_dir, accelerator):
     out = tmp_path_factory.mktemp("detector") / "gmm"
-    calibrate(Classifier.from_pretrained(teacher_dir), "digits:train", out, "gmm", alpha=0.1, components=4,
-              accelerator=accelerator)
+    calibrate(Classifier.from_pretrained(teacher_dir), "digits:train", out,
+              CalibrationSettings("gmm", alpha=0.1, components=4), accelerator=accelerator)
     return out
 
 
@@ -238,28 +294,31 @@ def test_detector_refuses_bad_inputs(detector_dir):
 
 
 def test_calibrate_on_a_synthetic_set(synthetic_dir, teacher, tmp_path, accelerator):
-    detector = calibrate(teacher, synthetic_dir, tmp_path / "flow", "flow", holdout=0.25, accelerator=accelerator)
+    detector = calibrate(teacher, synthetic_dir, tmp_path / "flow", CalibrationSettings("flow", holdout=0.25),
+                         accelerator=accelerator)
     assert detector.info["num_calibration"] == 10 and len(detector.calibration_scores) == 10
     assert torch.equal(Detector.from_pretrained(tmp_path / "flow").calibration_scores, detector.calibration_scores)
     with pytest.raises(SynthkdError, match="holdout"):
-        calibrate(teacher, synthetic_dir, tmp_path / "x", holdout=1.5, accelerator=accelerator)
-    with pytest.raises(SynthkdError, match="unknown density"):
-        calibrate(teacher, synthetic_dir, tmp_path / "x", density="kde", accelerator=accelerator)
+        calibrate(teacher, synthetic_dir, tmp_path / "x", CalibrationSettings(holdout=1.5), accelerator=accelerator)
+    with pytest.raises(SynthkdError, match="density expected one of gmm, gmm-diag, flow"):
+        calibrate(teacher, synthetic_dir, tmp_path / "x", CalibrationSettings(density="kde"), accelerator=accelerator)
 
 
 def test_smoothing_reaches_the_mixture(teacher, tmp_path, accelerator):
-    detector = calibrate(teacher, "digits:train", tmp_path / "smooth", "gmm", components=2, smoothing=0.5,
+    detector = calibrate(teacher, "digits:train", tmp_path / "smooth", CalibrationSettings(components=2, smoothing=0.5),
                          accelerator=accelerator)
     loaded = Detector.from_pretrained(tmp_path / "smooth", teacher).density
     assert loaded.reg_covar == 0.5 and torch.equal(loaded.covariances, detector.density.covariances)
     # the variance is added to a positive semi-definite covariance: no eigenvalue falls below it
     assert torch.linalg.eigvalsh(loaded.covariances).min() >= 0.5 - 1e-9
-    plain = calibrate(teacher, "digits:train", tmp_path / "plain", "gmm", components=2, accelerator=accelerator).density
+    plain = calibrate(teacher, "digits:train", tmp_path / "plain", CalibrationSettings(components=2),
+                      accelerator=accelerator).density
     assert torch.linalg.eigvalsh(plain.covariances).min() < 0.5
-    flow = calibrate(teacher, "digits:train[:200]", tmp_path / "flow", "flow", smoothing=0.1, accelerator=accelerator)
+    flow = calibrate(teacher, "digits:train[:200]", tmp_path / "flow", CalibrationSettings("flow", smoothing=0.1),
+                     accelerator=accelerator)
     assert Detector.from_pretrained(tmp_path / "flow", teacher).density.smoothing == flow.density.smoothing == 0.1
-    with pytest.raises(SynthkdError, match="smoothing is a noise variance"):
-        calibrate(teacher, "digits:train", tmp_path / "x", smoothing=-0.1, accelerator=accelerator)
+    with pytest.raises(SynthkdError, match="smoothing expected 0 .off. or a positive noise variance"):
+        calibrate(teacher, "digits:train", tmp_path / "x", CalibrationSettings(smoothing=-0.1), accelerator=accelerator)
     with pytest.raises(SynthkdError, match="weight is 0"):
         calibrate(teacher, "digits:train", tmp_path / "x", batchnorm_layers=["stem.1"], accelerator=accelerator)
 
@@ -277,8 +336,8 @@ def test_batchnorm_deviation_matches_a_direct_computation():
 
 
 def test_detector_with_the_batchnorm_term(teacher, tmp_path, accelerator):
-    detector = calibrate(teacher, "digits:train", tmp_path / "bn", "gmm", alpha=0.1, components=3, accelerator=accelerator,
-                         batchnorm_weight=2.0)
+    detector = calibrate(teacher, "digits:train", tmp_path / "bn",
+                         CalibrationSettings(alpha=0.1, components=3, batchnorm_weight=2.0), accelerator=accelerator)
     assert detector.batchnorm == default_batchnorm_layers(teacher) and len(detector.batchnorm) >= 1
     loaded = Detector.from_pretrained(tmp_path / "bn", teacher)
     assert loaded.batchnorm == detector.batchnorm and loaded.batchnorm_weight == 2.0
@@ -295,7 +354,8 @@ def test_detector_with_the_batchnorm_term(teacher, tmp_path, accelerator):
     with pytest.raises(SynthkdError, match="needs the deviations at its"):
         loaded.score_features(data.features)
     with pytest.raises(SynthkdError, match="'fc' is not a BatchNorm layer"):
-        calibrate(teacher, "digits:train", tmp_path / "x", batchnorm_weight=1.0, batchnorm_layers=["fc"], accelerator=accelerator)
+        calibrate(teacher, "digits:train", tmp_path / "x", CalibrationSettings(batchnorm_weight=1.0), batchnorm_layers=["fc"],
+                  accelerator=accelerator)
 
 
 def test_features_are_cached(teacher, tmp_path, accelerator):
@@ -381,5 +441,8 @@ def test_cli_detector_errors(teacher_dir, detector_dir, tmp_path):
     assert "not a BatchNorm layer" in error_line(invoke("calibrate", "--model", teacher_dir, "--data", "digits:train",
                                                         "--batchnorm-weight", "1", "--batchnorm-layers", "stem",
                                                         "--out", tmp_path / "d"))
-    assert "unknown attack" in error_line(invoke("evaluate", "--model", teacher_dir, "--detector", detector_dir,
-                                                 "--dataset", "digits:test", "--attacks", "cw", "--out", tmp_path / "r"))
+    assert "--attacks expected one of fgsm, pgd, got \"cw\"" in error_line(invoke(
+        "evaluate", "--model", teacher_dir, "--detector", detector_dir, "--dataset", "digits:test", "--attacks", "cw",
+        "--out", tmp_path / "r"))
+    assert "--density expected one of gmm" in error_line(invoke("calibrate", "--model", teacher_dir, "--data", "digits:train",
+                                                               "--density", "kde", "--out", tmp_path / "d"))

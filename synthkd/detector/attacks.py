@@ -6,13 +6,17 @@ The classifier takes [0,1] images and normalises them itself, so epsilon is in p
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 
-from ..errors import SynthkdError
 from ..models import Classifier
+from ..registry import Registry
 
-ATTACKS = ("fgsm", "pgd")
+Attack = Callable[..., torch.Tensor]
+ATTACKS: Registry[Attack] = Registry("attack")
+"""Attacks by name, each ``(model, images, labels, epsilon, *, steps, generator) -> adversarial images``."""
 
 
 def _gradient_sign(model: Classifier, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -22,11 +26,15 @@ def _gradient_sign(model: Classifier, images: torch.Tensor, labels: torch.Tensor
     return gradient.sign()
 
 
-def fgsm(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """One step of size epsilon along the sign of the loss gradient (Goodfellow et al. 2015)."""
+@ATTACKS.register("fgsm")
+def fgsm(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epsilon: float, *, steps: int = 1,
+         generator: torch.Generator | None = None) -> torch.Tensor:
+    """One step of size epsilon along the sign of the loss gradient (Goodfellow et al. 2015);
+    ``steps`` and ``generator`` are the registry's common arguments, unused by this one-step attack."""
     return (images + epsilon * _gradient_sign(model, images, labels)).clamp(0, 1).detach()
 
 
+@ATTACKS.register("pgd")
 def pgd(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epsilon: float, steps: int = 10,
         step_size: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """Projected gradient ascent from a random start in the epsilon ball (Madry et al. 2018);
@@ -42,11 +50,6 @@ def pgd(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epsilon: 
 
 def attack(name: str, model: Classifier, images: torch.Tensor, labels: torch.Tensor, epsilon: float,
            pgd_steps: int = 10, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Adversarial versions of a batch; ``model`` must be in eval mode (BatchNorm statistics fixed)."""
-    if epsilon <= 0:
-        raise SynthkdError(f"epsilon must be positive (a budget in [0,1] pixel units), got {epsilon}")
-    if name == "fgsm":
-        return fgsm(model, images, labels, epsilon)
-    if name == "pgd":
-        return pgd(model, images, labels, epsilon, pgd_steps, generator=generator)
-    raise SynthkdError(f"unknown attack {name!r}; use one of {', '.join(ATTACKS)}")
+    """Adversarial versions of a batch by the attack ``name``; ``model`` must be in eval mode
+    (BatchNorm statistics fixed)."""
+    return ATTACKS.get(name)(model, images, labels, epsilon, steps=pgd_steps, generator=generator)

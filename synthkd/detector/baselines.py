@@ -1,4 +1,6 @@
-"""Baselines of the detection literature, with the package's convention (higher = more typical).
+"""Baselines of the detection literature, scoring by the convention of :mod:`synthkd.detector`.
+Each registers itself: :data:`LOGIT_SCORES` (from the logits alone) and :data:`BASELINES`
+(feature scorers fitted at calibration beside the detector, on the same features).
 
 - maximum softmax probability (Hendrycks & Gimpel 2017) and energy (Liu et al. 2020): from logits;
 - Mahalanobis (Lee et al. 2018): class means of the features under the *predicted* labels and one
@@ -9,24 +11,31 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
 from ..errors import SynthkdError
+from ..registry import Registry
 from .density import FeatureScorer
 from .features import check_finite
 
+LOGIT_SCORES: Registry[Callable[[torch.Tensor], torch.Tensor]] = Registry("logit score")
+BASELINES: Registry[Callable[[], FeatureScorer]] = Registry("baseline")
 
+
+@LOGIT_SCORES.register("msp")
 def max_softmax(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().softmax(1).max(1).values
 
 
+@LOGIT_SCORES.register("energy")
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Minus the free energy, T * logsumexp(logits / T): high for confident inputs."""
     return temperature * torch.logsumexp(logits.float() / temperature, 1)
 
 
+@BASELINES.register("mahalanobis")
 class Mahalanobis(FeatureScorer):
     """Class-conditional Gaussians with a shared covariance, on the classifier's predicted labels."""
 
@@ -68,6 +77,7 @@ class Mahalanobis(FeatureScorer):
         return -torch.cat(distances).float()
 
 
+@BASELINES.register("knn")
 class KNearestNeighbours(FeatureScorer):
     """Distance to the k-th nearest fitted feature after scaling every feature to unit length."""
 

@@ -1,6 +1,7 @@
 """Conformal p-values from held-out calibration scores.
 
-With calibration scores s_1..s_n of in-distribution inputs (higher = more typical), the p-value
+With calibration scores s_1..s_n of in-distribution inputs (scored by the convention
+of :mod:`synthkd.detector`, so atypical inputs get small p-values), the p-value
 of a new score s is ``(1 + #{i : s_i <= s}) / (n + 1)``: the rank of s among the calibration
 scores. When the new input is exchangeable with the calibration inputs, P(p <= alpha) <= alpha,
 so flagging ``p < alpha`` raises false alarms on in-distribution data at a rate of at most alpha.
@@ -25,7 +26,13 @@ def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -
     return ((1 + at_or_below) / (len(calibration) + 1)).float()
 
 
+def alpha_problem(alpha: float) -> str | None:
+    """What is wrong with a false-alarm rate, or None (the check of every ``alpha`` setting)."""
+    return None if 0 < alpha < 1 else f"is a false-alarm rate and must lie in (0, 1), got {alpha:g}"
+
+
 def check_alpha(alpha: float) -> float:
-    if not 0 < alpha < 1:
-        raise SynthkdError(f"alpha is a false-alarm rate and must lie in (0, 1), got {alpha}")
+    problem = alpha_problem(alpha)
+    if problem:
+        raise SynthkdError(f"alpha {problem}")
     return float(alpha)

@@ -1,8 +1,5 @@
-"""One interface for every feature scorer (density models and the distance baselines).
-
-Convention, stated once for the whole package: **a higher score means a more typical input**
-(a log-density for the density models, a negative distance for the baselines). Detection
-metrics then treat *low* scores as failures.
+"""One interface for every feature scorer (density models and the distance baselines), scoring
+by the convention stated in :mod:`synthkd.detector`.
 
 Like pytorch-ood's detectors: ``fit_features(features)`` / ``score_features(features)`` work on
 feature matrices; ``fit(model, dataset)`` / ``score(model, images)`` take the features of a
@@ -12,6 +9,7 @@ as a directory: ``config.json`` (kind and arguments) + ``model.safetensors`` (it
 
 from __future__ import annotations
 
+import importlib
 import os
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -26,23 +24,33 @@ from torch.utils.data import Dataset
 from ..errors import SynthkdError
 from ..io import atomic_write, atomic_write_json, read_json
 from ..models import Classifier
+from ..registry import Registry
 from .features import check_finite, extract, features_of_batch, resolve_layer
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-SCORERS: dict[str, type["FeatureScorer"]] = {}
+
+
+def _import_scorers() -> None:
+    """The modules defining the built-in scorers, imported by name (they import this one)."""
+    importlib.import_module("synthkd.detector.baselines")
+    importlib.import_module("synthkd.detector.densities").DENSITIES.names()
+
+
+SCORERS: Registry[type["FeatureScorer"]] = Registry("scorer", loader=_import_scorers)
 
 
 class FeatureScorer(nn.Module, ABC):
-    """Scores feature vectors; higher = more typical. Subclasses set ``kind`` and implement
-    ``fit_features``, ``score_features``, ``get_config`` and ``load_tensors``."""
+    """Scores feature vectors. Subclasses set ``kind`` (the name a saved scorer is loaded by: every
+    subclass registers itself in :data:`SCORERS`) and implement ``fit_features``,
+    ``score_features``, ``get_config`` and ``load_tensors``."""
 
     kind: ClassVar[str]
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         if "kind" in cls.__dict__:
-            SCORERS[cls.kind] = cls
+            SCORERS.add(cls.kind, cls)
 
     @abstractmethod
     def fit_features(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> "FeatureScorer":
@@ -50,7 +58,7 @@ class FeatureScorer(nn.Module, ABC):
 
     @abstractmethod
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """One score per row; higher = more typical."""
+        """One score per row."""
 
     @abstractmethod
     def get_config(self) -> dict[str, Any]:
@@ -97,6 +105,6 @@ class FeatureScorer(nn.Module, ABC):
         kind = config.pop("kind", None)
         if kind not in SCORERS:
             raise SynthkdError(f"{directory / CONFIG_NAME} names an unknown scorer {kind!r}; known: {', '.join(SCORERS)}")
-        scorer = SCORERS[kind](**config)
+        scorer = SCORERS.get(kind)(**config)
         scorer.load_tensors(load_file(str(directory / WEIGHTS_NAME)))
         return scorer

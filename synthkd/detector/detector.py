@@ -39,10 +39,15 @@ FORMAT = "synthkd-detector"
 VERSION = 1
 
 
-def check_batchnorm_weight(weight: float) -> float:
+def batchnorm_weight_problem(weight: float) -> str | None:
     """The BatchNorm term's weight: 0 turns the term off, a positive weight weighs it in."""
-    if weight < 0:
-        raise SynthkdError(f"batchnorm_weight must be 0 (off) or positive, got {weight}")
+    return None if weight >= 0 else f"expected 0 (off) or a positive weight, got {weight:g}"
+
+
+def check_batchnorm_weight(weight: float) -> float:
+    problem = batchnorm_weight_problem(weight)
+    if problem:
+        raise SynthkdError(f"batchnorm_weight {problem}")
     return float(weight)
 
 
@@ -108,7 +113,7 @@ class Detector:
 
     def score_features(self, features: torch.Tensor, deviations: torch.Tensor | None = None) -> torch.Tensor:
         """Score of raw features of this model's layer, and of the BatchNorm deviations when the
-        detector weighs them (higher = more typical)."""
+        detector weighs them."""
         density = self.density_term(features)
         if self.batchnorm_weight == 0:
             return density
@@ -131,7 +136,7 @@ class Detector:
         return Features(data.features.cpu(), data.logits.cpu(), data.labels.cpu(), data.deviations.cpu())
 
     def score(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores of a batch of [0,1] images N x C x H x W (higher = more typical)."""
+        """Scores of a batch of [0,1] images N x C x H x W."""
         data = self.features(images)
         return self.score_features(data.features, data.deviations)
 

@@ -39,7 +39,7 @@ def plot_roc_curves(negatives: dict[str, torch.Tensor], failures: dict[str, dict
 
 def plot_score_histograms(scores: dict[str, torch.Tensor], path: str | os.PathLike, title: str,
                           threshold: float | None = None) -> None:
-    """Histograms of one scorer's scores, one per source (higher = more typical)."""
+    """Histograms of one scorer's scores, one per source."""
     figure, axes = plt.subplots(figsize=(7, 4))
     values = torch.cat(list(scores.values())).double().numpy()
     low, high = np.percentile(values, [0.5, 100])

@@ -15,13 +15,15 @@ dimensional features lose too much in float32.
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 
-from ..errors import SynthkdError
-from .density import FeatureScorer
-from .features import check_finite
+from ...errors import SynthkdError
+from ..density import FeatureScorer
+from ..features import check_finite
+from . import DENSITIES, DensitySettings
 
 REG_COVAR = 1e-4  # the numerical floor; a density smoothed for synthetic features uses a larger one
 COVARIANCES = ("full", "diag")
@@ -86,6 +88,11 @@ class GaussianMixture(FeatureScorer):
         self.subset_size = subset_size
         self.refine_iter = refine_iter
         self.converged = False
+
+    @classmethod
+    def from_settings(cls, settings: DensitySettings, seed: int, covariance: str = "full") -> "GaussianMixture":
+        """The mixture of the calibration settings: their ``smoothing`` is the covariance floor."""
+        return cls(settings.components, covariance, seed=seed, reg_covar=max(REG_COVAR, settings.smoothing))
 
     def get_config(self) -> dict[str, Any]:
         return {"components": self.components, "covariance": self.covariance, "reg_covar": self.reg_covar,
@@ -199,7 +206,7 @@ class GaussianMixture(FeatureScorer):
                            "raise reg_covar or use covariance='diag'")
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each row under the mixture (higher = more typical)."""
+        """Log-likelihood of each row under the mixture."""
         self._check_fitted()
         x = self._check_dim(self._as_float64(features), self.means.shape[1])
         return torch.logsumexp(self._log_joint(x, self.weights, self.means, self.covariances), 1).float()
@@ -207,3 +214,7 @@ class GaussianMixture(FeatureScorer):
     def _as_float64(self, features: torch.Tensor) -> torch.Tensor:
         device = self.means.device if self.fitted else features.device
         return features.to(device=device, dtype=torch.float64)
+
+
+DENSITIES.add("gmm", GaussianMixture.from_settings)
+DENSITIES.add("gmm-diag", partial(GaussianMixture.from_settings, covariance="diag"))

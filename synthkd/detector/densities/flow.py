@@ -5,20 +5,22 @@ log-density), a tenth of the training features is held out, and the weights with
 held-out likelihood are kept (early stopping), which matters on small synthetic sets. With
 ``smoothing`` > 0 the flow is trained on the standardised features plus Gaussian noise of that
 variance, so it models the features convolved with that noise: the flow's counterpart of a
-Gaussian mixture's covariance floor (see :func:`synthkd.detector.build_density`).
+Gaussian mixture's covariance floor (see :func:`synthkd.detector.densities.build_density`).
 """
 
 from __future__ import annotations
 
 import copy
+from functools import partial
 from typing import Any, Sequence
 
 import torch
 import zuko
 
-from ..errors import SynthkdError
-from .density import FeatureScorer
-from .features import check_finite
+from ...errors import SynthkdError
+from ..density import FeatureScorer
+from ..features import check_finite
+from . import DENSITIES, DensitySettings
 
 ARCHITECTURES = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}
 
@@ -70,6 +72,11 @@ class NormalizingFlow(FeatureScorer):
             )
         self.register_buffer("shift", torch.zeros(self.features))
         self.register_buffer("scale", torch.ones(self.features))
+
+    @classmethod
+    def from_settings(cls, settings: DensitySettings, seed: int, architecture: str = "maf") -> "NormalizingFlow":
+        """The flow of the calibration settings (the number of components is a mixture's setting)."""
+        return cls(architecture=architecture, seed=seed, smoothing=settings.smoothing)
 
     def get_config(self) -> dict[str, Any]:
         return {"features": self.features, "architecture": self.architecture, "transforms": self.transforms,
@@ -135,8 +142,12 @@ class NormalizingFlow(FeatureScorer):
 
     @torch.no_grad()
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
-        """Log-likelihood of each row under the flow (higher = more typical)."""
+        """Log-likelihood of each row under the flow."""
         self._check_fitted()
         x = self._check_dim(features, self.features).to(self.shift.device, torch.float32)
         self.flow.eval()
         return torch.cat([self._log_prob(chunk) for chunk in x.split(8192)])
+
+
+DENSITIES.add("flow", NormalizingFlow.from_settings)
+DENSITIES.add("flow-nsf", partial(NormalizingFlow.from_settings, architecture="nsf"))
