@@ -28,6 +28,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from synthkd.errors import SynthkdError, warn
+from synthkd.data.batches import SyntheticBatch
 from synthkd.io import atomic_write, atomic_write_json, differences, read_json, sha256_file
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -600,9 +601,9 @@ class SyntheticDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.targets)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    def __getitem__(self, i: int) -> SyntheticBatch:
         """(image C x H x W in [0,1], teacher logits, generator target)."""
-        return self.images[i], self.logits[i], int(self.targets[i])
+        return SyntheticBatch(self.images[i], self.logits[i], int(self.targets[i]))
 
 
 def load_written_shards(path: str | os.PathLike, loaded: dict[str, dict[str, torch.Tensor]]) -> dict[str, dict[str, torch.Tensor]]:
