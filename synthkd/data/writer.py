@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
 
@@ -67,7 +68,7 @@ class _SingleProcess:
         pass
 
 
-class ShardStore:
+class ShardStore(ABC):
     """The resumable protocol over ``num_jobs`` shards; a kind of set says where job ``j``'s
     file lives (:meth:`job_file`, :attr:`FILE_PATTERN`), what a valid shard holds
     (:meth:`check_tensors`), what its progress entry adds (:meth:`entry_fields`) and what its
@@ -100,21 +101,21 @@ class ShardStore:
         self.accelerator.wait_for_everyone()
 
     # ------------------------------------------------------------------ what a kind of set defines
+    @abstractmethod
     def job_file(self, job: int) -> str:
         """Path of job ``job``'s shard, relative to the set."""
-        raise NotImplementedError
 
+    @abstractmethod
     def job_of(self, match: re.Match) -> int:
         """The job of a file whose relative path matched :attr:`FILE_PATTERN`."""
-        raise NotImplementedError
 
+    @abstractmethod
     def job_count(self, job: int) -> int:
         """Rows in job ``job``'s shard."""
-        raise NotImplementedError
 
+    @abstractmethod
     def check_tensors(self, job: int, tensors: dict[str, torch.Tensor]) -> None:
         """Raise ValueError unless ``tensors`` (as stored) are a valid shard for ``job``."""
-        raise NotImplementedError
 
     def entry_fields(self, job: int, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
         """What a progress entry records beyond file, count, sha256 and rank."""
@@ -124,13 +125,13 @@ class ShardStore:
         """Whether a progress entry's extra fields fit this run."""
         return True
 
+    @abstractmethod
     def build_manifest(self, entries: list[dict]) -> dict:
         """The manifest from every job's progress entry, in job order."""
-        raise NotImplementedError
 
+    @abstractmethod
     def manifest_shards(self, manifest: dict) -> list[dict]:
         """The ``{"file", "sha256", ...}`` entries a manifest lists."""
-        raise NotImplementedError
 
     # ------------------------------------------------------------------ paths and names
     @property
