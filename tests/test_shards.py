@@ -14,7 +14,9 @@ import torch
 
 from synthkd.data.activations import ActivationDataset, ActivationWriter
 from synthkd.data.batches import SyntheticBatch
-from synthkd.data.shards import SyntheticDataset, SyntheticWriter, is_synthetic_dir, shard_name
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset, is_synthetic_dir
+from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 
 SHAPE = (3, 4, 4)

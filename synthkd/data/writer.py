@@ -207,7 +207,7 @@ class ShardStore(ABC):
             raise ValueError(f"shard id {job} out of range [0, {self.num_jobs})")
         name = self.job_file(job)
         if job not in self._pending and name not in self._own_entries:
-            raise ValueError(f"shard {job} is not pending for rank {self.rank}; write only ids from the pending ones")
+            raise ValueError(f"{name} is not pending for rank {self.rank}; write only the pending shards")
         self.check_tensors(job, tensors)
         path = self.out_dir / name
         save_shard(path, tensors, metadata)
