@@ -13,11 +13,12 @@ import pytest
 import torch
 
 from synthkd.data import (
-    DATASETS, ImageDataset, LabelledBatch, NoiseDataset, check_dataset, dataset_kinds, load_dataset, register_dataset,
+    DATASETS, ImageDataset, LabelledBatch, check_dataset, dataset_kinds, load_dataset, register_dataset,
 )
 from synthkd.data.datasets import _parse
 from synthkd.data.kinds.cifar10 import CIFAR10_CLASSES
 from synthkd.data.kinds.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ENV
+from synthkd.data.kinds.noise import NoiseDataset
 from synthkd.errors import SynthkdError
 
 from conftest import write_fashion_mnist, write_idx
@@ -369,3 +370,11 @@ def test_a_kind_registered_from_a_test_loads_through_the_cli(teacher_dir):
         DATASETS.unregister("toy")
     with pytest.raises(SynthkdError, match="unknown dataset 'toy'"):
         load_dataset("toy:12")
+
+
+@pytest.mark.parametrize("spec", ["noise:pink", "noise:uniform:many", "digits:validation", "cifar10:train", "mnist:x"])
+def test_check_refuses_what_load_refuses(spec):
+    with pytest.raises(SynthkdError):
+        check_dataset(spec)
+    with pytest.raises(SynthkdError):
+        load_dataset(spec)

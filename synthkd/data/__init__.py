@@ -3,9 +3,8 @@ of synthetic image sets and activation sets."""
 
 from .batches import LabelledBatch, LabelledTensors, SyntheticBatch
 from .datasets import DATASETS, ImageDataset, check_dataset, dataset_kinds, load_dataset, register_dataset
-from .kinds.noise import NoiseDataset
 
 __all__ = [
-    "DATASETS", "ImageDataset", "LabelledBatch", "LabelledTensors", "NoiseDataset", "SyntheticBatch",
+    "DATASETS", "ImageDataset", "LabelledBatch", "LabelledTensors", "SyntheticBatch",
     "check_dataset", "dataset_kinds", "load_dataset", "register_dataset",
 ]

@@ -34,8 +34,17 @@ class NoiseDataset(Dataset):
         return LabelledBatch(self.images[index], -1)
 
 
-@register_dataset("noise", usage="noise:gaussian|uniform[:N]", description="N (default 1,000) 1x28x28 noise images")
-def noise(args: list[str]) -> NoiseDataset:
+def noise_args(args: list[str]) -> tuple[str, int]:
+    """(kind, size) of ``noise[:KIND[:N]]``; checked before a run reads any image."""
+    kind = args[0] if args else "gaussian"
+    if kind not in NOISE_KINDS:
+        raise SynthkdError(f"unknown noise kind {kind!r}; use noise:gaussian or noise:uniform")
     if len(args) > 1 and not args[1].isdigit():
         raise SynthkdError(f"noise takes a kind and an optional size: noise:gaussian:5000, got noise:{':'.join(args)}")
-    return NoiseDataset(args[0] if args else "gaussian", int(args[1]) if len(args) > 1 else 1000)
+    return kind, int(args[1]) if len(args) > 1 else 1000
+
+
+@register_dataset("noise", usage="noise:gaussian|uniform[:N]", check=noise_args,
+                  description="N (default 1,000) 1x28x28 noise images")
+def noise(args: list[str]) -> NoiseDataset:
+    return NoiseDataset(*noise_args(args))
