@@ -13,8 +13,9 @@ from synthkd.accelerator import make_accelerator
 from synthkd.data.activations import ActivationWriter
 from synthkd.generators.activations import ActivationConfig, ActivationSynthesizer
 from synthkd.models import Classifier
+from synthkd.seeds import derive_seed
 
-from .generate import shard_seed, teacher_record
+from .generate import teacher_record
 
 
 def generate_activations(
@@ -35,6 +36,6 @@ def generate_activations(
     writer = ActivationWriter(out, record, synthesizer.input_shapes, num_inputs, batch_size, accelerator)
     jobs = writer.pending()
     for k, shard in tqdm(jobs, desc="generate (activations)", disable=not accelerator.is_local_main_process):
-        inputs = synthesizer.synthesize(k, writer.shard_count(shard), shard_seed(seed, k * writer.num_shards + shard))
+        inputs = synthesizer.synthesize(k, writer.shard_count(shard), derive_seed(seed, "activations", k, shard))
         writer.write(k, shard, inputs)
     return writer.finalize()

@@ -17,7 +17,7 @@ from accelerate import Accelerator
 
 from synthkd.accelerator import make_accelerator
 from synthkd.generators.inversion import ActivationInversion, InversionConfig
-from synthkd.data.datasets import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
+from synthkd.data.kinds.fashion_mnist import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
 from synthkd.training import TrainConfig

@@ -68,7 +68,7 @@ class KDObjective(nn.Module):
         self.augment = distillation_augmentation(fmt.height, fmt.width, flip, mixup)
 
     def forward(self, student: nn.Module, batch) -> torch.Tensor:
-        images = batch[0]
+        images = batch.images
         views = self.augment(images)
         with torch.no_grad():
             target = self.teacher(views).float()

@@ -17,10 +17,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from accelerate import Accelerator
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from synthkd.accelerator import make_accelerator
-from synthkd.data import load_dataset
+from synthkd.data import LabelledTensors, load_dataset
 from synthkd.detector import CONVENTION, LOGIT_SCORES, Detector, Features, cached_extract
 from synthkd.detector.attacks import attack
 from synthkd.detector.features import dataset_fingerprint, features_cache_dir
@@ -40,21 +40,21 @@ def _limited(dataset: Dataset, limit: int | None) -> Dataset:
 
 
 def adversarial_set(model: Classifier, dataset: Dataset, name: str, epsilon: float, pgd_steps: int,
-                    accelerator: Accelerator, seed: int = 0, batch_size: int = 256) -> TensorDataset:
+                    accelerator: Accelerator, seed: int = 0, batch_size: int = 256) -> LabelledTensors:
     """Adversarial versions of every image, attacking the true label (the prediction where unknown)."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     model = model.to(accelerator.device).eval()
     generator = torch.Generator().manual_seed(derive_seed(seed, "attack start", accelerator.process_index))
     images_out, labels_out = [], []
     for batch in loader:
-        images, labels = batch[0].to(accelerator.device), torch.as_tensor(batch[-1]).long().to(accelerator.device)
+        images, labels = batch.images.to(accelerator.device), torch.as_tensor(batch.targets).long().to(accelerator.device)
         with torch.no_grad():
             predicted = model(images).argmax(1)
         adversarial = attack(name, model, images, torch.where(labels >= 0, labels, predicted), epsilon, pgd_steps, generator)
         adversarial, labels = accelerator.gather_for_metrics((adversarial, labels))
         images_out.append(adversarial.cpu())
         labels_out.append(labels.cpu())
-    return TensorDataset(torch.cat(images_out), torch.cat(labels_out))
+    return LabelledTensors(torch.cat(images_out), torch.cat(labels_out))
 
 
 def collect_sources(

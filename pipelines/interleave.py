@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
-from synthkd.data import load_dataset
+from synthkd.data import SyntheticBatch, load_dataset
 from synthkd.data.shards import load_written_shards
 from synthkd.errors import SynthkdError
 from synthkd.generators.base import SyntheticImageGenerator
@@ -58,9 +58,9 @@ class GrowingSyntheticSet(Dataset):
     def __len__(self) -> int:
         return self.length
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitem__(self, index: int) -> SyntheticBatch:
         index = index % len(self.images)
-        return self.images[index], self.logits[index]
+        return SyntheticBatch(self.images[index], self.logits[index], -1)  # KD reads images only
 
 
 def distill_interleaved(

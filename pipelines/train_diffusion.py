@@ -95,7 +95,7 @@ def train_diffusion(
         if metrics.get("config") == _plain(asdict(config)) and metrics.get("dataset") == dataset:
             return metrics
     data = load_dataset(dataset)
-    channels = data[0][0].shape[0]
+    channels = data[0].images.shape[0]
     model_format = InputFormat(channels, config.image_size, config.image_size)
 
     set_seed(config.seed)  # the initial weights come from the global RNG

@@ -254,7 +254,7 @@ class NeighbourhoodDistiller:
         if self.activation_inputs:
             inputs = {k: batch[k].to(device) for k in indices}
             return {k: (x, self.teacher_split.pieces[k](x.clone())) for k, x in inputs.items()}
-        images = batch[0].to(device)
+        images = batch.images.to(device)
         activations = self._teacher_activations(augment(images) if augment is not None else images, max(indices))
         return {k: (activations[k], activations[k + 1]) for k in indices}
 

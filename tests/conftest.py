@@ -10,7 +10,6 @@ import socket
 import struct
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -43,26 +42,16 @@ def subprocess_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def kill_once(command: list[str], ready: Path, what: str, timeout: float) -> int:
-    """Run ``command`` until the file ``ready`` appears, then SIGKILL it, as a crash would;
-    returns the exit code. Fails the test if it exits first or ``ready`` takes over ``timeout`` s."""
-    process = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        deadline = time.monotonic() + timeout
-        while not ready.exists():
-            if process.poll() is not None:
-                pytest.fail(f"the process exited ({process.returncode}) before {what}: {process.stderr.read()[-3000:]}")
-            if time.monotonic() > deadline:
-                pytest.fail(f"no {what} within {timeout:.0f} s")
-            time.sleep(0.01)
-        process.send_signal(signal.SIGKILL)
-        process.wait(timeout=30)
-    finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
-        process.stderr.close()
-    return process.returncode
+def run_killed_after_shards(command: list[str], shards: int, timeout: float) -> subprocess.CompletedProcess:
+    """Run ``command`` with ``SYNTHKD_KILL_AFTER_SHARDS=shards``: the shard writer SIGKILLs the
+    process right after it commits that many shards, as a crash would, whatever the speed of the
+    machine. Fails the test unless the process died that way."""
+    result = subprocess.run(command, cwd=REPO, env=subprocess_env(SYNTHKD_KILL_AFTER_SHARDS=str(shards)),
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != -signal.SIGKILL:
+        pytest.fail(f"expected a SIGKILL after {shards} shards, the process exited with {result.returncode}: "
+                    f"{result.stderr[-3000:]}")
+    return result
 
 
 def free_port() -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import os
 import pickle
 from pathlib import Path
@@ -11,8 +12,13 @@ import numpy as np
 import pytest
 import torch
 
-from synthkd.data import ImageDataset, NoiseDataset, load_dataset
-from synthkd.data.datasets import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, FASHION_MNIST_ENV, _parse
+from synthkd.data import (
+    DATASETS, ImageDataset, LabelledBatch, check_dataset, dataset_kinds, load_dataset, register_dataset,
+)
+from synthkd.data.datasets import _parse
+from synthkd.data.kinds.cifar10 import CIFAR10_CLASSES
+from synthkd.data.kinds.fashion_mnist import FASHION_MNIST_CLASSES, FASHION_MNIST_ENV
+from synthkd.data.kinds.noise import NoiseDataset
 from synthkd.errors import SynthkdError
 
 from conftest import write_fashion_mnist, write_idx
@@ -315,3 +321,60 @@ def test_noise(kind):
     assert float(data.images.min()) >= 0 and float(data.images.max()) <= 1
     assert torch.equal(NoiseDataset(kind, size=5).images, NoiseDataset(kind, size=5).images)
     assert abs(float(data.images.mean()) - 0.5) < 0.02
+
+
+# ---------------------------------------------------------------------------- the registry of kinds
+def test_every_kind_is_listed_with_its_usage():
+    kinds = dataset_kinds()
+    assert {"fashion-mnist", "digits", "cifar10", "folder", "noise"} <= set(kinds)
+    with pytest.raises(SynthkdError) as info:
+        load_dataset("mnist:train")
+    assert all(kind.usage in str(info.value) for kind in kinds.values())
+
+
+def test_items_and_batches_are_typed():
+    data = load_dataset("digits:test[:6]|hflip")
+    item = data[0]
+    assert isinstance(item, LabelledBatch) and item.targets == int(load_dataset("digits:test").labels[0])
+    batch = next(iter(torch.utils.data.DataLoader(data, batch_size=4)))
+    assert isinstance(batch, LabelledBatch) and batch.images.shape == (4, 1, 8, 8) and batch.targets.shape == (4,)
+
+
+def test_a_kind_registered_from_a_test_loads_through_the_cli(teacher_dir):
+    """A new kind is one registered function: `synthkd evaluate --dataset toy:...` reads it."""
+    from click.testing import CliRunner
+
+    from synthkd.cli import main
+
+    seen = []
+
+    def check(args):
+        if not args or not args[0].isdigit():
+            raise SynthkdError("toy needs a size: toy:N")
+
+    @register_dataset("toy", usage="toy:N", description="N digits from the test split", check=check)
+    def toy(args):
+        seen.append(args)
+        return load_dataset(f"digits:test[:{int(args[0])}]")
+
+    try:
+        check_dataset("toy:12")
+        with pytest.raises(SynthkdError, match="toy:N"):
+            check_dataset("toy:many")
+        assert "toy" in dataset_kinds()
+        result = CliRunner().invoke(main, ["evaluate", "--model", str(teacher_dir), "--dataset", "toy:12", "--json"])
+        assert result.exit_code == 0, result.output
+        report = json.loads(result.output.strip().splitlines()[-1])
+        assert report["dataset"] == "toy:12" and report["num_images"] == 12 and seen == [["12"]]
+    finally:
+        DATASETS.unregister("toy")
+    with pytest.raises(SynthkdError, match="unknown dataset 'toy'"):
+        load_dataset("toy:12")
+
+
+@pytest.mark.parametrize("spec", ["noise:pink", "noise:uniform:many", "digits:validation", "cifar10:train", "mnist:x"])
+def test_check_refuses_what_load_refuses(spec):
+    with pytest.raises(SynthkdError):
+        check_dataset(spec)
+    with pytest.raises(SynthkdError):
+        load_dataset(spec)

@@ -26,7 +26,7 @@ from synthkd.pipelines.distill import build_student, distill_neighbourhood
 from synthkd.pipelines.generate import generate
 from synthkd.training import TrainConfig
 
-from conftest import REPO, kill_once, subprocess_env
+from conftest import REPO, run_killed_after_shards, subprocess_env
 from test_cli import error_line, invoke
 from test_multiprocess import launcher
 
@@ -211,7 +211,7 @@ def interleaved_command(teacher_dir, data, out, epochs: int) -> list[str]:
 def test_interleaved_distillation_resumes_after_sigkill(teacher_dir, tmp_path):
     data, out = tmp_path / "data", tmp_path / "student"
     command = interleaved_command(teacher_dir, data, out, epochs=6)
-    kill_once(command, out / "training_state.pt", "finished epoch", 180)  # written after the first epoch
+    run_killed_after_shards(command, 4, 180)  # the 2nd round's shards: after epoch 1 and its training_state.pt
     before = {p.name: p.stat().st_ino for p in data.glob("shard-*.safetensors")}
     assert 2 <= len(before) < 6 and not (data / "manifest.json").exists()
     assert (data / STATE_NAME).is_file()

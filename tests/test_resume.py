@@ -1,6 +1,7 @@
-"""A real `synthkd generate` process killed with SIGKILL mid-run, then rerun: the set completes
-with every shard exactly once, the shards made before the kill are kept, and the result is what
-an uninterrupted run makes."""
+"""A real `synthkd generate` process killed with SIGKILL right after its third shard (by the
+writer's SYNTHKD_KILL_AFTER_SHARDS fault injection, so the test does not depend on the child's
+speed), then rerun: the set completes with every shard exactly once, the shards made before the
+kill are kept, and the result is what an uninterrupted run makes."""
 
 from __future__ import annotations
 
@@ -12,15 +13,17 @@ import sys
 import pytest
 import torch
 
-from synthkd.data.shards import SyntheticDataset, shard_name
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset
 from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.models import Classifier
 from synthkd.pipelines.generate import generate
 
-from conftest import REPO, kill_once, subprocess_env
+from conftest import REPO, run_killed_after_shards, subprocess_env
 
 NUM_IMAGES, BATCH, ITERATIONS = 128, 8, 20  # 16 shards of 8, ~0.15 s each on one core
 NUM_SHARDS = NUM_IMAGES // BATCH
+KILLED_AFTER = 3
 
 
 def command(teacher_dir, out) -> list[str]:
@@ -33,14 +36,13 @@ def command(teacher_dir, out) -> list[str]:
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL")
 def test_generate_resumes_after_sigkill(teacher_dir, tmp_path, accelerator):
     out = tmp_path / "set"
-    returncode = kill_once(command(teacher_dir, out), out / shard_name(0), "shard written", 120)
-    assert returncode == -signal.SIGKILL
+    run_killed_after_shards(command(teacher_dir, out), KILLED_AFTER, 120)
 
-    # Killed mid-run: not finished, some shards made.
+    # Killed mid-run: not finished, exactly the shards committed before the kill.
     assert not (out / "manifest.json").exists()
     assert (out / "run.json").exists()
     before = {p.name: p.stat().st_ino for p in out.glob("shard-*.safetensors")}
-    assert 1 <= len(before) < NUM_SHARDS, sorted(before)
+    assert sorted(before) == [shard_name(i) for i in range(KILLED_AFTER)]
     with pytest.raises(Exception, match="interrupted"):
         SyntheticDataset(out)
 

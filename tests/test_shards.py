@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from synthkd.data.shards import SyntheticDataset, SyntheticWriter, is_synthetic_dir, shard_name
+from synthkd.data.activations import ActivationDataset, ActivationWriter
+from synthkd.data.batches import SyntheticBatch
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset, is_synthetic_dir
+from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 
 SHAPE = (3, 4, 4)
@@ -54,6 +63,13 @@ def write(writer: SyntheticWriter, ids=None) -> None:
         writer.write_shard(shard_id, *fake_batch(writer, shard_id))
 
 
+def assert_fair_partition(plans: list[list[int]], shards: set[int]) -> None:
+    """The ranks' plans cover ``shards`` exactly once, in order, and differ in size by at most one."""
+    assert sorted(i for plan in plans for i in plan) == sorted(shards)
+    assert all(plan == sorted(plan) for plan in plans)
+    assert max(map(len, plans)) - min(map(len, plans)) <= 1
+
+
 def shard_files(out) -> list[str]:
     return sorted(p.name for p in out.glob("shard-*.safetensors"))
 
@@ -86,6 +102,7 @@ def test_round_trip_and_class_balance(tmp_path):
     assert data.targets.tolist() == [i % CLASSES for i in range(10)]
     expected = torch.cat([fake_batch(writer, i)[0] for i in range(3)])
     assert torch.equal(data.images, expected)
+    assert isinstance(data[5], SyntheticBatch) and data[5].targets == 2
     image, logits, target = data[5]
     assert image.shape == SHAPE and logits.shape == (CLASSES,) and target == 2 and isinstance(target, int)
 
@@ -258,26 +275,23 @@ def test_resume_with_different_world_size(tmp_path):
     num_images, shard_size = 22, 2  # 11 shards
     # First run: 3 ranks; rank 0 finishes two of its shards, rank 1 one, rank 2 none, then a kill.
     old = [make_writer(out, num_images=num_images, shard_size=shard_size, accelerator=Rank(r, 3)) for r in range(3)]
-    assert old[0].pending_shards() == [0, 3, 6, 9]
-    assert old[1].pending_shards() == [1, 4, 7, 10]
-    assert old[2].pending_shards() == [2, 5, 8]
-    write(old[0], [0, 3])
-    write(old[1], [1])
-    done = {0, 1, 3}
+    assert_fair_partition([w.pending_shards() for w in old], set(range(11)))
+    done = set(old[0].pending_shards()[:2] + old[1].pending_shards()[:1])
+    write(old[0], old[0].pending_shards()[:2])
+    write(old[1], old[1].pending_shards()[:1])
 
     # Resume with 2 ranks: together they take exactly the missing shards, none twice.
     new = [make_writer(out, num_images=num_images, shard_size=shard_size, accelerator=Rank(r, 2)) for r in range(2)]
     pending = [w.pending_shards() for w in new]
-    assert not set(pending[0]) & set(pending[1])
-    assert sorted(pending[0] + pending[1]) == sorted(set(range(11)) - done)
-    assert pending[0] == [2, 5, 7, 9] and pending[1] == [4, 6, 8, 10]
+    assert_fair_partition(pending, set(range(11)) - done)
     for w in new:
         write(w)
     manifests = [w.finalize() for w in new]
     assert manifests[0] == manifests[1]
     manifest = manifests[0]
     assert [s["file"] for s in manifest["shards"]] == [shard_name(i) for i in range(11)]
-    assert {s["file"]: s["rank"] for s in manifest["shards"]}[shard_name(10)] == 1
+    ranks = {s["file"]: s["rank"] for s in manifest["shards"]}
+    assert all(ranks[shard_name(i)] == r for r, ids in enumerate(pending) for i in ids)  # who made it
     data = SyntheticDataset(out)
     assert len(data) == num_images
     assert torch.bincount(data.targets).tolist() == manifest["counts_per_class"] == [8, 7, 7]
@@ -287,6 +301,82 @@ def test_finalize_reports_missing_shards(tmp_path):
     out = tmp_path / "set"
     ranks = [make_writer(out, num_images=8, shard_size=2, accelerator=Rank(r, 2)) for r in range(2)]
     write(ranks[0])  # rank 1 never writes its shards (1 and 3)
-    with pytest.raises(SynthkdError, match=r"ids 1, 3"):
+    with pytest.raises(SynthkdError, match=rf"missing 2 of 4 shards \({shard_name(1)}, {shard_name(3)}\)"):
         ranks[0].finalize()
     assert not (out / "manifest.json").exists()
+
+
+def write_reported_set(out, reverse: bool) -> None:
+    """A small set whose shards carry reports, their keys inserted in either order."""
+    writer = make_writer(out, num_images=6, shard_size=2)
+    for shard_id in writer.pending_shards():
+        items = [("drawn", [shard_id, 1, 2]), ("kept", 2), ("rejected", shard_id)]
+        report = dict(reversed(items) if reverse else items)
+        writer.write_shard(shard_id, *fake_batch(writer, shard_id), report=report)
+    writer.finalize()
+
+
+def test_identical_runs_write_identical_bytes(tmp_path):
+    """Shard bytes depend only on their contents, not on the process (safetensors writes its
+    metadata in hash order) nor on the order a report was built in: identical runs, identical sha256."""
+    script = "import sys; from test_shards import write_reported_set; write_reported_set(sys.argv[1], sys.argv[2] == '1')"
+    for name, reverse in (("a", False), ("b", True)):
+        subprocess.run([sys.executable, "-c", script, str(tmp_path / name), str(int(reverse))],
+                       cwd=Path(__file__).parent, check=True, timeout=120)
+    write_reported_set(tmp_path / "c", reverse=False)
+    digests = [
+        {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (tmp_path / name).glob("shard-*.safetensors")}
+        for name in "abc"
+    ]
+    assert len(digests[0]) == 3 and digests[0] == digests[1] == digests[2]
+    manifests = [json.loads((tmp_path / name / "manifest.json").read_text()) for name in "abc"]
+    assert manifests[0] == manifests[1] == manifests[2]
+    assert manifests[0]["report"]["kept"] == 6
+
+
+ACTIVATION_SHAPES = [(2, 3), (4,)]
+
+
+def activation_writer(out, num_inputs=5) -> ActivationWriter:
+    record = {"method": "fake", "config": {"cuts": ["layer1"]}, "teacher": {"fingerprint": "abc123"}}
+    return ActivationWriter(out, record, ACTIVATION_SHAPES, num_inputs=num_inputs, shard_size=2, accelerator=None)
+
+
+def activation_inputs(writer: ActivationWriter, k: int, shard: int) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(10 * k + shard)
+    return torch.randn(writer.shard_count(shard), *ACTIVATION_SHAPES[k], generator=generator)
+
+
+def test_activation_sets_resume_through_the_same_store(tmp_path):
+    out = tmp_path / "activations"
+    first = activation_writer(out)
+    jobs = first.pending()
+    assert sorted(jobs) == [(k, s) for k in range(2) for s in range(3)]
+    for k, s in jobs[:4]:  # then "killed"
+        first.write(k, s, activation_inputs(first, k, s))
+    with pytest.raises(ValueError, match="shape"):
+        first.write(*jobs[4], torch.zeros(1, 9))
+
+    second = activation_writer(out)
+    assert sorted(second.pending()) == sorted(jobs[4:])
+    for k, s in second.pending():
+        second.write(k, s, activation_inputs(second, k, s))
+    manifest = second.finalize()
+    assert [[shard["count"] for shard in shards] for shards in manifest["neighbourhoods"]] == [[2, 2, 1]] * 2
+    data = ActivationDataset(out)
+    assert len(data) == 5 and [x.shape for x in data[4]] == [(2, 3), (4,)]
+    assert torch.equal(data.inputs[1][2:4], activation_inputs(second, 1, 1))
+
+    # A finished set from before the shared store (no progress files) is recognised as finished,
+    # and one interrupted then (shards, no manifest) resumes by adopting its shards.
+    shutil.rmtree(out / "progress")
+    assert activation_writer(out).finalize() == manifest
+    shutil.rmtree(out / "progress", ignore_errors=True)
+    (out / "manifest.json").unlink()
+    (out / "nb-01" / shard_name(2)).unlink()
+    third = activation_writer(out)
+    assert third.pending() == [(1, 2)]
+    third.write(1, 2, activation_inputs(third, 1, 2))
+    assert third.finalize() == manifest  # deterministic bytes: the same checksums
+    with pytest.raises(SynthkdError, match="other settings"):
+        activation_writer(out, num_inputs=6)

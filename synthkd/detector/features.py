@@ -213,8 +213,8 @@ def features_of_batch(model: Classifier, images: torch.Tensor, layer: str, batch
 
 
 def _batch_images_labels(batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """Real data sets yield (image, label), synthetic sets (image, logits, target): take the ends."""
-    images, labels = batch[0], batch[-1]
+    """Images and class ids of a typed batch (real or synthetic)."""
+    images, labels = batch.images, batch.targets
     return images, torch.as_tensor(labels).long()
 
 
