@@ -15,15 +15,14 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, timed, write_json  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
-from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
-from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood  # noqa: E402
-from synthkd.training import TrainConfig  # noqa: E402
+from synthkd.pipelines.distill import DistillSettings, StudentSettings, distill  # noqa: E402
 
 QUICK = {"teacher_epochs": 1, "num_images": 512, "iterations": 20, "e2e_epochs": 4, "neighbourhood_epochs": 2,
          "finetune_epochs": 1, "noise_images": 512}
@@ -59,7 +58,7 @@ def main() -> None:
     timings: dict[str, float] = {}
     teacher = standard_teacher(config, settings["teacher_epochs"], cache, timings)
     synthetic = standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings)
-    dist = config["distill"]
+    dist = DistillSettings(**config["distill"])
     eval_spec = config["eval_dataset"]
     inputs = {"inverted": str(synthetic)}
     if not args.no_noise:
@@ -72,17 +71,16 @@ def main() -> None:
             for directory in (e2e_out, nb_out):
                 shutil.rmtree(directory, ignore_errors=True)
         accelerator.wait_for_everyone()
-        e2e_train = TrainConfig(epochs=settings["e2e_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+        # Both modes from the standard setting's distill section: e2e at its lr, the neighbourhoods at
+        # their own default (Adam, lr null).
+        student = StudentSettings(**config["student"])
+        e2e_settings = replace(dist, mode="e2e", epochs=settings["e2e_epochs"])
         with timed(timings, f"e2e_{tag}_seconds"):
-            _, e2e = distill_e2e(teacher, student, data, e2e_out, e2e_train, dist["temperature"],
-                                 mixup=dist["mixup"], eval_dataset=eval_spec, accelerator=accelerator)
-        neighbourhood = NeighbourhoodConfig(cuts=args.cuts, epochs=settings["neighbourhood_epochs"], batch_size=dist["batch_size"],
-                                            temperature=dist["temperature"], mixup=dist["mixup"])
-        finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=0.01, warmup_epochs=0.0)
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
+            _, e2e = distill(teacher, student, data, e2e_out, e2e_settings, eval_dataset=eval_spec, accelerator=accelerator)
+        nb_settings = replace(dist, mode="neighbourhood", cuts=args.cuts, epochs=settings["neighbourhood_epochs"], lr=None,
+                              finetune_epochs=settings["finetune_epochs"])
         with timed(timings, f"neighbourhood_{tag}_seconds"):
-            _, nb = distill_neighbourhood(teacher, student, data, nb_out, neighbourhood, finetune, eval_spec, accelerator)
+            _, nb = distill(teacher, student, data, nb_out, nb_settings, eval_dataset=eval_spec, accelerator=accelerator)
         e2e_time, nb_time = timings[f"e2e_{tag}_seconds"], timings[f"neighbourhood_{tag}_seconds"]
         results[name] = {
             "e2e": {"accuracy": e2e["student"]["accuracy"], "seconds": e2e_time, "epochs": settings["e2e_epochs"]},

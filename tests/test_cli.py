@@ -165,8 +165,13 @@ def test_evaluate_json(flow):
 
 
 def test_models_command():
+    from synthkd.models import MODELS, create_model, is_registered
+
     names = ok("models").stdout.split()
-    assert "resnet8" in names and "resnet34" in names and len(names) == 7
+    assert names == MODELS.names() and "resnet8" in names
+    for name in names:  # every listed architecture is registered and builds
+        assert is_registered(name)
+        assert create_model(name, width=0.25, in_channels=1, num_classes=3)(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
 
 
 def test_generate_with_a_model_given_as_code(tmp_path):
