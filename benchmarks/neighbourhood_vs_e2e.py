@@ -28,7 +28,8 @@ QUICK = {"teacher_epochs": 1, "num_images": 512, "iterations": 20, "e2e_epochs":
          "finetune_epochs": 1, "noise_images": 512}
 
 
-def main() -> None:
+def parse_settings() -> tuple[argparse.Namespace, dict, dict]:
+    """(arguments, the run schema's standard setting, this benchmark's sizes)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--e2e-epochs", type=int)
@@ -53,6 +54,31 @@ def main() -> None:
     for key in ("e2e_epochs", "neighbourhood_epochs", "finetune_epochs", "noise_images"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    return args, config, settings
+
+
+def compare(teacher, data: str, tag: str, settings: dict, dist: DistillSettings, student: StudentSettings, cuts: str,
+            eval_spec: str, cache: Path, timings: dict[str, float], accelerator) -> tuple[dict, dict]:
+    """e2e KD and neighbourhood distillation (+ fine-tune) of the same student on ``data``: their metrics."""
+    e2e_out, nb_out = cache / f"nb-bench-e2e-{tag}", cache / f"nb-bench-neighbourhood-{tag}"
+    if accelerator.is_main_process:  # time training, not a resume of an earlier run
+        for directory in (e2e_out, nb_out):
+            shutil.rmtree(directory, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # Both modes from the standard setting's distill section: e2e at its lr, the neighbourhoods at
+    # their own default (Adam, lr null).
+    e2e_settings = replace(dist, mode="e2e", epochs=settings["e2e_epochs"])
+    with timed(timings, f"e2e_{tag}_seconds"):
+        _, e2e = distill(teacher, student, data, e2e_out, e2e_settings, eval_dataset=eval_spec, accelerator=accelerator)
+    nb_settings = replace(dist, mode="neighbourhood", cuts=cuts, epochs=settings["neighbourhood_epochs"], lr=None,
+                          finetune_epochs=settings["finetune_epochs"])
+    with timed(timings, f"neighbourhood_{tag}_seconds"):
+        _, nb = distill(teacher, student, data, nb_out, nb_settings, eval_dataset=eval_spec, accelerator=accelerator)
+    return e2e, nb
+
+
+def main() -> None:
+    args, config, settings = parse_settings()
     accelerator = make_accelerator()
     cache = Path(args.cache)
     timings: dict[str, float] = {}
@@ -66,21 +92,8 @@ def main() -> None:
     rows, results = [], {}
     for name, data in inputs.items():
         tag = f"{name.replace(' ', '-')}-p{accelerator.num_processes}"
-        e2e_out, nb_out = cache / f"nb-bench-e2e-{tag}", cache / f"nb-bench-neighbourhood-{tag}"
-        if accelerator.is_main_process:  # time training, not a resume of an earlier run
-            for directory in (e2e_out, nb_out):
-                shutil.rmtree(directory, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        # Both modes from the standard setting's distill section: e2e at its lr, the neighbourhoods at
-        # their own default (Adam, lr null).
-        student = StudentSettings(**config["student"])
-        e2e_settings = replace(dist, mode="e2e", epochs=settings["e2e_epochs"])
-        with timed(timings, f"e2e_{tag}_seconds"):
-            _, e2e = distill(teacher, student, data, e2e_out, e2e_settings, eval_dataset=eval_spec, accelerator=accelerator)
-        nb_settings = replace(dist, mode="neighbourhood", cuts=args.cuts, epochs=settings["neighbourhood_epochs"], lr=None,
-                              finetune_epochs=settings["finetune_epochs"])
-        with timed(timings, f"neighbourhood_{tag}_seconds"):
-            _, nb = distill(teacher, student, data, nb_out, nb_settings, eval_dataset=eval_spec, accelerator=accelerator)
+        e2e, nb = compare(teacher, data, tag, settings, dist, StudentSettings(**config["student"]), args.cuts, eval_spec, cache,
+                          timings, accelerator)
         e2e_time, nb_time = timings[f"e2e_{tag}_seconds"], timings[f"neighbourhood_{tag}_seconds"]
         results[name] = {
             "e2e": {"accuracy": e2e["student"]["accuracy"], "seconds": e2e_time, "epochs": settings["e2e_epochs"]},

@@ -34,6 +34,29 @@ QUICK = {"candidates": "width=0.25,0.5;depth=1,3;sparsity=0.5", "epochs": 1, "fi
          "budgets": [("params", "w0.5-d3"), ("flops", "w0.25-d3")]}
 
 
+def searched_vs_uniform(exploration, report: dict, uniform: dict, finetune, evaluation, training_data, accelerator,
+                        rows: list[dict], finetune_epochs: int) -> dict[str, dict]:
+    """The searched student and the uniform-width one (the teacher's depth) of the least cost at or
+    above its cost, each merged and fine-tuned; a table row for each is added to ``rows``."""
+    kind = report["kind"]
+    cost = report["chosen_costs"][kind]
+    baseline = min((name for name in uniform if name.endswith("-d3") and uniform[name][kind] >= cost),
+                   key=lambda name: uniform[name][kind])
+    entry = {}
+    for label, choice in (("searched", tuple(report["choice"])), (f"uniform {baseline}", exploration.uniform_choices()[baseline])):
+        student = exploration.assemble(choice)
+        merged = evaluate(student, evaluation, accelerator)["accuracy"]
+        tuned = finetune_merged(exploration, student, choice, training_data, finetune, accelerator)
+        accuracy = evaluate(student, evaluation, accelerator)["accuracy"]
+        costs = report["chosen_costs"] if label == "searched" else uniform[baseline]
+        error = report["chosen_error"] if label == "searched" else report["uniform"][baseline]["error"]
+        entry[label.split()[0]] = {"name": label, "accuracy": accuracy, "merged_accuracy": merged, "summed_local_error": error,
+                                   "costs": costs, "finetune_seconds": tuned["finetune_seconds"]}
+        rows.append({"budget": report["budget"], "student": label, "params": costs["params"], "MFLOPs": costs["flops"] / 1e6,
+                     "summed error": error, "merged acc": merged, f"+{finetune_epochs} ep FT acc": accuracy})
+    return entry
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
@@ -75,24 +98,11 @@ def main() -> None:
         started = time.perf_counter()
         _, report = search(teacher, synthetic, out / f"searched-{kind}", replace(search_settings, budget=budget),
                            accelerator=accelerator)
-        search_seconds = time.perf_counter() - started
-        cost = report["chosen_costs"][kind]
-        # The uniform-width student (the teacher's depth) of the least cost at or above the searched one's.
-        baseline = min((name for name in uniform if name.endswith("-d3") and uniform[name][kind] >= cost),
-                       key=lambda name: uniform[name][kind])
         entry = {"budget": budget, "kind": kind, "trained_in_search": report["trained"], "cached_in_search": report["cached"],
-                 "search_seconds_from_cache": search_seconds, "chosen": [row["candidate"] for row in report["chosen"]]}
-        for label, choice in (("searched", tuple(report["choice"])), (f"uniform {baseline}", exploration.uniform_choices()[baseline])):
-            student = exploration.assemble(choice)
-            merged = evaluate(student, evaluation, accelerator)["accuracy"]
-            tuned = finetune_merged(exploration, student, choice, training_data, finetune, accelerator)
-            accuracy = evaluate(student, evaluation, accelerator)["accuracy"]
-            costs = report["chosen_costs"] if label == "searched" else uniform[baseline]
-            error = report["chosen_error"] if label == "searched" else report["uniform"][baseline]["error"]
-            entry[label.split()[0]] = {"name": label, "accuracy": accuracy, "merged_accuracy": merged, "summed_local_error": error,
-                                       "costs": costs, "finetune_seconds": tuned["finetune_seconds"]}
-            rows.append({"budget": budget, "student": label, "params": costs["params"], "MFLOPs": costs["flops"] / 1e6,
-                         "summed error": error, "merged acc": merged, f"+{settings['finetune_epochs']} ep FT acc": accuracy})
+                 "search_seconds_from_cache": time.perf_counter() - started,
+                 "chosen": [row["candidate"] for row in report["chosen"]]}
+        entry.update(searched_vs_uniform(exploration, report, uniform, finetune, evaluation, training_data, accelerator, rows,
+                                         settings["finetune_epochs"]))
         entry["accuracy_difference_points"] = 100 * (entry["searched"]["accuracy"] - entry["uniform"]["accuracy"])
         results.append(entry)
     if accelerator.is_main_process:
