@@ -27,7 +27,7 @@ from synthkd.losses import DISTILLATION_LOSSES
 from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistiller, NeighbourhoodSettings
 from synthkd.models import Classifier, ModelConfig, import_factory, is_registered, load_model, model_source_problem
 from synthkd.settings import Settings, setting
-from synthkd.training import TrainSettings, batch_images, fit
+from synthkd.training import KDSettings, TrainSettings, batch_images, fit
 
 E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
 
@@ -42,7 +42,7 @@ class StudentSettings(Settings):
 
 
 @dataclass
-class DistillSettings(Settings):
+class DistillSettings(KDSettings):
     """End-to-end KD, or neighbourhood by neighbourhood (then an optional e2e fine-tune).
 
     ``epochs`` defaults to 50, the YAML schema's value (the CLI said 30): the standard setting's
@@ -55,9 +55,6 @@ class DistillSettings(Settings):
     batch_size: int = setting(128, help="Images per optimiser step.", positive=True)
     lr: float | None = setting(None, positive=True,
                                help=f"Learning rate: default {E2E_LR} (e2e, SGD) or {NEIGHBOURHOOD_LR} (each neighbourhood, Adam).")
-    temperature: float = setting(4.0, help="KD temperature.", positive=True)
-    mixup: float = setting(1.0, help="MixUp Beta alpha on synthetic images (0: off).")
-    flip: bool = setting(True, help="Random horizontal flips of the synthetic images.")
     cuts: str = setting("blocks", help="Neighbourhood mode: blocks, stages, or comma-separated module paths.")
     finetune_epochs: int = setting(0, help="Neighbourhood mode: end-to-end KD epochs after the merge.", at_least=0)
     finetune_lr: float = setting(0.01, help="Neighbourhood mode: SGD learning rate of the fine-tune.", positive=True)

@@ -46,6 +46,17 @@ class TrainSettings(Settings):
     channels_last: bool = setting(True, help="Train in channels-last memory format.", cli=False)
 
 
+@dataclass
+class KDSettings(Settings):
+    """How a student is taught: the teacher labels cropped, maybe flipped and mixed views of the
+    inputs, and the student matches its temperature-softened outputs (e2e KD, the head of
+    neighbourhood distillation, fine-tunes)."""
+
+    temperature: float = setting(4.0, help="KD temperature.", positive=True)
+    mixup: float = setting(1.0, help="MixUp Beta alpha on the synthetic images (0: off).")
+    flip: bool = setting(True, help="Random horizontal flips of the synthetic images.")
+
+
 def batch_images(batch: Any) -> torch.Tensor:
     """The images of a batch: a typed batch's ``images``, else the first item of a tuple (a real
     dataset's (images, labels), a synthetic set's (images, logits, targets))."""
