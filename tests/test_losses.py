@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthkd.losses import BatchNormStatisticsLoss, image_l2, jensen_shannon, kd_loss, total_variation
+from synthkd.errors import SynthkdError
+from synthkd.losses import DISTILLATION_LOSSES, BatchNormStatisticsLoss, image_l2, jensen_shannon, kd_loss, total_variation
 
 
 def test_kd_loss_zero_for_identical_logits_and_positive_otherwise():
@@ -43,6 +44,18 @@ def test_kd_loss_gradient_moves_student_towards_teacher():
         optimizer.step()
     assert kd_loss(student, teacher).item() < 0.05 * start
     assert torch.equal(student.argmax(1), teacher.argmax(1))
+
+
+def test_distillation_losses_by_name():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 5), torch.randn(4, 5)
+    for name in DISTILLATION_LOSSES.names():
+        loss = DISTILLATION_LOSSES.get(name)
+        assert loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)  # nothing to learn from itself
+        assert loss(student, teacher, 4.0).item() > 0
+    assert {"kd", "mse"} <= set(DISTILLATION_LOSSES.names())
+    with pytest.raises(SynthkdError, match="kd"):
+        DISTILLATION_LOSSES.get("hinge")
 
 
 def test_total_variation():
