@@ -211,12 +211,13 @@ def data_fingerprint(data: str | os.PathLike, dataset: Dataset) -> str:
 
 
 def kd_finetune(
-    teacher: Classifier, student: Classifier, training_data: Dataset, config: NeighbourhoodSettings, finetune: TrainSettings,
+    teacher: Classifier, student: Classifier, training_data: Dataset, kd: KDSettings, finetune: TrainSettings,
     accelerator: Accelerator, evaluation: Dataset | None = None,
 ) -> dict[str, Any]:
-    """End-to-end KD of a merged student, to absorb the error that accumulates across its cuts."""
+    """End-to-end KD of a merged student, to absorb the error that accumulates across its cuts
+    (with the views and temperature its pieces were distilled with)."""
     started = time.perf_counter()
-    objective = KDObjective(teacher.to(accelerator.device), config.temperature, config.flip, config.mixup).to(accelerator.device)
+    objective = KDObjective(teacher.to(accelerator.device), kd.temperature, kd.flip, kd.mixup).to(accelerator.device)
     history = fit(student, training_data, objective, finetune, accelerator, evaluation, description="fine-tune")
     return {"finetune_history": history, "finetune_seconds": time.perf_counter() - started}
 
