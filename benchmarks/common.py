@@ -27,15 +27,15 @@ def load_setting(path: str | os.PathLike | None = None) -> dict[str, Any]:
 def standard_teacher(config: dict[str, Any], epochs: int, cache: Path, timings: dict[str, float]):
     """The cached resnet20 teacher of the standard setting (trained here on first use)."""
     from synthkd.models import Classifier
-    from synthkd.pipelines.train_teacher import train_teacher
-    from synthkd.training import TrainConfig
+    from synthkd.pipelines.train_teacher import TeacherSettings, train_teacher
 
     teacher = config["teacher"]
     directory = cache / f"teacher-{teacher['arch']}-w{teacher['width']}-e{epochs}"
     if (directory / "model.safetensors").is_file():
         return Classifier.from_pretrained(directory)
     with timed(timings, "teacher_seconds"):
-        model, _ = train_teacher(teacher["dataset"], teacher["arch"], directory, teacher["width"], TrainConfig(epochs=epochs))
+        model, _ = train_teacher(teacher["dataset"], TeacherSettings(arch=teacher["arch"], width=teacher["width"], epochs=epochs),
+                                 directory)
     return model
 
 

@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, timed, write_json  # noqa: E402
 
 from synthkd.pipelines.distill import build_student, distill_e2e  # noqa: E402
-from synthkd.training import TrainConfig  # noqa: E402
+from synthkd.training import TrainSettings  # noqa: E402
 
 QUICK = {"teacher_epochs": 1, "num_images": 512, "iterations": 20, "distill_epochs": 5}
 
@@ -59,7 +59,7 @@ def main() -> None:
     data_dir = standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings)
 
     dist = config["distill"]
-    train = TrainConfig(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
+    train = TrainSettings(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
     student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
     with timed(timings, "distill_seconds"):
         _, metrics = distill_e2e(teacher, student, data_dir, cache / "student-synthetic", train, dist["temperature"],
@@ -79,7 +79,7 @@ def main() -> None:
     }
     if args.real_reference:
         reference = build_student(config["student"]["arch"], teacher, config["student"]["width"])
-        reference_train = TrainConfig(epochs=2 if args.quick else config["reference_epochs"], batch_size=dist["batch_size"],
+        reference_train = TrainSettings(epochs=2 if args.quick else config["reference_epochs"], batch_size=dist["batch_size"],
                                       lr=dist["lr"])
         with timed(timings, "real_reference_seconds"):
             _, real = distill_e2e(teacher, reference, config["teacher"]["dataset"], cache / "student-real", reference_train,

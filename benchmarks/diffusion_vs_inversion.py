@@ -30,7 +30,7 @@ from synthkd.generators.inversion import ActivationInversion, InversionConfig  #
 from synthkd.pipelines.distill import build_student, distill_e2e  # noqa: E402
 from synthkd.pipelines.generate import Selection, generate  # noqa: E402
 from synthkd.pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
-from synthkd.training import TrainConfig  # noqa: E402
+from synthkd.training import TrainSettings  # noqa: E402
 
 # Sized for an 18-minute budget on 2 CPU cores: 15 KD epochs where the setting says 50, and at
 # most 4 draws per shard for the class balance.
@@ -97,7 +97,7 @@ def main() -> None:
 
     # The same student and budget on each set.
     dist = config["distill"]
-    train = TrainConfig(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
+    train = TrainSettings(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
     students = {}
     for name, data in (("diffusion", diffusion_dir), ("inversion", inversion_dir)):
         out = cache / f"diffusion-student-{name}"

@@ -52,11 +52,11 @@ from synthkd.generators.activations import ActivationConfig  # noqa: E402
 from synthkd.generators.fast import FastConfig, FastGenerator  # noqa: E402
 from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
 from synthkd.io import atomic_write_json  # noqa: E402
-from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
+from synthkd.neighbourhood_training import NeighbourhoodSettings  # noqa: E402
 from synthkd.pipelines.activations import generate_activations  # noqa: E402
 from synthkd.pipelines.distill import KDObjective, build_student, distill_neighbourhood  # noqa: E402
 from synthkd.pipelines.generate import generate, shard_seed  # noqa: E402
-from synthkd.training import TrainConfig, fit  # noqa: E402
+from synthkd.training import TrainSettings, fit  # noqa: E402
 
 QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_points": "512,1024",
          "activation_images": 256, "activation_iterations": 10, "kd_steps": 60}
@@ -187,7 +187,7 @@ def main() -> None:
 
     def distill_prefix(data: Path, images: int) -> dict[str, float]:
         """The student distilled on the first ``images`` images of ``data`` with the fixed budget."""
-        train = TrainConfig(epochs=epochs_for(settings["kd_steps"], images, kd_batch), batch_size=kd_batch,
+        train = TrainSettings(epochs=epochs_for(settings["kd_steps"], images, kd_batch), batch_size=kd_batch,
                             lr=config["distill"]["lr"], seed=args.seed)
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
         objective = KDObjective(teacher, config["distill"]["temperature"], True, config["distill"]["mixup"])
@@ -231,7 +231,7 @@ def main() -> None:
                              settings["activation_images"], activation_dir, batch, 0, accelerator)
         activation_generate = time.perf_counter() - started
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
-        neighbourhood = NeighbourhoodConfig(epochs=epochs_for(settings["kd_steps"], settings["activation_images"], kd_batch),
+        neighbourhood = NeighbourhoodSettings(epochs=epochs_for(settings["kd_steps"], settings["activation_images"], kd_batch),
                                             batch_size=kd_batch, holdout=min(512, settings["activation_images"] // 5))
         started = time.perf_counter()
         _, metrics = distill_neighbourhood(teacher, student, activation_dir, work / "student-activations", neighbourhood,

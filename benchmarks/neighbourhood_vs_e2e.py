@@ -15,21 +15,21 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, timed, write_json  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
-from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
-from synthkd.pipelines.distill import build_student, distill_e2e, distill_neighbourhood  # noqa: E402
-from synthkd.training import TrainConfig  # noqa: E402
+from synthkd.pipelines.distill import DistillSettings, StudentSettings, distill  # noqa: E402
 
 QUICK = {"teacher_epochs": 1, "num_images": 512, "iterations": 20, "e2e_epochs": 4, "neighbourhood_epochs": 2,
          "finetune_epochs": 1, "noise_images": 512}
 
 
-def main() -> None:
+def parse_settings() -> tuple[argparse.Namespace, dict, dict]:
+    """(arguments, the run schema's standard setting, this benchmark's sizes)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--e2e-epochs", type=int)
@@ -54,12 +54,37 @@ def main() -> None:
     for key in ("e2e_epochs", "neighbourhood_epochs", "finetune_epochs", "noise_images"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
+    return args, config, settings
+
+
+def compare(teacher, data: str, tag: str, settings: dict, dist: DistillSettings, student: StudentSettings, cuts: str,
+            eval_spec: str, cache: Path, timings: dict[str, float], accelerator) -> tuple[dict, dict]:
+    """e2e KD and neighbourhood distillation (+ fine-tune) of the same student on ``data``: their metrics."""
+    e2e_out, nb_out = cache / f"nb-bench-e2e-{tag}", cache / f"nb-bench-neighbourhood-{tag}"
+    if accelerator.is_main_process:  # time training, not a resume of an earlier run
+        for directory in (e2e_out, nb_out):
+            shutil.rmtree(directory, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    # Both modes from the standard setting's distill section: e2e at its lr, the neighbourhoods at
+    # their own default (Adam, lr null).
+    e2e_settings = replace(dist, mode="e2e", epochs=settings["e2e_epochs"])
+    with timed(timings, f"e2e_{tag}_seconds"):
+        _, e2e = distill(teacher, student, data, e2e_out, e2e_settings, eval_dataset=eval_spec, accelerator=accelerator)
+    nb_settings = replace(dist, mode="neighbourhood", cuts=cuts, epochs=settings["neighbourhood_epochs"], lr=None,
+                          finetune_epochs=settings["finetune_epochs"])
+    with timed(timings, f"neighbourhood_{tag}_seconds"):
+        _, nb = distill(teacher, student, data, nb_out, nb_settings, eval_dataset=eval_spec, accelerator=accelerator)
+    return e2e, nb
+
+
+def main() -> None:
+    args, config, settings = parse_settings()
     accelerator = make_accelerator()
     cache = Path(args.cache)
     timings: dict[str, float] = {}
     teacher = standard_teacher(config, settings["teacher_epochs"], cache, timings)
     synthetic = standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings)
-    dist = config["distill"]
+    dist = DistillSettings(**config["distill"])
     eval_spec = config["eval_dataset"]
     inputs = {"inverted": str(synthetic)}
     if not args.no_noise:
@@ -67,22 +92,8 @@ def main() -> None:
     rows, results = [], {}
     for name, data in inputs.items():
         tag = f"{name.replace(' ', '-')}-p{accelerator.num_processes}"
-        e2e_out, nb_out = cache / f"nb-bench-e2e-{tag}", cache / f"nb-bench-neighbourhood-{tag}"
-        if accelerator.is_main_process:  # time training, not a resume of an earlier run
-            for directory in (e2e_out, nb_out):
-                shutil.rmtree(directory, ignore_errors=True)
-        accelerator.wait_for_everyone()
-        e2e_train = TrainConfig(epochs=settings["e2e_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
-        with timed(timings, f"e2e_{tag}_seconds"):
-            _, e2e = distill_e2e(teacher, student, data, e2e_out, e2e_train, dist["temperature"],
-                                 mixup=dist["mixup"], eval_dataset=eval_spec, accelerator=accelerator)
-        neighbourhood = NeighbourhoodConfig(cuts=args.cuts, epochs=settings["neighbourhood_epochs"], batch_size=dist["batch_size"],
-                                            temperature=dist["temperature"], mixup=dist["mixup"])
-        finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=0.01, warmup_epochs=0.0)
-        student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
-        with timed(timings, f"neighbourhood_{tag}_seconds"):
-            _, nb = distill_neighbourhood(teacher, student, data, nb_out, neighbourhood, finetune, eval_spec, accelerator)
+        e2e, nb = compare(teacher, data, tag, settings, dist, StudentSettings(**config["student"]), args.cuts, eval_spec, cache,
+                          timings, accelerator)
         e2e_time, nb_time = timings[f"e2e_{tag}_seconds"], timings[f"neighbourhood_{tag}_seconds"]
         results[name] = {
             "e2e": {"accuracy": e2e["student"]["accuracy"], "seconds": e2e_time, "epochs": settings["e2e_epochs"]},

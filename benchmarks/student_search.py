@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
+from dataclasses import replace
 import time
 from pathlib import Path
 
@@ -24,15 +25,36 @@ from common import CACHE, load_setting, print_table, standard_synthetic, standar
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
-from synthkd.neighbourhood_training import NeighbourhoodConfig  # noqa: E402
 from synthkd.pipelines.distill import open_training_data  # noqa: E402
-from synthkd.pipelines.search import explore, finetune_merged, search  # noqa: E402
-from synthkd.training import TrainConfig  # noqa: E402
+from synthkd.pipelines.search import SearchSettings, explore, finetune_merged, search  # noqa: E402
 
 FULL = {"candidates": "width=0.25,0.5,1.0;depth=1,3;sparsity=0.5", "epochs": 5, "finetune_epochs": 3,
         "budgets": [("params", "w0.5-d3"), ("flops", "w0.25-d3")]}
 QUICK = {"candidates": "width=0.25,0.5;depth=1,3;sparsity=0.5", "epochs": 1, "finetune_epochs": 1,
          "budgets": [("params", "w0.5-d3"), ("flops", "w0.25-d3")]}
+
+
+def searched_vs_uniform(exploration, report: dict, uniform: dict, finetune, evaluation, training_data, accelerator,
+                        rows: list[dict], finetune_epochs: int) -> dict[str, dict]:
+    """The searched student and the uniform-width one (the teacher's depth) of the least cost at or
+    above its cost, each merged and fine-tuned; a table row for each is added to ``rows``."""
+    kind = report["kind"]
+    cost = report["chosen_costs"][kind]
+    baseline = min((name for name in uniform if name.endswith("-d3") and uniform[name][kind] >= cost),
+                   key=lambda name: uniform[name][kind])
+    entry = {}
+    for label, choice in (("searched", tuple(report["choice"])), (f"uniform {baseline}", exploration.uniform_choices()[baseline])):
+        student = exploration.assemble(choice)
+        merged = evaluate(student, evaluation, accelerator)["accuracy"]
+        tuned = finetune_merged(exploration, student, choice, training_data, finetune, accelerator)
+        accuracy = evaluate(student, evaluation, accelerator)["accuracy"]
+        costs = report["chosen_costs"] if label == "searched" else uniform[baseline]
+        error = report["chosen_error"] if label == "searched" else report["uniform"][baseline]["error"]
+        entry[label.split()[0]] = {"name": label, "accuracy": accuracy, "merged_accuracy": merged, "summed_local_error": error,
+                                   "costs": costs, "finetune_seconds": tuned["finetune_seconds"]}
+        rows.append({"budget": report["budget"], "student": label, "params": costs["params"], "MFLOPs": costs["flops"] / 1e6,
+                     "summed error": error, "merged acc": merged, f"+{finetune_epochs} ep FT acc": accuracy})
+    return entry
 
 
 def main() -> None:
@@ -61,39 +83,26 @@ def main() -> None:
         for directory in (candidates_dir, out):
             shutil.rmtree(directory, ignore_errors=True)
     accelerator.wait_for_everyone()
-    neighbourhood = NeighbourhoodConfig(cuts="stages", epochs=settings["epochs"], batch_size=dist["batch_size"],
-                                        temperature=dist["temperature"], mixup=dist["mixup"])
-    finetune = TrainConfig(epochs=settings["finetune_epochs"], batch_size=dist["batch_size"], lr=0.01, warmup_epochs=0.0)
+    # The pieces keep the neighbourhood trainer's KD temperature and MixUp (4 and 1, the standard setting's).
+    search_settings = SearchSettings(candidates=settings["candidates"], cuts="stages", epochs=settings["epochs"],
+                                     batch_size=dist["batch_size"], cache_dir=str(candidates_dir))
+    finetune = replace(search_settings, finetune_epochs=settings["finetune_epochs"]).finetune(seed=0)
 
     with timed(timings, "distill_all_candidates_seconds"):
-        exploration = explore(teacher, synthetic, settings["candidates"], neighbourhood, cache_dir=candidates_dir,
-                              accelerator=accelerator)
+        exploration = explore(teacher, synthetic, search_settings, accelerator=accelerator)
     uniform = {name: exploration.total_costs(choice) for name, choice in exploration.uniform_choices().items()}
     evaluation, training_data = load_dataset(eval_spec), open_training_data(synthetic, teacher, accelerator)
     rows, results = [], []
     for kind, reference in settings["budgets"]:
         budget = f"{kind}={uniform[reference][kind]:.0f}"
         started = time.perf_counter()
-        _, report = search(teacher, synthetic, out / f"searched-{kind}", budget, settings["candidates"], neighbourhood,
-                           finetune=TrainConfig(epochs=0), cache_dir=candidates_dir, accelerator=accelerator)
-        search_seconds = time.perf_counter() - started
-        cost = report["chosen_costs"][kind]
-        # The uniform-width student (the teacher's depth) of the least cost at or above the searched one's.
-        baseline = min((name for name in uniform if name.endswith("-d3") and uniform[name][kind] >= cost),
-                       key=lambda name: uniform[name][kind])
+        _, report = search(teacher, synthetic, out / f"searched-{kind}", replace(search_settings, budget=budget),
+                           accelerator=accelerator)
         entry = {"budget": budget, "kind": kind, "trained_in_search": report["trained"], "cached_in_search": report["cached"],
-                 "search_seconds_from_cache": search_seconds, "chosen": [row["candidate"] for row in report["chosen"]]}
-        for label, choice in (("searched", tuple(report["choice"])), (f"uniform {baseline}", exploration.uniform_choices()[baseline])):
-            student = exploration.assemble(choice)
-            merged = evaluate(student, evaluation, accelerator)["accuracy"]
-            tuned = finetune_merged(exploration, student, choice, training_data, finetune, accelerator)
-            accuracy = evaluate(student, evaluation, accelerator)["accuracy"]
-            costs = report["chosen_costs"] if label == "searched" else uniform[baseline]
-            error = report["chosen_error"] if label == "searched" else report["uniform"][baseline]["error"]
-            entry[label.split()[0]] = {"name": label, "accuracy": accuracy, "merged_accuracy": merged, "summed_local_error": error,
-                                       "costs": costs, "finetune_seconds": tuned["finetune_seconds"]}
-            rows.append({"budget": budget, "student": label, "params": costs["params"], "MFLOPs": costs["flops"] / 1e6,
-                         "summed error": error, "merged acc": merged, f"+{settings['finetune_epochs']} ep FT acc": accuracy})
+                 "search_seconds_from_cache": time.perf_counter() - started,
+                 "chosen": [row["candidate"] for row in report["chosen"]]}
+        entry.update(searched_vs_uniform(exploration, report, uniform, finetune, evaluation, training_data, accelerator, rows,
+                                         settings["finetune_epochs"]))
         entry["accuracy_difference_points"] = 100 * (entry["searched"]["accuracy"] - entry["uniform"]["accuracy"])
         results.append(entry)
     if accelerator.is_main_process:

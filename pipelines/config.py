@@ -18,31 +18,25 @@ from synthkd.settings import Settings, setting, show
 from synthkd.generators.fast import FastConfig
 from synthkd.generators.inversion import InversionConfig, InversionLossConfig
 
+from .distill import DistillSettings, StudentSettings
+from .search import SearchSettings
+from .train_teacher import TeacherSettings
+
 
 @dataclass
-class TeacherSection:
-    """An existing teacher (``model``), or one trained here on ``dataset`` when ``model`` is null."""
+class TeacherSection(TeacherSettings):
+    """An existing teacher (``model``), or one trained here on ``dataset`` when ``model`` is null
+    (with the settings of ``synthkd train-teacher``)."""
 
     model: str | None = field(default=None, metadata={"check": lambda value: _missing("model", value)})
     weights: str | None = field(default=None, metadata={"check": lambda value: _missing("file", value)})
     input_shape: list[int] | None = None
     mean: list[float] | None = None
     std: list[float] | None = None
-    arch: str = "resnet20"
-    width: float = field(default=1.0, metadata={"positive": True})
     dataset: str | None = field(default=None, metadata={"check": lambda value: _missing("dataset", value)})
-    epochs: int = field(default=15, metadata={"positive": True})
-    batch_size: int = field(default=128, metadata={"positive": True})
-    lr: float = field(default=0.1, metadata={"positive": True})
-    flip: bool = True
 
 
-@dataclass
-class StudentSection:
-    """A zoo architecture at ``width``, or a model directory / FILE.py:factory to start from."""
-
-    arch: str = field(default="resnet20", metadata={"check": lambda value: _missing("student", value)})
-    width: float = field(default=0.5, metadata={"positive": True})
+StudentSection = StudentSettings
 
 
 @dataclass
@@ -117,44 +111,14 @@ class GenerateSection(InversionConfig):
         return settings
 
 
-@dataclass
-class DistillSection:
-    """End-to-end KD, or neighbourhood by neighbourhood (then an optional e2e fine-tune)."""
-
-    mode: Literal["e2e", "neighbourhood"] = "e2e"
-    epochs: int = field(default=50, metadata={"positive": True})
-    batch_size: int = field(default=128, metadata={"positive": True})
-    lr: float | None = field(default=None, metadata={"positive": True})  # null: 0.05 (e2e, SGD) or 0.01 (neighbourhood, Adam)
-    temperature: float = field(default=4.0, metadata={"positive": True})
-    mixup: float = 1.0
-    flip: bool = True
-    cuts: str = "blocks"
-    finetune_epochs: int = 0
-    finetune_lr: float = field(default=0.01, metadata={"positive": True})
-    eval_every_epoch: bool = True
-
-    def learning_rate(self) -> float:
-        if self.lr is not None:
-            return self.lr
-        return 0.05 if self.mode == "e2e" else 0.01
+DistillSection = DistillSettings
 
 
 @dataclass
-class SearchSection:
-    """Student Search instead of distillation: the student with the least local error under
-    ``budget``, picked per neighbourhood from a candidate grid (``synthkd search -h``)."""
+class SearchSection(SearchSettings):
+    """Student Search instead of distillation (``synthkd search -h``); the ``distill`` keys are then unused."""
 
     enabled: bool = False
-    budget: str = "params=0.5"            # params|flops|latency=VALUE: a fraction of the teacher's or absolute
-    candidates: str = "width=0.25,0.5,0.75,1.0"  # grid width=...;depth=...;sparsity=..., or FILE.py:factory
-    cuts: str = "stages"
-    epochs: int = field(default=5, metadata={"positive": True})
-    sparsity_epochs: int | None = field(default=None, metadata={"positive": True})  # null: epochs // 2
-    finetune_epochs: int = 0
-    finetune_lr: float = field(default=0.01, metadata={"positive": True})
-    batch_size: int = field(default=128, metadata={"positive": True})
-    lr: float = field(default=0.01, metadata={"positive": True})
-    cache_dir: str | None = None          # null: RUN_DIR/search-cache; share one between runs to reuse pieces
 
 
 @dataclass
@@ -264,13 +228,6 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
         errors.append("generate.competition_weight: a run has no student yet when it generates; "
                       "use `synthkd generate --student DIR --competition-weight W` for the competition term")
     _check_generate(config.generate, errors)
-    if config.search.enabled:
-        from synthkd.search import parse_budget
-
-        try:
-            parse_budget(config.search.budget)
-        except SynthkdError as error:
-            errors.append(f"search.budget: {error}")
     if config.detector.enabled and config.eval_dataset is None:
         errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
@@ -319,7 +276,7 @@ def _looks_like_path(spec: str) -> bool:
 def _missing(check: str, value: str) -> str | None:
     """Why ``value`` (a model spec, file or dataset spec) cannot be read, or None."""
     from synthkd.data import check_dataset
-    from synthkd.models import is_registered
+    from synthkd.models import model_source_problem
 
     if check == "dataset":
         try:
@@ -329,15 +286,4 @@ def _missing(check: str, value: str) -> str | None:
         return None
     if check == "file":
         return None if Path(value).is_file() else f"no file {value}"
-    if check == "student" and is_registered(value):
-        return None
-    if Path(value).is_dir():
-        return None
-    module_or_file, sep, _ = value.rpartition(":")
-    if sep and module_or_file.endswith(".py"):
-        return None if Path(module_or_file).is_file() else f"no file {module_or_file}"
-    if sep:
-        return None  # package.module:factory, imported when the stage runs
-    what = "a zoo architecture, " if check == "student" else ""
-    return f"{value!r} is neither {what}a model directory nor FILE.py:factory"
-
+    return model_source_problem(value)

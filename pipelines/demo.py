@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,29 +20,34 @@ from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.data.kinds.fashion_mnist import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
-from synthkd.training import TrainConfig
 
-from .distill import build_student, distill_e2e
+from .distill import DistillSettings, StudentSettings, distill
 from .generate import generate
-from .train_teacher import train_teacher
+from .train_teacher import TeacherSettings, train_teacher
 
 
 @dataclass
 class DemoSetting:
+    """One built-in setting: each stage's settings, plus the size of the synthetic set."""
+
     dataset: str
-    teacher_arch: str
-    teacher_epochs: int
-    student_arch: str
-    student_width: float
+    teacher: TeacherSettings
+    student: StudentSettings
     num_images: int
     iterations: int
-    distill_epochs: int
-    flip: bool
+    distill: DistillSettings
+
+
+def _setting(dataset: str, teacher_epochs: int, num_images: int, distill_epochs: int, flip: bool) -> DemoSetting:
+    """resnet8 teacher, resnet8 x0.5 student, 100 inversion steps per batch."""
+    return DemoSetting(dataset, TeacherSettings(arch="resnet8", epochs=teacher_epochs, flip=flip),
+                       StudentSettings(arch="resnet8", width=0.5), num_images, 100,
+                       DistillSettings(mode="e2e", epochs=distill_epochs, flip=flip))
 
 
 SETTINGS = {
-    "digits": DemoSetting("digits", "resnet8", 30, "resnet8", 0.5, 1024, 100, 40, flip=False),
-    "fashion-mnist": DemoSetting("fashion-mnist", "resnet8", 3, "resnet8", 0.5, 2048, 100, 60, flip=True),
+    "digits": _setting("digits", teacher_epochs=30, num_images=1024, distill_epochs=40, flip=False),
+    "fashion-mnist": _setting("fashion-mnist", teacher_epochs=3, num_images=2048, distill_epochs=60, flip=True),
 }
 
 
@@ -64,28 +69,23 @@ def run_demo(out: str | os.PathLike, dataset: str = "auto", accelerator: Acceler
     if (teacher_dir / "model.safetensors").is_file():
         teacher = Classifier.from_pretrained(teacher_dir)
     else:
-        teacher, _ = train_teacher(
-            f"{dataset}:train", setting.teacher_arch, teacher_dir, train=TrainConfig(epochs=setting.teacher_epochs),
-            flip=setting.flip, accelerator=accelerator,
-        )
+        teacher, _ = train_teacher(f"{dataset}:train", setting.teacher, teacher_dir, accelerator=accelerator)
     timings["teacher_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
     data_dir = out / "synthetic"  # a finished set is verified and reused, an interrupted one resumed
-    generator = ActivationInversion(teacher.to(accelerator.device), InversionConfig(iterations=setting.iterations, flip=setting.flip))
-    generate(teacher, generator, setting.num_images, data_dir, batch_size=256, accelerator=accelerator)
+    inversion = InversionConfig(iterations=setting.iterations, flip=setting.teacher.flip)
+    generate(teacher, ActivationInversion(teacher.to(accelerator.device), inversion), setting.num_images, data_dir,
+             batch_size=256, accelerator=accelerator)
     timings["generate_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
-    student = build_student(setting.student_arch, teacher, setting.student_width)
-    _, metrics = distill_e2e(
-        teacher, student, data_dir, out / "student", TrainConfig(epochs=setting.distill_epochs, lr=0.05),
-        flip=setting.flip, eval_dataset=f"{dataset}:test", accelerator=accelerator,
-    )
+    _, metrics = distill(teacher, setting.student, data_dir, out / "student", setting.distill,
+                         eval_dataset=f"{dataset}:test", accelerator=accelerator)
     timings["distill_seconds"] = time.perf_counter() - started
     summary = {
         "dataset": dataset,
-        "setting": setting.__dict__,
+        "setting": asdict(setting),
         "teacher_accuracy": metrics["teacher"]["accuracy"],
         "student_accuracy": metrics["student"]["accuracy"],
         "gap_points": 100 * metrics["gap"],

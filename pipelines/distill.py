@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -23,10 +23,64 @@ from synthkd.data.shards import SyntheticDataset
 from synthkd.errors import SynthkdError, warn
 from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
-from synthkd.losses import kd_loss
-from synthkd.neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller
-from synthkd.models import Classifier, ModelConfig, import_factory, is_registered, load_model
-from synthkd.training import TrainConfig, fit
+from synthkd.losses import DISTILLATION_LOSSES
+from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistiller, NeighbourhoodSettings
+from synthkd.models import Classifier, ModelConfig, import_factory, is_registered, load_model, model_source_problem
+from synthkd.settings import Settings, setting
+from synthkd.training import KDSettings, TrainSettings, fit
+
+E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
+
+
+@dataclass
+class StudentSettings(Settings):
+    """The student: a zoo architecture at ``width``, or a model directory / FILE.py:factory to start from."""
+
+    arch: str = setting("resnet20", flag="--student", help="Zoo architecture, or a model directory / FILE.py:factory to start from.",
+                        check=lambda spec: model_source_problem(spec, zoo=True))
+    width: float = setting(0.5, flag="--student-width", help="Width multiplier of a zoo student.", positive=True)
+
+
+@dataclass
+class DistillSettings(KDSettings):
+    """End-to-end KD, or neighbourhood by neighbourhood (then an optional e2e fine-tune).
+
+    ``epochs`` defaults to 50, the YAML schema's value (the CLI said 30): the standard setting's
+    recorded results and the README's commands use 50, and the run fingerprints of configs that
+    leave it out stay the same."""
+
+    mode: Literal["e2e", "neighbourhood"] = setting("e2e", help="e2e: KD on the whole student; neighbourhood: "
+                                                                "each block learns its teacher block, then merge.")
+    epochs: int = setting(50, help="Distillation epochs (of every neighbourhood in neighbourhood mode).", positive=True)
+    batch_size: int = setting(128, help="Images per optimiser step.", positive=True)
+    lr: float | None = setting(None, positive=True,
+                               help=f"Learning rate: default {E2E_LR} (e2e, SGD) or {NEIGHBOURHOOD_LR} (each neighbourhood, Adam).")
+    cuts: str = setting("blocks", help="Neighbourhood mode: blocks, stages, or comma-separated module paths.")
+    finetune_epochs: int = setting(0, help="Neighbourhood mode: end-to-end KD epochs after the merge.", at_least=0)
+    finetune_lr: float = setting(0.01, help="Neighbourhood mode: SGD learning rate of the fine-tune.", positive=True)
+    eval_every_epoch: bool = setting(True, cli=False, help="Evaluate on eval_dataset after every epoch (synthkd run).")
+
+    def learning_rate(self) -> float:
+        """``lr``, or the mode's default: the one place the e2e/neighbourhood rule is written."""
+        if self.lr is not None:
+            return self.lr
+        return E2E_LR if self.mode == "e2e" else NEIGHBOURHOOD_LR
+
+    def training(self, seed: int) -> TrainSettings:
+        """The e2e KD loop's settings."""
+        return TrainSettings(epochs=self.epochs, batch_size=self.batch_size, lr=self.learning_rate(), seed=seed)
+
+    def neighbourhoods(self, seed: int) -> NeighbourhoodSettings:
+        return NeighbourhoodSettings(cuts=self.cuts, epochs=self.epochs, batch_size=self.batch_size, lr=self.learning_rate(),
+                                     temperature=self.temperature, mixup=self.mixup, flip=self.flip, seed=seed)
+
+    def finetune(self, seed: int) -> TrainSettings:
+        return finetune_settings(self.finetune_epochs, self.batch_size, self.finetune_lr, seed)
+
+
+def finetune_settings(epochs: int, batch_size: int, lr: float, seed: int) -> TrainSettings:
+    """The e2e KD of a merged student: no warm-up, its pieces are trained already."""
+    return TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup_epochs=0.0)
 
 
 def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0) -> Classifier:
@@ -68,11 +122,12 @@ class KDObjective(nn.Module):
         self.augment = distillation_augmentation(fmt.height, fmt.width, flip, mixup)
 
     def forward(self, student: nn.Module, batch) -> torch.Tensor:
-        images = batch.images
-        views = self.augment(images)
+        # Every view is cropped (and maybe flipped or mixed), so the logits stored with the
+        # synthetic set, the teacher's on the unaugmented image, cannot serve as the target.
+        views = self.augment(batch.images)
         with torch.no_grad():
             target = self.teacher(views).float()
-        return kd_loss(student(views).float(), target, self.temperature)
+        return DISTILLATION_LOSSES.get("kd")(student(views).float(), target, self.temperature)
 
 
 def open_training_data(data: str | os.PathLike, teacher: Classifier, accelerator: Accelerator) -> Dataset:
@@ -114,7 +169,7 @@ def distill_e2e(
     student: Classifier,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    train: TrainConfig | None = None,
+    train: TrainSettings | None = None,
     temperature: float = 4.0,
     flip: bool = True,
     mixup: float = 1.0,
@@ -124,7 +179,7 @@ def distill_e2e(
     """Train ``student`` to match ``teacher`` on ``data`` (a synthetic set directory or a real
     dataset spec; labels are never used, the teacher labels every augmented view); save to ``out``."""
     accelerator = accelerator or make_accelerator()
-    train = train or TrainConfig(epochs=30, lr=0.05)
+    train = train or DistillSettings().training(seed=0)
     training_data = open_training_data(data, teacher, accelerator)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
     teacher.to(accelerator.device)
@@ -156,12 +211,13 @@ def data_fingerprint(data: str | os.PathLike, dataset: Dataset) -> str:
 
 
 def kd_finetune(
-    teacher: Classifier, student: Classifier, training_data: Dataset, config: NeighbourhoodConfig, finetune: TrainConfig,
+    teacher: Classifier, student: Classifier, training_data: Dataset, kd: KDSettings, finetune: TrainSettings,
     accelerator: Accelerator, evaluation: Dataset | None = None,
 ) -> dict[str, Any]:
-    """End-to-end KD of a merged student, to absorb the error that accumulates across its cuts."""
+    """End-to-end KD of a merged student, to absorb the error that accumulates across its cuts
+    (with the views and temperature its pieces were distilled with)."""
     started = time.perf_counter()
-    objective = KDObjective(teacher.to(accelerator.device), config.temperature, config.flip, config.mixup).to(accelerator.device)
+    objective = KDObjective(teacher.to(accelerator.device), kd.temperature, kd.flip, kd.mixup).to(accelerator.device)
     history = fit(student, training_data, objective, finetune, accelerator, evaluation, description="fine-tune")
     return {"finetune_history": history, "finetune_seconds": time.perf_counter() - started}
 
@@ -171,8 +227,8 @@ def distill_neighbourhood(
     student: Classifier,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    config: NeighbourhoodConfig | None = None,
-    finetune: TrainConfig | None = None,
+    config: NeighbourhoodSettings | None = None,
+    finetune: TrainSettings | None = None,
     eval_dataset: str | None = None,
     accelerator: Accelerator | None = None,
     inputs: str = "images",
@@ -181,7 +237,7 @@ def distill_neighbourhood(
     fine-tune end to end, save to ``out`` with ``metrics.json``. ``inputs="activations"``:
     ``data`` is a per-neighbourhood activation set and no image is used (so no fine-tune)."""
     accelerator = accelerator or make_accelerator()
-    config = config or NeighbourhoodConfig()
+    config = config or NeighbourhoodSettings()
     if inputs == "activations":
         if finetune is not None and finetune.epochs > 0:
             raise SynthkdError("the end-to-end fine-tune needs images; with --inputs activations use --finetune-epochs 0")
@@ -211,35 +267,22 @@ def distill_neighbourhood(
     return finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
 
 
-def distill_student(
+def distill(
     teacher: Classifier,
-    student: Classifier,
+    student: StudentSettings,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    mode: str = "e2e",
-    epochs: int = 30,
-    batch_size: int = 128,
-    lr: float | None = None,
-    temperature: float = 4.0,
-    mixup: float = 1.0,
-    flip: bool = True,
+    settings: DistillSettings,
     seed: int = 0,
-    cuts: str | list[str] = "blocks",
-    finetune_epochs: int = 0,
-    finetune_lr: float = 0.01,
     eval_dataset: str | None = None,
     accelerator: Accelerator | None = None,
     inputs: str = "images",
 ) -> tuple[Classifier, dict[str, Any]]:
-    """Either mode from one set of settings (the CLI's and ``synthkd run``'s); ``lr`` None picks
-    the mode's default: 0.05 for e2e KD (SGD), 0.01 for each neighbourhood (Adam). ``inputs``:
-    see :func:`distill_neighbourhood`."""
-    if mode == "e2e":
-        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
-        return distill_e2e(teacher, student, data, out, train, temperature, flip, mixup, eval_dataset, accelerator)
-    if mode != "neighbourhood":
-        raise SynthkdError(f"unknown distillation mode {mode!r}; use e2e or neighbourhood")
-    config = NeighbourhoodConfig(cuts=cuts, epochs=epochs, batch_size=batch_size, lr=0.01 if lr is None else lr,
-                                 temperature=temperature, mixup=mixup, flip=flip, seed=seed)
-    finetune = TrainConfig(epochs=finetune_epochs, batch_size=batch_size, lr=finetune_lr, seed=seed, warmup_epochs=0.0)
-    return distill_neighbourhood(teacher, student, data, out, config, finetune, eval_dataset, accelerator, inputs)
+    """The distill stage (``synthkd distill`` and ``synthkd run``): build the student, distill it in
+    ``settings.mode``, save it to ``out``. ``inputs``: see :func:`distill_neighbourhood`."""
+    student_model = build_student(student.arch, teacher, student.width, seed)
+    if settings.mode == "e2e":
+        return distill_e2e(teacher, student_model, data, out, settings.training(seed), settings.temperature, settings.flip,
+                           settings.mixup, eval_dataset, accelerator)
+    return distill_neighbourhood(teacher, student_model, data, out, settings.neighbourhoods(seed), settings.finetune(seed),
+                                 eval_dataset, accelerator, inputs)

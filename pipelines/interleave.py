@@ -29,7 +29,7 @@ from synthkd.data.shards import load_written_shards
 from synthkd.errors import SynthkdError
 from synthkd.generators.base import SyntheticImageGenerator
 from synthkd.models import Classifier
-from synthkd.training import TrainConfig, fit
+from synthkd.training import TrainSettings, fit
 
 from .distill import KDObjective, finish
 from .generate import generate
@@ -72,7 +72,7 @@ def distill_interleaved(
     num_images: int,
     shard_size: int = 256,
     batches_per_round: int = 2,
-    train: TrainConfig | None = None,
+    train: TrainSettings | None = None,
     temperature: float = 4.0,
     flip: bool = True,
     mixup: float = 1.0,
@@ -86,7 +86,7 @@ def distill_interleaved(
     if num_images < 1 or shard_size < 1 or batches_per_round < 1:
         raise SynthkdError("--num-images, --gen-batch-size and --batches-per-round must be positive")
     accelerator = accelerator or make_accelerator()
-    train = train or TrainConfig(epochs=30, lr=0.05)
+    train = train or TrainSettings(epochs=30, lr=0.05)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
     teacher.to(accelerator.device)
     student.to(accelerator.device)

@@ -19,7 +19,7 @@ import shutil
 import sys
 import time
 from contextlib import contextmanager
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -77,17 +77,13 @@ def generate_inputs(config: RunConfig) -> dict[str, str]:
 
 
 def run_teacher(ctx: RunContext) -> dict[str, Any]:
-    from synthkd.training import TrainConfig
-
     from .train_teacher import train_teacher
 
     spec = ctx.config.teacher
     if spec.model is not None:
         teacher = ctx.teacher()
         return {"given": spec.model, "parameters": parameters(teacher), "num_classes": teacher.num_classes}
-    train = TrainConfig(epochs=spec.epochs, batch_size=spec.batch_size, lr=spec.lr, seed=ctx.config.seed)
-    model, metrics = train_teacher(spec.dataset, spec.arch, ctx.run_dir / "teacher", spec.width, train, spec.flip,
-                                   accelerator=ctx.accelerator)
+    model, metrics = train_teacher(spec.dataset, spec, ctx.run_dir / "teacher", ctx.config.seed, accelerator=ctx.accelerator)
     return {"parameters": parameters(model), "train_seconds": metrics["train_seconds"],
             "final_loss": metrics["history"][-1]["loss"]}
 
@@ -125,17 +121,11 @@ def run_distill(ctx: RunContext) -> dict[str, Any]:
     """The student: distilled (e2e or neighbourhood), or found by Student Search."""
     if ctx.config.search.enabled:
         return run_search(ctx)
-    from .distill import build_student, distill_student
+    from .distill import distill
 
     config, section = ctx.config, ctx.config.distill
-    teacher = ctx.teacher()
-    student = build_student(config.student.arch, teacher, config.student.width, config.seed)
-    _, metrics = distill_student(
-        teacher, student, ctx.run_dir / "synthetic", ctx.run_dir / "student", section.mode, section.epochs,
-        section.batch_size, section.learning_rate(), section.temperature, section.mixup, section.flip, config.seed,
-        section.cuts, section.finetune_epochs, section.finetune_lr,
-        eval_dataset=config.eval_dataset if section.eval_every_epoch else None, accelerator=ctx.accelerator,
-    )
+    student, metrics = distill(ctx.teacher(), config.student, ctx.run_dir / "synthetic", ctx.run_dir / "student", section,
+                               config.seed, config.eval_dataset if section.eval_every_epoch else None, ctx.accelerator)
     results = {"mode": section.mode, "parameters": parameters(student), "distill_seconds": metrics["distill_seconds"]}
     if "merged" in metrics:
         results["merged_accuracy"] = metrics["merged"]["accuracy"]
@@ -145,19 +135,12 @@ def run_distill(ctx: RunContext) -> dict[str, Any]:
 def run_search(ctx: RunContext) -> dict[str, Any]:
     """Student Search on the run's synthetic set; the pieces are cached (``search.cache_dir``), so
     an interrupted search resumes with the pieces it had distilled."""
-    from synthkd.neighbourhood_training import NeighbourhoodConfig
-    from synthkd.training import TrainConfig
-
     from .search import search
 
     config, section = ctx.config, ctx.config.search
-    pieces = NeighbourhoodConfig(cuts=section.cuts, epochs=section.epochs, batch_size=section.batch_size, lr=section.lr,
-                                 seed=config.seed)
-    finetune = TrainConfig(epochs=section.finetune_epochs, batch_size=section.batch_size, lr=section.finetune_lr,
-                           seed=config.seed, warmup_epochs=0.0)
-    student, report = search(ctx.teacher(), ctx.run_dir / "synthetic", ctx.run_dir / "student", section.budget,
-                             section.candidates, pieces, section.sparsity_epochs, finetune, config.eval_dataset,
-                             section.cache_dir or ctx.run_dir / "search-cache", ctx.accelerator)
+    settings = replace(section, cache_dir=section.cache_dir or str(ctx.run_dir / "search-cache"))
+    student, report = search(ctx.teacher(), ctx.run_dir / "synthetic", ctx.run_dir / "student", settings, config.seed,
+                             config.eval_dataset, ctx.accelerator)
     results = {"mode": "search", "parameters": parameters(student), "budget": report["budget"],
                "chosen": [row["candidate"] for row in report["chosen"]], "chosen_costs": report["chosen_costs"],
                "trained": report["trained"], "cached": report["cached"], "distill_seconds": report["explore_seconds"]}

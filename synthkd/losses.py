@@ -1,18 +1,44 @@
-"""Loss terms for inversion and distillation, each a small function or module on batches."""
+"""Loss terms for inversion and distillation, each a small function or module on batches.
+
+The losses a student is distilled with are registered in :data:`DISTILLATION_LOSSES` under a
+name, each taking ``(student output, teacher output, temperature)``; a new one is a function
+with the decorator, and the trainers pick theirs by name.
+"""
 
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
+from .registry import Registry
 
+DistillationLoss = Callable[[torch.Tensor, torch.Tensor, float], torch.Tensor]
+DISTILLATION_LOSSES: Registry[DistillationLoss] = Registry("distillation loss")
+
+
+@DISTILLATION_LOSSES.register("kd")
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 4.0) -> torch.Tensor:
     """Hinton's KD: KL(teacher || student) on temperature-softened outputs, scaled by T^2."""
     log_student = F.log_softmax(student_logits / temperature, dim=1)
     log_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
     return F.kl_div(log_student, log_teacher, log_target=True, reduction="batchmean") * temperature**2
+
+
+@DISTILLATION_LOSSES.register("mse")
+def activation_mse(student_activation: torch.Tensor, teacher_activation: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Mean squared error to the teacher's activation at a cut (a neighbourhood's regression
+    target); the temperature, meaningless for activations, is ignored."""
+    return F.mse_loss(student_activation, teacher_activation)
+
+
+def relative_squared_error(output: torch.Tensor, target: torch.Tensor) -> tuple[float, float]:
+    """(||output - target||^2, ||target||^2): summed over batches, their ratio is the relative
+    MSE a neighbourhood or a searched piece is judged by."""
+    return (output - target).pow(2).sum().item(), target.pow(2).sum().item()
 
 
 def total_variation(images: torch.Tensor, p: int = 2) -> torch.Tensor:

@@ -22,10 +22,9 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
@@ -38,25 +37,29 @@ from .augment import distillation_augmentation
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
-from .losses import kd_loss
+from .losses import DISTILLATION_LOSSES, relative_squared_error
 from .models import Classifier, unwrap
-from .training import TrainConfig, warmup_cosine
+from .seeds import derive_seed
+from .settings import setting
+from .training import KDSettings, TrainSettings, warmup_cosine
 from .models.neighbourhoods import CutAdapter, attach_cut_adapters, adapter_key, cut_channel_pairs, fuse_adapters, resolve_cuts, split_network
 
 
-@dataclass
-class NeighbourhoodConfig(TrainConfig):
-    """The optimiser settings of every neighbourhood, plus where to cut and the KD settings."""
+NEIGHBOURHOOD_LR = 0.01
 
-    cuts: str | list[str] = "blocks"
+
+@dataclass
+class NeighbourhoodSettings(TrainSettings, KDSettings):
+    """The optimiser settings of every neighbourhood, where to cut, and the KD of the head and of
+    the views. All of them key a finished neighbourhood's file, so a change retrains it."""
+
+    cuts: str | list[str] = setting("blocks", help="Where to cut: blocks, stages, or comma-separated module paths.")
     # Each neighbourhood is a regression onto teacher activations; Adam fits it several times
     # faster than SGD (stem relative MSE 0.23 vs 0.44 after 200 steps on Fashion-MNIST).
-    optimizer: str = "adam"
-    lr: float = 0.01
-    temperature: float = 4.0
-    mixup: float = 1.0
-    flip: bool = True
-    holdout: int = 512  # training images kept aside to measure each neighbourhood's local error
+    optimizer: Literal["adam", "sgd"] = setting("adam", help="Optimiser of every neighbourhood.")
+    lr: float = setting(NEIGHBOURHOOD_LR, help="Learning rate of every neighbourhood.", positive=True)
+    holdout: int = setting(512, help="Training images kept aside to measure each neighbourhood's local error.",
+                           at_least=0)
 
 
 class StudentNeighbourhood(nn.Module):
@@ -114,7 +117,10 @@ class NeighbourhoodDistiller:
     neighbourhoods and :meth:`train` makes no collective call: the caller spreads the work, as
     Student Search does with the neighbourhoods of many candidate students."""
 
-    def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodConfig, accelerator: Accelerator,
+    HEAD_LOSS = "kd"   # names in DISTILLATION_LOSSES
+    CUT_LOSS = "mse"
+
+    def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodSettings, accelerator: Accelerator,
                  owned: list[int] | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.student = student
@@ -133,7 +139,7 @@ class NeighbourhoodDistiller:
         self.channel_pairs = cut_channel_pairs(self.teacher_split, self.student_split, probe)
         self.neighbourhoods = nn.ModuleList()
         for k, piece in enumerate(self.student_split.pieces):
-            torch.manual_seed(config.seed * 7919 + k)  # adapters: same on every rank
+            torch.manual_seed(derive_seed(config.seed, "adapters", k))  # the same on every rank
             before = self.channel_pairs[k - 1] if k > 0 else None
             after = self.channel_pairs[k]
             self.neighbourhoods.append(StudentNeighbourhood(
@@ -259,15 +265,14 @@ class NeighbourhoodDistiller:
         return {k: (activations[k], activations[k + 1]) for k in indices}
 
     def _loss(self, k: int, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if k == len(self.neighbourhoods) - 1:
-            return kd_loss(output.float(), target.float(), self.config.temperature)
-        return F.mse_loss(output.float(), target.float())
+        """KD on the head's logits, a regression onto the teacher's activation at every other cut."""
+        name = self.HEAD_LOSS if k == len(self.neighbourhoods) - 1 else self.CUT_LOSS
+        return DISTILLATION_LOSSES.get(name)(output.float(), target.float(), self.config.temperature)
 
     def _train(self, todo: list[int], train_set: Dataset, held_out: Dataset, folder: Path, key: str) -> dict[int, dict]:
         config, accelerator = self.config, self.accelerator
-        device = accelerator.device
         fmt = self.teacher.input_format
-        augment = distillation_augmentation(fmt.height, fmt.width, config.flip, config.mixup).to(device)
+        augment = distillation_augmentation(fmt.height, fmt.width, config.flip, config.mixup).to(accelerator.device)
         steps_per_epoch = len(train_set) // config.batch_size or 1
         optimizers = {k: self._optimizer(self.neighbourhoods[k]) for k in todo}
         schedulers = {k: warmup_cosine(optimizers[k], config, steps_per_epoch) for k in todo}
@@ -278,29 +283,40 @@ class NeighbourhoodDistiller:
                    disable=not accelerator.is_local_main_process, leave=False)
         for epoch in range(config.epochs):
             loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
-                                generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+                                generator=torch.Generator().manual_seed(derive_seed(config.seed, "epoch", epoch)))
             for step, batch in enumerate(loader):
-                torch.manual_seed(config.seed * 1_000_003 + epoch * 10_007 + step)  # same views on every rank
+                torch.manual_seed(derive_seed(config.seed, "epoch", epoch, "step", step))  # same views on every rank
                 pairs = self._pairs(batch, todo, augment)
                 for k in todo:
                     started = time.perf_counter()
-                    rows = self._rows(k)
-                    with accelerator.autocast():
-                        output = self.neighbourhoods[k](pairs[k][0][rows])
-                        loss = self._loss(k, output, pairs[k][1][rows])
-                    optimizers[k].zero_grad(set_to_none=True)
-                    loss.backward()
-                    self._average_gradients(k)
-                    optimizers[k].step()
-                    schedulers[k].step()
+                    self._step(k, pairs[k], optimizers[k], schedulers[k])
                     seconds[k] += time.perf_counter() - started
                 bar.update(1)
         bar.close()
+        return self._save_trained(todo, held_out, folder, key, seconds)
+
+    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> None:
+        """One optimiser step of neighbourhood k on this rank's share of the batch."""
+        rows = self._rows(k)
+        with self.accelerator.autocast():
+            output = self.neighbourhoods[k](pair[0][rows])
+            loss = self._loss(k, output, pair[1][rows])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self._average_gradients(k)
+        optimizer.step()
+        scheduler.step()
+
+    def _save_trained(self, todo: list[int], held_out: Dataset, folder: Path, key: str,
+                      seconds: dict[int, float]) -> dict[int, dict]:
+        """The records of the trained neighbourhoods (local error on ``held_out``), each written
+        with its weights by the rank that leads it."""
+        accelerator = self.accelerator
         results = {}
         errors = self.local_errors(todo, held_out)
         for k in todo:
             results[k] = {"relative_mse": errors[k], "seconds": seconds[k], "flops": self.flops[k],
-                          "rank": accelerator.process_index, "ranks": self.ranks[k], "epochs": config.epochs}
+                          "rank": accelerator.process_index, "ranks": self.ranks[k], "epochs": self.config.epochs}
             if self.ranks[k][0] != accelerator.process_index:
                 continue  # a data-parallel replica: its leader writes the files
             state = {n: t.detach().cpu().contiguous() for n, t in self.neighbourhoods[k].state_dict().items()}
@@ -342,9 +358,9 @@ class NeighbourhoodDistiller:
         for batch in DataLoader(held_out, batch_size=256):
             pairs = self._pairs(batch, indices, augment=None)
             for k in indices:
-                output = self.neighbourhoods[k](pairs[k][0]).float()
-                error[k] += (output - pairs[k][1]).pow(2).sum().item()
-                norm[k] += pairs[k][1].pow(2).sum().item()
+                squared_error, squared_norm = relative_squared_error(self.neighbourhoods[k](pairs[k][0]).float(), pairs[k][1])
+                error[k] += squared_error
+                norm[k] += squared_norm
         return {k: error[k] / max(norm[k], 1e-12) for k in indices}
 
     def merge(self) -> Classifier:

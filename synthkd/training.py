@@ -26,20 +26,35 @@ from .evaluation import evaluate
 from .errors import SynthkdError
 from .io import atomic_write
 from .models import Classifier, unwrap
+from .settings import Settings, setting
 
 BatchLoss = Callable[[Classifier, Any], torch.Tensor]
 
 
 @dataclass
-class TrainConfig:
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    weight_decay: float = 5e-4
-    momentum: float = 0.9
-    warmup_epochs: float = 0.5
-    seed: int = 0
-    channels_last: bool = True
+class TrainSettings(Settings):
+    """SGD with Nesterov momentum, a linear warm-up and a cosine decay: the loop of teachers,
+    end-to-end students and fine-tunes. The fields are what a checkpoint must agree with."""
+
+    epochs: int = setting(10, help="Passes over the training set (0: train nothing).", at_least=0)
+    batch_size: int = setting(128, help="Images per optimiser step.", positive=True)
+    lr: float = setting(0.1, help="Peak learning rate, reached after the warm-up.", positive=True)
+    weight_decay: float = setting(5e-4, help="L2 weight decay.", at_least=0)
+    momentum: float = setting(0.9, help="SGD momentum (Nesterov).", at_least=0, below=1)
+    warmup_epochs: float = setting(0.5, help="Epochs of linear warm-up before the cosine decay.", at_least=0)
+    seed: int = setting(0, help="Seeds the batch order, augmentation and MixUp of every epoch.")
+    channels_last: bool = setting(True, help="Train in channels-last memory format.", cli=False)
+
+
+@dataclass
+class KDSettings(Settings):
+    """How a student is taught: the teacher labels cropped, maybe flipped and mixed views of the
+    inputs, and the student matches its temperature-softened outputs (e2e KD, the head of
+    neighbourhood distillation, fine-tunes)."""
+
+    temperature: float = setting(4.0, help="KD temperature.", positive=True)
+    mixup: float = setting(1.0, help="MixUp Beta alpha on the synthetic images (0: off).")
+    flip: bool = setting(True, help="Random horizontal flips of the synthetic images.")
 
 
 class Checkpoint:
@@ -49,7 +64,7 @@ class Checkpoint:
     NAME = "training_state.pt"
 
     def __init__(self, directory: str | os.PathLike, config: Any, accelerator: Accelerator):
-        """``config``: the run's settings as a dataclass (TrainConfig, DiffusionTrainConfig, ...)."""
+        """``config``: the run's settings as a dataclass (TrainSettings, DiffusionTrainConfig, ...)."""
         self.path = Path(directory) / self.NAME
         self.config = asdict(config)
         self.accelerator = accelerator
@@ -83,7 +98,7 @@ class Checkpoint:
         self.accelerator.wait_for_everyone()
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
+def warmup_cosine(optimizer: torch.optim.Optimizer, config: TrainSettings, steps_per_epoch: int) -> torch.optim.lr_scheduler.LRScheduler:
     """Linear warm-up for ``config.warmup_epochs``, then cosine decay to zero, stepped per batch."""
     total = config.epochs * steps_per_epoch
     warmup = int(config.warmup_epochs * steps_per_epoch)
@@ -100,7 +115,7 @@ def fit(
     model: Classifier,
     dataset: Dataset,
     batch_loss: BatchLoss,
-    config: TrainConfig,
+    config: TrainSettings,
     accelerator: Accelerator,
     eval_dataset: Dataset | None = None,
     description: str = "train",
@@ -114,7 +129,7 @@ def fit(
     runs before each epoch, e.g. to add data to ``dataset`` (whose length must not change)."""
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    generator = torch.Generator()  # the loader's order, seeded per epoch below
+    generator = torch.Generator()  # the loader's order, seeded per epoch in _run_epoch
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size, generator=generator)
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
@@ -128,30 +143,11 @@ def fit(
     for epoch in range(len(history), config.epochs):
         if on_epoch_start is not None:
             on_epoch_start(epoch)
-        # Every epoch's randomness comes from (seed, epoch) alone, so a resumed run draws what an
-        # uninterrupted one would: the loader's order, and augmentation and MixUp from the global RNGs.
-        order_seed, augmentation_seed = np.random.SeedSequence([config.seed, epoch]).generate_state(2)
-        generator.manual_seed(int(order_seed))
-        set_seed(int(augmentation_seed))
-        prepared_model.train()
+        generator.manual_seed(seed_epoch(config.seed, epoch))
         started = time.perf_counter()
-        total, batches = 0.0, 0
-        bar = tqdm(loader, desc=f"{description} {epoch + 1}/{config.epochs}", disable=not accelerator.is_local_main_process, leave=False)
-        for batch in bar:
-            with accelerator.autocast():
-                loss = batch_loss(prepared_model, batch)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            scheduler.step()
-            total += loss.item()
-            batches += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        record: dict[str, Any] = {
-            "epoch": epoch + 1,
-            "loss": accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item(),
-            "seconds": time.perf_counter() - started,
-        }
+        loss = _run_epoch(prepared_model, loader, batch_loss, optimizer, scheduler, accelerator,
+                          f"{description} {epoch + 1}/{config.epochs}")
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - started}
         if eval_dataset is not None:
             record["eval_accuracy"] = evaluate(accelerator.unwrap_model(prepared_model), eval_dataset, accelerator)["accuracy"]
         history.append(record)
@@ -163,3 +159,31 @@ def fit(
     accelerator.wait_for_everyone()
     model.to(memory_format=torch.contiguous_format)
     return history
+
+
+def seed_epoch(seed: int, epoch: int) -> int:
+    """Seed the global RNGs (augmentation, MixUp) for ``epoch`` and return the loader's order seed.
+    Every epoch's randomness comes from (seed, epoch) alone, so a resumed run draws what an
+    uninterrupted one would."""
+    order_seed, augmentation_seed = np.random.SeedSequence([seed, epoch]).generate_state(2)
+    set_seed(int(augmentation_seed))
+    return int(order_seed)
+
+
+def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, optimizer: torch.optim.Optimizer, scheduler,
+               accelerator: Accelerator, description: str) -> float:
+    """One pass over ``loader``; the mean loss over the batches and the processes."""
+    model.train()
+    total, batches = 0.0, 0
+    bar = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process, leave=False)
+    for batch in bar:
+        with accelerator.autocast():
+            loss = batch_loss(model, batch)
+        optimizer.zero_grad(set_to_none=True)
+        accelerator.backward(loss)
+        optimizer.step()
+        scheduler.step()
+        total += loss.item()
+        batches += 1
+        bar.set_postfix(loss=f"{loss.item():.4f}")
+    return accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()

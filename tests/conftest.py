@@ -98,15 +98,11 @@ def accelerator():
 @pytest.fixture(scope="session")
 def teacher_dir(tmp_path_factory, accelerator) -> Path:
     """A model directory: resnet8 x0.5 trained 8 epochs on digits:train (test accuracy ~0.96)."""
-    from synthkd.pipelines.train_teacher import train_teacher
-    from synthkd.training import TrainConfig
+    from synthkd.pipelines.train_teacher import TeacherSettings, train_teacher
 
     out = tmp_path_factory.mktemp("teacher") / "model"
-    _, metrics = train_teacher(
-        "digits:train", TEACHER_ARCH, out, width=TEACHER_WIDTH,
-        train=TrainConfig(epochs=TEACHER_EPOCHS, batch_size=64, seed=0), flip=False,
-        eval_dataset="digits:test", accelerator=accelerator,
-    )
+    settings = TeacherSettings(arch=TEACHER_ARCH, width=TEACHER_WIDTH, epochs=TEACHER_EPOCHS, batch_size=64, flip=False)
+    _, metrics = train_teacher("digits:train", settings, out, seed=0, eval_dataset="digits:test", accelerator=accelerator)
     # Far above chance, or every test built on this teacher would prove little.
     assert metrics["eval"]["accuracy"] > 0.85, metrics["eval"]
     return out

@@ -165,8 +165,33 @@ def test_evaluate_json(flow):
 
 
 def test_models_command():
+    from synthkd.models import MODELS, create_model, is_registered
+
     names = ok("models").stdout.split()
-    assert "resnet8" in names and "resnet34" in names and len(names) == 7
+    assert names == MODELS.names() and "resnet8" in names
+    for name in names:  # every listed architecture is registered and builds
+        assert is_registered(name)
+        assert create_model(name, width=0.25, in_channels=1, num_classes=3)(torch.zeros(2, 1, 8, 8)).shape == (2, 3)
+
+
+def test_stage_commands_default_to_the_run_schema():
+    """One source per setting: each option of train-teacher, distill and search defaults to the
+    value the same key has in a `synthkd run` config that leaves it out."""
+    from synthkd.cli.options import cli_fields
+    from synthkd.pipelines.config import RunConfig
+    from synthkd.pipelines.distill import DistillSettings, StudentSettings
+    from synthkd.pipelines.search import SearchSettings
+    from synthkd.pipelines.train_teacher import TeacherSettings
+
+    config = RunConfig()
+    compared = 0
+    for command, settings, section in (("train-teacher", TeacherSettings, config.teacher), ("distill", DistillSettings, config.distill),
+                                       ("distill", StudentSettings, config.student), ("search", SearchSettings, config.search)):
+        options = {param.name: param.default for param in main.commands[command].params}
+        for spec in cli_fields(settings):
+            assert options[spec.name] == getattr(section, spec.name), (command, spec.name)
+            compared += 1
+    assert compared >= 25
 
 
 def test_generate_with_a_model_given_as_code(tmp_path):

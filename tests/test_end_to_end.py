@@ -14,8 +14,8 @@ from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.pipelines.demo import run_demo
 from synthkd.pipelines.distill import build_student, distill_e2e
 from synthkd.pipelines.generate import generate
-from synthkd.pipelines.train_teacher import train_teacher
-from synthkd.training import TrainConfig
+from synthkd.pipelines.train_teacher import TeacherSettings, train_teacher
+from synthkd.training import TrainSettings
 
 
 @pytest.mark.slow
@@ -23,8 +23,8 @@ def test_data_free_distillation_on_digits(tmp_path, accelerator):
     # Calibration (2-core CPU, one thread, seeds 0-3): teacher 0.984-0.996, student 0.91-0.92
     # in ~8 s; flips in distillation help even on digits (the teacher labels every view).
     teacher, teacher_metrics = train_teacher(
-        "digits:train", "resnet8", tmp_path / "teacher", width=1.0, train=TrainConfig(epochs=15, seed=0),
-        flip=False, eval_dataset="digits:test", accelerator=accelerator,
+        "digits:train", TeacherSettings(arch="resnet8", width=1.0, epochs=15, flip=False), tmp_path / "teacher", seed=0,
+        eval_dataset="digits:test", accelerator=accelerator,
     )
     assert teacher_metrics["eval"]["accuracy"] >= 0.95
 
@@ -36,7 +36,7 @@ def test_data_free_distillation_on_digits(tmp_path, accelerator):
     student = build_student("resnet8", teacher, width=0.5)
     student, metrics = distill_e2e(
         teacher, student, tmp_path / "synthetic", tmp_path / "student",
-        TrainConfig(epochs=25, lr=0.05, batch_size=32, seed=0), flip=True,
+        TrainSettings(epochs=25, lr=0.05, batch_size=32, seed=0), flip=True,
         eval_dataset="digits:test", accelerator=accelerator,
     )
     student_accuracy = metrics["student"]["accuracy"]

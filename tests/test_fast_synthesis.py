@@ -20,11 +20,11 @@ from synthkd.generators.activations import ActivationConfig, ActivationSynthesiz
 from synthkd.generators.fast import STATE_NAME, FastConfig, FastGenerator
 from synthkd.losses import BatchNormStatisticsLoss
 from synthkd.models import Classifier
-from synthkd.neighbourhood_training import NeighbourhoodConfig
+from synthkd.neighbourhood_training import NeighbourhoodSettings
 from synthkd.pipelines.activations import generate_activations
 from synthkd.pipelines.distill import build_student, distill_neighbourhood
 from synthkd.pipelines.generate import generate
-from synthkd.training import TrainConfig
+from synthkd.training import TrainSettings
 
 from conftest import REPO, run_killed_after_shards, subprocess_env
 from test_cli import error_line, invoke
@@ -182,7 +182,7 @@ def test_activation_set_resumes_and_trains_neighbourhoods_without_images(teacher
     dataset = ActivationDataset(out)
     assert len(dataset) == 48 and len(dataset[0]) == len(manifest["names"])
     student = build_student("resnet8", teacher, 0.5, seed=0)
-    config = NeighbourhoodConfig(epochs=2, batch_size=16, holdout=8)
+    config = NeighbourhoodSettings(epochs=2, batch_size=16, holdout=8)
     _, metrics = distill_neighbourhood(teacher, student, out, tmp_path / "student", config, None, "digits:test[:100]",
                                        accelerator, inputs="activations")
     assert metrics["inputs"] == "activations" and set(metrics["neighbourhoods"]) == set(manifest["names"])
@@ -191,10 +191,10 @@ def test_activation_set_resumes_and_trains_neighbourhoods_without_images(teacher
 
     with pytest.raises(SynthkdError, match="needs images"):
         distill_neighbourhood(teacher, build_student("resnet8", teacher, 0.5), out, tmp_path / "s2", config,
-                              TrainConfig(epochs=1), accelerator=accelerator, inputs="activations")
+                              TrainSettings(epochs=1), accelerator=accelerator, inputs="activations")
     with pytest.raises(SynthkdError, match="cuts"):
         distill_neighbourhood(teacher, build_student("resnet8", teacher, 0.5), out, tmp_path / "s3",
-                              NeighbourhoodConfig(cuts="stages", epochs=1), accelerator=accelerator, inputs="activations")
+                              NeighbourhoodSettings(cuts="stages", epochs=1), accelerator=accelerator, inputs="activations")
 
 
 def interleaved_command(teacher_dir, data, out, epochs: int) -> list[str]:

@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from synthkd.losses import BatchNormStatisticsLoss, image_l2, jensen_shannon, kd_loss, total_variation
+from synthkd.errors import SynthkdError
+from synthkd.losses import DISTILLATION_LOSSES, BatchNormStatisticsLoss, image_l2, jensen_shannon, kd_loss, total_variation
 
 
 def test_kd_loss_zero_for_identical_logits_and_positive_otherwise():
@@ -43,6 +44,18 @@ def test_kd_loss_gradient_moves_student_towards_teacher():
         optimizer.step()
     assert kd_loss(student, teacher).item() < 0.05 * start
     assert torch.equal(student.argmax(1), teacher.argmax(1))
+
+
+def test_distillation_losses_by_name():
+    torch.manual_seed(0)
+    student, teacher = torch.randn(4, 5), torch.randn(4, 5)
+    for name in DISTILLATION_LOSSES.names():
+        loss = DISTILLATION_LOSSES.get(name)
+        assert loss(teacher, teacher, 4.0).item() == pytest.approx(0.0, abs=1e-6)  # nothing to learn from itself
+        assert loss(student, teacher, 4.0).item() > 0
+    assert {"kd", "mse"} <= set(DISTILLATION_LOSSES.names())
+    with pytest.raises(SynthkdError, match="kd"):
+        DISTILLATION_LOSSES.get("hinge")
 
 
 def test_total_variation():
@@ -88,23 +101,46 @@ def _bn_net(seed: int = 0) -> nn.Module:
     )
 
 
-def _manual_loss(net: nn.Module, x: torch.Tensor, first_layer_weight: float) -> float:
-    """The documented loss, computed without hooks: per BN layer, ||mean - running_mean|| +
-    ||biased var - running_var|| of its input, the first layer weighted."""
-    total, index = 0.0, 0
-    h = x
-    for module in net:
-        if isinstance(module, nn.BatchNorm2d):
-            mean = h.mean((0, 2, 3))
-            var = h.var((0, 2, 3), unbiased=False)
-            term = (mean - module.running_mean).norm() + (var - module.running_var).norm()
-            total += (first_layer_weight if index == 0 else 1.0) * term.item()
-            index += 1
-        h = module(h)
-    return total
+def _bn_loss(net: nn.Module, x: torch.Tensor, first_layer_weight: float = 10.0) -> float:
+    statistics = BatchNormStatisticsLoss(net, first_layer_weight=first_layer_weight, distributed=False)
+    with torch.no_grad():
+        net(x)
+    loss = statistics.loss().item()
+    statistics.remove()
+    return loss
 
 
-def test_bn_loss_matches_its_definition():
+def _matched_bn(x: torch.Tensor) -> nn.Module:
+    """One BatchNorm whose running statistics are those of ``x`` (biased variance)."""
+    bn = nn.BatchNorm2d(x.shape[1]).eval()
+    with torch.no_grad():
+        bn.running_mean.copy_(x.mean((0, 2, 3)))
+        bn.running_var.copy_(x.var((0, 2, 3), unbiased=False))
+    return bn
+
+
+def test_bn_loss_is_zero_on_the_running_statistics_and_grows_with_a_shift_of_the_mean():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 6, 6)
+    bn = _matched_bn(x)
+    assert _bn_loss(bn, x) == pytest.approx(0.0, abs=1e-4)
+    losses = [_bn_loss(bn, x + shift) for shift in (0.1, 0.2, 0.4, 0.8)]
+    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+    assert _bn_loss(bn, x - 0.4) == pytest.approx(losses[2], rel=1e-4)  # either direction alike
+
+
+def test_bn_loss_grows_with_a_change_of_the_variance():
+    torch.manual_seed(0)
+    x = torch.rand(8, 3, 6, 6)
+    bn = _matched_bn(x)
+    mean = x.mean((0, 2, 3), keepdim=True)
+    losses = [_bn_loss(bn, mean + scale * (x - mean)) for scale in (1.0, 1.5, 2.0, 3.0)]
+    assert losses[0] == pytest.approx(0.0, abs=1e-4)
+    assert all(a < b for a, b in zip(losses, losses[1:])), losses
+    assert _bn_loss(bn, mean + 0.5 * (x - mean)) > 0.0  # a narrower batch is off too
+
+
+def test_bn_loss_scales_with_the_first_layer_weight():
     net = _bn_net()
     with torch.no_grad():
         for m in net.modules():
@@ -113,10 +149,12 @@ def test_bn_loss_matches_its_definition():
                 m.running_var.uniform_(0.5, 2)
     net.eval()
     x = torch.rand(4, 3, 6, 6)
-    loss = BatchNormStatisticsLoss(net, first_layer_weight=3.0, distributed=False)
-    net(x)
-    assert loss.loss().item() == pytest.approx(_manual_loss(net, x, 3.0), rel=1e-4)
-    loss.remove()
+    one, two, three = (_bn_loss(net, x, weight) for weight in (1.0, 2.0, 3.0))
+    # Only the first layer's term is weighted: the loss is affine in the weight, and positive.
+    assert one > 0 and two > one
+    assert three - two == pytest.approx(two - one, rel=1e-4)
+    alone = _bn_loss(net[1], net[0](x), 1.0)  # the first BatchNorm on its own: its term at weight 1
+    assert two - one == pytest.approx(alone, rel=1e-4)
 
 
 def test_bn_loss_near_zero_when_running_stats_are_the_batch_stats():

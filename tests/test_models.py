@@ -12,16 +12,31 @@ from torch import nn
 
 from synthkd.errors import SynthkdError
 from synthkd.models import (
-    Classifier, InputFormat, ModelConfig, create_model, is_registered, list_models, load_model, unwrap,
+    MODELS, Classifier, InputFormat, ModelConfig, create_model, is_registered, list_models, load_model, register_model, unwrap,
 )
 
 ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34"]
 
 
 def test_zoo_lists_every_architecture():
-    assert sorted(list_models()) == sorted(ZOO)
-    assert all(is_registered(name) for name in ZOO)
+    assert list_models() == MODELS.names()
+    assert set(ZOO) <= set(list_models())
+    assert all(is_registered(name) for name in list_models())
     assert not is_registered("resnet9")
+    assert "neighbourhood-chain" in MODELS and "neighbourhood-chain" not in list_models()  # saved models name it
+
+
+def test_a_registered_architecture_joins_the_zoo():
+    @register_model("test-tiny")
+    def tiny(width: float = 1.0, in_channels: int = 3, num_classes: int = 10) -> nn.Module:
+        return nn.Sequential(nn.Flatten(), nn.LazyLinear(num_classes))
+
+    try:
+        assert "test-tiny" in list_models() and create_model("test-tiny", num_classes=4)(torch.zeros(2, 1, 4, 4)).shape == (2, 4)
+        with pytest.raises(SynthkdError, match="already registered"):
+            register_model("test-tiny")(lambda **kwargs: nn.Identity())
+    finally:
+        MODELS.unregister("test-tiny")
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -24,7 +24,7 @@ from synthkd.data.shards import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
 from synthkd.models import Classifier, ModelConfig, create_model
-from synthkd.neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, balance
+from synthkd.neighbourhood_training import NeighbourhoodSettings, NeighbourhoodDistiller, balance
 from synthkd.models.neighbourhoods import CutAdapter, fuse_adapters, resolve_cuts, split_network
 from synthkd.pipelines.distill import build_student, data_fingerprint
 
@@ -112,7 +112,7 @@ def test_cut_inside_a_residual_block(teacher, accelerator):
         split_network(create_model("resnet8", width=0.5), ["layer1.0.conv1"])
     student = build_student("resnet8", teacher, STUDENT_WIDTH)
     with pytest.raises(SynthkdError, match="bottleneck"):
-        NeighbourhoodDistiller(teacher, student, NeighbourhoodConfig(cuts="stem,layer1.0.bn1"), accelerator)
+        NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="stem,layer1.0.bn1"), accelerator)
 
 
 def test_student_with_other_spatial_sizes(teacher, accelerator, tmp_path):
@@ -129,7 +129,7 @@ def test_student_with_other_spatial_sizes(teacher, accelerator, tmp_path):
     """))
     student = build_student(f"{factory}:student", teacher)  # same classes: accepted as a student
     with pytest.raises(SynthkdError) as error:
-        NeighbourhoodDistiller(teacher, student, NeighbourhoodConfig(cuts="blocks"), accelerator)
+        NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks"), accelerator)
     assert "'layer1.0'" in str(error.value) and "spatial" in str(error.value)
 
 
@@ -139,20 +139,20 @@ def test_student_with_other_classes(teacher, accelerator):
         arch="resnet8", arch_kwargs={"width": STUDENT_WIDTH, "in_channels": 1, "num_classes": 5},
         input=fmt, class_names=[str(i) for i in range(5)]))
     with pytest.raises(SynthkdError) as error:
-        NeighbourhoodDistiller(teacher, student, NeighbourhoodConfig(cuts="stages"), accelerator)
+        NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="stages"), accelerator)
     assert "'head'" in str(error.value) and "classes" in str(error.value)
 
 
 def test_student_without_the_cut_path(teacher, accelerator):
     student = build_student("resnet20", teacher, STUDENT_WIDTH)  # has layer1.0..2, teacher layer1.0 only
-    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodConfig(cuts="stages"), accelerator)
+    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="stages"), accelerator)
     assert distiller.cuts == ["stem", "layer1", "layer2", "layer3"]  # deeper student, same stages: fine
     shallow = build_student("resnet8", teacher, STUDENT_WIDTH)
     teacher20 = Classifier.from_config(ModelConfig(
         arch="resnet20", arch_kwargs={"width": 0.5, "in_channels": 1, "num_classes": 10},
         input=teacher.input_format, class_names=list(teacher.config.class_names)))
     with pytest.raises(SynthkdError, match="layer1.2"):
-        NeighbourhoodDistiller(teacher20, shallow, NeighbourhoodConfig(cuts="blocks"), accelerator)
+        NeighbourhoodDistiller(teacher20, shallow, NeighbourhoodSettings(cuts="blocks"), accelerator)
 
 
 # --- adapters for a narrower student -----------------------------------------------------------
@@ -170,7 +170,7 @@ def test_fused_adapters_equal_the_pair():
 def distill(teacher, accelerator, out: Path, data: Path, student=None, **settings):
     """A NeighbourhoodDistiller trained on ``data`` into ``out``: (distiller, report)."""
     student = student if student is not None else build_student("resnet8", teacher, STUDENT_WIDTH, seed=0)
-    config = NeighbourhoodConfig(**{"cuts": "blocks", "epochs": 1, "batch_size": 16, "seed": 0, **settings})
+    config = NeighbourhoodSettings(**{"cuts": "blocks", "epochs": 1, "batch_size": 16, "seed": 0, **settings})
     distiller = NeighbourhoodDistiller(teacher, student, config, accelerator)
     dataset = SyntheticDataset(data)
     return distiller, distiller.train(dataset, out, data_fingerprint(data, dataset))
@@ -179,7 +179,7 @@ def distill(teacher, accelerator, out: Path, data: Path, student=None, **setting
 def test_narrower_student_is_trained_and_merged(teacher, accelerator, synthetic_dir, tmp_path):
     student = build_student("resnet8", teacher, STUDENT_WIDTH, seed=0)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodConfig(cuts="blocks", epochs=1, batch_size=16),
+    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks", epochs=1, batch_size=16),
                                        accelerator)
     assert distiller.cuts == BLOCK_CUTS
     assert distiller.channel_pairs == [(8, 4), (8, 4), (16, 8), (32, 16), None]
@@ -236,32 +236,29 @@ def test_same_width_student_needs_no_adapters(teacher, accelerator, synthetic_di
 # --- ranks -----------------------------------------------------------------------------------
 
 
-def test_balance_is_longest_processing_time_first():
-    assert balance([5, 3, 3, 2, 1], 2) == [[0, 3], [1, 2, 4]]
-    assert balance([1, 1, 1, 1], 2) == [[0, 2], [1, 3]]  # ties: lowest index, least loaded lowest rank
-    assert balance([4.0], 1) == [[0]]
+def test_balance_assigns_every_neighbourhood_once_with_balanced_loads():
     generator = random.Random(0)
-    for _ in range(50):
-        costs = [generator.uniform(0, 10) for _ in range(generator.randint(1, 12))]
-        ranks = generator.randint(1, 5)
+    cases = [([5, 3, 3, 2, 1], 2), ([1, 1, 1, 1], 2), ([4.0], 1)]
+    cases += [([generator.uniform(0, 10) for _ in range(generator.randint(1, 12))], generator.randint(1, 5)) for _ in range(50)]
+    for costs, ranks in cases:
         owned = balance(costs, ranks)
         assert owned == balance(list(costs), ranks)  # deterministic
         assert len(owned) == ranks
-        assert sorted(i for o in owned for i in o) == list(range(len(costs)))  # every index once
-        assert all(o == sorted(o) for o in owned)
+        assert sorted(i for o in owned for i in o) == list(range(len(costs)))  # every neighbourhood exactly once
         loads = [sum(costs[i] for i in o) for o in owned]
-        # LPT: no rank is above the lightest by more than the largest single cost
+        # no rank is above the lightest by more than the largest single cost
         assert max(loads) - min(loads) <= max(costs) + 1e-9
 
 
 def test_more_ranks_than_neighbourhoods():
     owned = balance([3.0, 2.0, 1.0], 5)
-    assert owned == [[0], [1], [2], [], []]
+    assert sorted(i for o in owned for i in o) == [0, 1, 2]
+    assert all(len(o) <= 1 for o in owned) and sum(not o for o in owned) == 2  # one each, two ranks left idle
 
 
 def test_flops_and_assignment_of_a_distiller(teacher, accelerator):
     student = build_student("resnet8", teacher, STUDENT_WIDTH)
-    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodConfig(cuts="blocks"), accelerator)
+    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks"), accelerator)
     assert len(distiller.flops) == 5 and all(f > 0 for f in distiller.flops)
     assert distiller.flops[4] < min(distiller.flops[:4])  # the head (pool + linear) is the lightest
     assert distiller.assignment == [list(range(5))] and distiller.owned == list(range(5))
@@ -281,7 +278,7 @@ def test_a_neighbourhood_trains_the_same_on_any_rank(teacher, accelerator, synth
     shares += [[k] for k in range(len(alone.neighbourhoods))]
     for rank, share in enumerate(shares):
         distiller = NeighbourhoodDistiller(teacher, build_student("resnet8", teacher, width, seed=0),
-                                           NeighbourhoodConfig(cuts=cuts, epochs=1, batch_size=16, seed=0), accelerator)
+                                           NeighbourhoodSettings(cuts=cuts, epochs=1, batch_size=16, seed=0), accelerator)
         distiller.owned = share
         dataset = SyntheticDataset(synthetic_dir)
         report = distiller.train(dataset, tmp_path / f"rank{rank}", data_fingerprint(synthetic_dir, dataset))

@@ -22,12 +22,11 @@ from synthkd.data import load_dataset
 from synthkd.evaluation import evaluate
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier, ModelConfig
-from synthkd.neighbourhood_training import NeighbourhoodConfig, count_flops
-from synthkd.pipelines.search import explore, search
+from synthkd.neighbourhood_training import count_flops
+from synthkd.pipelines.search import SearchSettings, explore, search
 from synthkd.search import Candidate, candidate_space, pareto_frontier, parse_budget, select
 from synthkd.search.costs import count_parameters
 from synthkd.search.knapsack import Solution
-from synthkd.training import TrainConfig
 
 from conftest import REPO, free_port, subprocess_env
 from test_neighbourhoods import launcher
@@ -35,7 +34,12 @@ from test_neighbourhoods import launcher
 # The tiny teacher is resnet8 x0.5 (one block per stage); these candidates give each of its five
 # stage-level neighbourhoods six options (three widths, each also pruned to half its weights).
 SPACE = "width=0.25,0.5,1.0;sparsity=0.5"
-CONFIG = dict(cuts="stages", epochs=1, batch_size=16, seed=0)
+CONFIG = dict(cuts="stages", epochs=1, batch_size=16)
+
+
+def settings(cache_dir, **changes) -> SearchSettings:
+    """The search settings of these tests, over SPACE, with ``changes``."""
+    return SearchSettings(**{"candidates": SPACE, "cache_dir": str(cache_dir), **CONFIG, **changes})
 
 
 # --- the knapsack ----------------------------------------------------------------------------
@@ -133,8 +137,7 @@ def test_fewer_blocks_need_stage_cuts(teacher, synthetic_dir, tmp_path, accelera
         arch="resnet14", arch_kwargs={"width": 0.25, "in_channels": 1, "num_classes": 10},
         input=teacher.input_format, class_names=list(teacher.config.class_names)))
     with pytest.raises(SynthkdError, match=r"candidate 'w1-d1'.*layer1.1.*stage-level cuts"):
-        explore(deeper, synthetic_dir, "width=1;depth=1", NeighbourhoodConfig(cuts="blocks", epochs=1),
-                cache_dir=tmp_path, accelerator=accelerator)
+        explore(deeper, synthetic_dir, settings(tmp_path, candidates="width=1;depth=1", cuts="blocks"), accelerator=accelerator)
 
 
 # --- a search end to end ---------------------------------------------------------------------
@@ -155,8 +158,7 @@ def chained(exploration, choice, x):
 
 def test_search_end_to_end(teacher, synthetic_dir, cache_dir, tmp_path, accelerator):
     out = tmp_path / "student"
-    student, report = search(teacher, synthetic_dir, out, "params=0.5", SPACE, NeighbourhoodConfig(**CONFIG),
-                             finetune=TrainConfig(epochs=0), eval_dataset="digits:test", cache_dir=cache_dir,
+    student, report = search(teacher, synthetic_dir, out, settings(cache_dir, budget="params=0.5"), eval_dataset="digits:test",
                              accelerator=accelerator)
     assert report["trained"] == 5 * 6 and report["cached"] == 0  # 3 widths, each also pruned; 5 neighbourhoods
     assert [row["neighbourhood"] for row in report["chosen"]] == ["stem", "layer1", "layer2", "layer3", "head"]
@@ -184,7 +186,7 @@ def test_search_end_to_end(teacher, synthetic_dir, cache_dir, tmp_path, accelera
 
     # Merging (fusing each cut's adapter pair) changes nothing: the student equals the chain of
     # the trained neighbourhoods with their own adapters.
-    exploration = explore(teacher, synthetic_dir, SPACE, NeighbourhoodConfig(**CONFIG), cache_dir=cache_dir, accelerator=accelerator)
+    exploration = explore(teacher, synthetic_dir, settings(cache_dir), accelerator=accelerator)
     images = torch.rand(8, *fmt.shape)
     for choice in [tuple(rng.randrange(len(o)) for o in exploration.options) for rng in [random.Random(s) for s in range(4)]]:
         with torch.no_grad():
@@ -212,8 +214,8 @@ def test_search_end_to_end(teacher, synthetic_dir, cache_dir, tmp_path, accelera
 def test_pruned_weights_stay_zero_through_the_finetune(teacher, synthetic_dir, cache_dir, tmp_path, accelerator):
     # Only the teacher's width, dense or pruned: 60% of the teacher's parameters needs pruned pieces.
     out = tmp_path / "student"
-    _, report = search(teacher, synthetic_dir, out, "params=0.6", "width=1;sparsity=0.5", NeighbourhoodConfig(**CONFIG),
-                       finetune=TrainConfig(epochs=1, batch_size=16, lr=0.01), cache_dir=cache_dir, accelerator=accelerator)
+    _, report = search(teacher, synthetic_dir, out, settings(cache_dir, budget="params=0.6", candidates="width=1;sparsity=0.5",
+                                                            finetune_epochs=1, finetune_lr=0.01), accelerator=accelerator)
     sparse = [k for k, row in enumerate(report["chosen"]) if row["candidate"] == "w1-s0.5"]
     assert sparse
     loaded = Classifier.from_pretrained(out)
@@ -226,28 +228,26 @@ def test_pruned_weights_stay_zero_through_the_finetune(teacher, synthetic_dir, c
 
 def test_second_search_trains_nothing(teacher, synthetic_dir, cache_dir, tmp_path, accelerator):
     """Another budget (and kind) over the same space: every piece comes from the cache."""
-    config = NeighbourhoodConfig(**CONFIG)
-    first = explore(teacher, synthetic_dir, SPACE, config, cache_dir=cache_dir, accelerator=accelerator)
-    _, report = search(teacher, synthetic_dir, tmp_path / "again", "flops=0.3", SPACE, config, cache_dir=cache_dir,
-                       accelerator=accelerator)
+    first = explore(teacher, synthetic_dir, settings(cache_dir), accelerator=accelerator)
+    _, report = search(teacher, synthetic_dir, tmp_path / "again", settings(cache_dir, budget="flops=0.3"), accelerator=accelerator)
     assert report["trained"] == 0 and report["cached"] == 30
     assert report["chosen_costs"]["flops"] <= report["limit"]
     for options, again in zip(first.options, report["options"].values()):
         assert [o.relative_mse for o in options] == [o["relative_mse"] for o in again]
     # Other training settings are other cache entries.
-    _, report = search(teacher, synthetic_dir, tmp_path / "other", "params=0.5", "width=0.5",
-                       NeighbourhoodConfig(**{**CONFIG, "lr": 0.005}), cache_dir=cache_dir, accelerator=accelerator)
+    _, report = search(teacher, synthetic_dir, tmp_path / "other", settings(cache_dir, candidates="width=0.5", lr=0.005),
+                       accelerator=accelerator)
     assert report["trained"] == 5 and report["cached"] == 0
 
 
 def test_corrupt_cache_entry_is_retrained(teacher, synthetic_dir, tmp_path, accelerator, capfd):
     cache = tmp_path / "cache"
-    config = NeighbourhoodConfig(**CONFIG)
-    explore(teacher, synthetic_dir, "width=0.5", config, cache_dir=cache, accelerator=accelerator)
+    config = settings(cache, candidates="width=0.5")
+    explore(teacher, synthetic_dir, config, accelerator=accelerator)
     (entry,) = cache.iterdir()
     (entry / "neighbourhoods" / "02.safetensors").write_bytes(b"\x00garbage")
     capfd.readouterr()
-    exploration = explore(teacher, synthetic_dir, "width=0.5", config, cache_dir=cache, accelerator=accelerator)
+    exploration = explore(teacher, synthetic_dir, config, accelerator=accelerator)
     assert [o.resumed for options in exploration.options for o in options] == [True, True, False, True, True]
     stderr = capfd.readouterr().err
     assert "'layer2'" in stderr and "corrupt" in stderr and "training it again" in stderr
@@ -266,7 +266,7 @@ def test_infeasible_and_unknown_budgets(teacher_dir, synthetic_dir, tmp_path):
     assert "Traceback" not in result.output and not (tmp_path / "s").exists()
     assert not (tmp_path / "cache").exists()  # refused before any piece was distilled
     result = run("watts=3")
-    assert result.exit_code == 2 and result.stderr.strip().startswith("error: unknown budget kind 'watts'")
+    assert result.exit_code == 2 and result.stderr.strip().startswith("error: --budget unknown budget kind 'watts'")
 
 
 def test_cli_search(teacher_dir, synthetic_dir, cache_dir, tmp_path):

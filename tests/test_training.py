@@ -11,8 +11,8 @@ from synthkd.data import load_dataset
 from synthkd.errors import SynthkdError
 from synthkd.evaluation import accuracy_report, evaluate, predict
 from synthkd.models import Classifier, InputFormat, ModelConfig
-from synthkd.pipelines.train_teacher import train_teacher
-from synthkd.training import TrainConfig, fit
+from synthkd.pipelines.train_teacher import TeacherSettings, train_teacher
+from synthkd.training import TrainSettings, fit
 
 
 def _model(seed: int = 0) -> Classifier:
@@ -32,7 +32,7 @@ def _cross_entropy(net, batch):
 def test_fit_lowers_the_loss_and_restores_the_model(accelerator):
     data = load_dataset("digits:train[:256]")
     model = _model()
-    history = fit(model, data, _cross_entropy, TrainConfig(epochs=4, batch_size=32, lr=0.05), accelerator,
+    history = fit(model, data, _cross_entropy, TrainSettings(epochs=4, batch_size=32, lr=0.05), accelerator,
                   eval_dataset=load_dataset("digits:test[:100]"))
     assert [h["epoch"] for h in history] == [1, 2, 3, 4]
     assert history[-1]["loss"] < 0.7 * history[0]["loss"], history
@@ -46,8 +46,8 @@ def test_fit_lowers_the_loss_and_restores_the_model(accelerator):
 
 def test_training_is_reproducible_from_its_seed(tmp_path, accelerator):
     def run(seed, name):
-        model, _ = train_teacher("digits:train[:128]", "resnet8", tmp_path / name, width=0.25,
-                                 train=TrainConfig(epochs=1, batch_size=32, seed=seed), accelerator=accelerator)
+        model, _ = train_teacher("digits:train[:128]", TeacherSettings(arch="resnet8", width=0.25, epochs=1, batch_size=32),
+                                 tmp_path / name, seed=seed, accelerator=accelerator)
         return model.fingerprint()
 
     first = run(0, "a")
@@ -65,7 +65,7 @@ def _noisy_cross_entropy(net, batch):
 
 def test_an_interrupted_fit_resumes_after_its_last_epoch(tmp_path, accelerator):
     data = load_dataset("digits:train[:256]")
-    config = TrainConfig(epochs=3, batch_size=32, lr=0.05)
+    config = TrainSettings(epochs=3, batch_size=32, lr=0.05)
     uninterrupted = _model()
     expected = fit(uninterrupted, data, _noisy_cross_entropy, config, accelerator)
 
@@ -90,10 +90,10 @@ def test_an_interrupted_fit_resumes_after_its_last_epoch(tmp_path, accelerator):
 
 def test_a_checkpoint_of_other_settings_is_refused(tmp_path, accelerator):
     data = load_dataset("digits:train[:64]")
-    fit(_model(), data, _cross_entropy, TrainConfig(epochs=1, batch_size=32), accelerator, checkpoint_dir=tmp_path)
+    fit(_model(), data, _cross_entropy, TrainSettings(epochs=1, batch_size=32), accelerator, checkpoint_dir=tmp_path)
     before = (tmp_path / "training_state.pt").read_bytes()
     with pytest.raises(SynthkdError, match="lr"):
-        fit(_model(), data, _cross_entropy, TrainConfig(epochs=1, batch_size=32, lr=0.5), accelerator, checkpoint_dir=tmp_path)
+        fit(_model(), data, _cross_entropy, TrainSettings(epochs=1, batch_size=32, lr=0.5), accelerator, checkpoint_dir=tmp_path)
     assert (tmp_path / "training_state.pt").read_bytes() == before
 
 

@@ -6,32 +6,29 @@ import json
 
 import click
 
+from synthkd.pipelines.distill import DistillSettings, StudentSettings
+from synthkd.pipelines.train_teacher import TeacherSettings
+
 from ..errors import SynthkdError
 from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .options import settings_options
 from .diffusion import build_selection, diffusion_options, echo_report, selection_options
 from .fast import activation_options, fast_generator_options, synthesis_options
 
 
 @main.command("train-teacher")
 @click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
-@click.option("--arch", default="resnet20", show_default=True, help="Zoo architecture (see `synthkd models`).")
-@click.option("--width", type=float, default=1.0, show_default=True, help="Width multiplier.")
-@click.option("--epochs", type=int, default=15, show_default=True)
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, default=0.1, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--flip/--no-flip", default=True, show_default=True, help="Random horizontal flips while training.")
+@settings_options(TeacherSettings, "settings")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-def train_teacher_command(dataset, arch, width, epochs, batch_size, lr, seed, flip, eval_dataset, mixed_precision, out):
+def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision, out):
     """Train a teacher on a real dataset and save it as a model directory."""
     from synthkd.pipelines.train_teacher import train_teacher
-    from synthkd.training import TrainConfig
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed)
     accelerator = make_accelerator(mixed_precision)
-    _, metrics = train_teacher(dataset, arch, out, width, config, flip, eval_dataset, accelerator)
+    _, metrics = train_teacher(dataset, settings, out, seed, eval_dataset, accelerator)
     if accelerator.is_main_process and "eval" in metrics:
         click.echo(f"teacher accuracy on {eval_dataset}: {metrics['eval']['accuracy']:.4f}")
 
@@ -97,52 +94,34 @@ def generate(model_spec, weights, input_shape, mean, std, method, num_images, it
 
 @main.command()
 @model_options("teacher", "--teacher-weights")
-@click.option("--student", default="resnet20", show_default=True,
-              help="Zoo architecture, or a model directory / FILE.py:factory to start from.")
-@click.option("--student-width", type=float, default=0.5, show_default=True, help="Width multiplier of a zoo student.")
+@settings_options(StudentSettings, "student")
 @click.option("--data", required=True, type=click.Path(),
               help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference).")
-@click.option("--mode", type=click.Choice(["e2e", "neighbourhood"]), default="e2e", show_default=True)
-@click.option("--cuts", default="blocks", show_default=True,
-              help="Neighbourhood mode: blocks, stages, or comma-separated module paths.")
-@click.option("--epochs", type=int, default=30, show_default=True)
-@click.option("--finetune-epochs", type=int, default=0, show_default=True,
-              help="Neighbourhood mode: end-to-end KD epochs after the merge.")
-@click.option("--batch-size", type=int, default=128, show_default=True)
-@click.option("--lr", type=float, help="Learning rate: default 0.05 (e2e, SGD) or 0.01 (each neighbourhood, Adam).")
-@click.option("--temperature", type=float, default=4.0, show_default=True)
-@click.option("--mixup", type=float, default=1.0, show_default=True, help="MixUp Beta alpha on synthetic images (0: off).")
-@click.option("--flip/--no-flip", default=True, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@settings_options(DistillSettings, "settings")
+@click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
 @mixed_precision_option
 @synthesis_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
-def distill(model_spec, weights, input_shape, mean, std, student, student_width, data, mode, cuts, epochs, finetune_epochs,
-            batch_size, lr, temperature, mixup, flip, seed, eval_dataset, mixed_precision, out, synthesize, inputs,
-            **synthesis):
+def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, mixed_precision, out,
+            synthesize, inputs, **synthesis):
     """Distill a student from the teacher on a synthetic set."""
-    from synthkd.pipelines.distill import build_student, distill_student
+    from synthkd.pipelines.distill import build_student, distill as run_distill
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
-    student_model = build_student(student, teacher, student_width, seed)
-    accelerator = make_accelerator(mixed_precision)
-    if synthesize != "none" and mode != "e2e":
+    if synthesize != "none" and settings.mode != "e2e":
         raise SynthkdError("--synthesize trains end to end; use --mode e2e with it")
-    if inputs == "activations" and mode != "neighbourhood":
+    if inputs == "activations" and settings.mode != "neighbourhood":
         raise SynthkdError("--inputs activations feeds each neighbourhood its own inputs; use --mode neighbourhood")
+    accelerator = make_accelerator(mixed_precision)
     if synthesize == "fast":
-        from synthkd.training import TrainConfig
-
         from .fast import run_interleaved
 
-        train = TrainConfig(epochs=epochs, batch_size=batch_size, lr=0.05 if lr is None else lr, seed=seed)
-        _, metrics = run_interleaved(teacher, student_model, data, out, train, temperature, flip, mixup, seed,
-                                     eval_dataset, accelerator, synthesis)
+        student_model = build_student(student.arch, teacher, student.width, seed)
+        _, metrics = run_interleaved(teacher, student_model, data, out, settings.training(seed), settings.temperature,
+                                     settings.flip, settings.mixup, seed, eval_dataset, accelerator, synthesis)
     else:
-        _, metrics = distill_student(teacher, student_model, data, out, mode, epochs, batch_size, lr, temperature, mixup,
-                                     flip, seed, cuts, finetune_epochs, eval_dataset=eval_dataset, accelerator=accelerator,
-                                     inputs=inputs)
+        _, metrics = run_distill(teacher, student, data, out, settings, seed, eval_dataset, accelerator, inputs)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
@@ -153,9 +132,9 @@ def distill(model_spec, weights, input_shape, mean, std, student, student_width,
 @main.command()
 def models() -> None:
     """List the zoo architectures."""
-    from ..models import list_models
+    from ..models import MODELS
 
-    for name in list_models():
+    for name in MODELS.names():
         click.echo(name)
 
 

@@ -28,6 +28,8 @@ def _option(spec: dataclasses.Field, hint: Any, help_prefix: str, default: Any) 
     if bare is bool:
         return click.option(f"{flag}/--no-{flag.removeprefix('--')}", spec.name, **kwargs)
     names = choices_of(spec)
+    if names is None and typing.get_origin(bare) is Literal:  # a string annotation (postponed evaluation)
+        names = [str(v) for v in typing.get_args(bare)]
     if typing.get_origin(bare) is Literal and names is not None:
         kwargs["type"] = click.Choice(names)
     elif typing.get_origin(bare) in (list, tuple):

@@ -11,11 +11,11 @@ import torch
 from ..errors import SynthkdError
 from . import chain, resnet  # noqa: F401  (registers the zoo)
 from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap, weights_fingerprint
-from .registry import create_model, is_registered, list_models, register_model
+from .registry import MODELS, create_model, is_registered, list_models, register_model
 
 __all__ = [
-    "Classifier", "InputFormat", "ModelConfig", "create_model", "import_factory", "is_registered",
-    "list_models", "load_model",
+    "MODELS", "Classifier", "InputFormat", "ModelConfig", "create_model", "import_factory", "is_registered",
+    "list_models", "load_model", "model_source_problem",
     "register_model", "unwrap", "weights_fingerprint",
 ]
 
@@ -52,3 +52,19 @@ def load_model(
         raise SynthkdError(f"{spec} returns a tensor of shape {tuple(logits.shape)}; a classifier returns N x classes")
     names = [str(i) for i in range(logits.shape[1])]
     return Classifier(net, ModelConfig(arch=spec, input=fmt, class_names=names))
+
+
+def model_source_problem(spec: str, zoo: bool = False) -> str | None:
+    """Why ``spec`` cannot name a model (a model directory, FILE.py:factory, module:factory, and
+    with ``zoo`` a zoo architecture), or None; a module is only imported when the model is built."""
+    if zoo and is_registered(spec):
+        return None
+    if Path(spec).is_dir():
+        return None
+    module_or_file, sep, _ = spec.rpartition(":")
+    if sep and module_or_file.endswith(".py"):
+        return None if Path(module_or_file).is_file() else f"no file {module_or_file}"
+    if sep:
+        return None
+    what = "a zoo architecture, " if zoo else ""
+    return f"{spec!r} is neither {what}a model directory nor FILE.py:factory"

@@ -1,4 +1,8 @@
-"""The model zoo: architectures by name, each a factory taking width, in_channels, num_classes."""
+"""The model zoo: architectures by name, each a factory taking width, in_channels, num_classes.
+
+A new architecture is one module whose factory carries ``@register_model("name")`` (imported by
+``synthkd.models``); ``synthkd models``, ``--arch`` and the run schema read :data:`MODELS`.
+"""
 
 from __future__ import annotations
 
@@ -6,38 +10,21 @@ from typing import Callable
 
 from torch import nn
 
-from ..errors import SynthkdError
+from ..registry import Registry
 
-_REGISTRY: dict[str, Callable[..., nn.Module]] = {}
-_UNLISTED: set[str] = set()
+MODELS: Registry[Callable[..., nn.Module]] = Registry(
+    "architecture", hint="or pass your own model as path/to/file.py:factory or package.module:factory")
 
-
-def register_model(name: str, listed: bool = True):
-    """Decorator adding a factory to the zoo under ``name``; ``listed=False`` for architectures
-    that saved models name but nobody picks as a student (e.g. a searched student's chain)."""
-
-    def decorate(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
-        _REGISTRY[name] = factory
-        if not listed:
-            _UNLISTED.add(name)
-        return factory
-
-    return decorate
-
-
-def list_models() -> list[str]:
-    return sorted(set(_REGISTRY) - _UNLISTED)
+# ``listed=False`` for architectures that saved models name but nobody picks as a student
+# (e.g. a searched student's chain).
+register_model = MODELS.register
+list_models = MODELS.names
 
 
 def is_registered(name: str) -> bool:
-    return name in _REGISTRY
+    return name in MODELS
 
 
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a zoo architecture, e.g. ``create_model("resnet20", width=0.5, in_channels=1)``."""
-    if name not in _REGISTRY:
-        raise SynthkdError(
-            f"unknown architecture {name!r}; the zoo has {', '.join(list_models())} "
-            "(or pass your own model as path/to/file.py:factory or package.module:factory)"
-        )
-    return _REGISTRY[name](**kwargs)
+    return MODELS.get(name)(**kwargs)

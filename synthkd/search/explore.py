@@ -32,7 +32,7 @@ from torch.utils.data import Dataset
 from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
-from ..neighbourhood_training import NeighbourhoodConfig, NeighbourhoodDistiller, StudentNeighbourhood, balance
+from ..neighbourhood_training import NeighbourhoodSettings, NeighbourhoodDistiller, StudentNeighbourhood, balance
 from ..models.neighbourhoods import CutAdapter, adapter_key, fuse_adapters
 from .costs import KINDS, measure, weight_free_cost
 from .knapsack import Solution, pareto_frontier
@@ -107,7 +107,7 @@ class _Task:
 class Exploration:
     """Every distilled option of every neighbourhood with its costs; frontiers and merging."""
 
-    def __init__(self, teacher: Classifier, space: list[Candidate], config: NeighbourhoodConfig, sparsity_epochs: int,
+    def __init__(self, teacher: Classifier, space: list[Candidate], config: NeighbourhoodSettings, sparsity_epochs: int,
                  accelerator: Accelerator):
         self.teacher = teacher
         self.space = space
@@ -134,7 +134,7 @@ class Exploration:
         self.teacher_costs: dict[str, float] = {}
         self._adapter_costs: dict[tuple[int, tuple[int, int]], dict[str, float]] = {}
 
-    def _distiller(self, candidate: Candidate, config: NeighbourhoodConfig, owned: list[int]) -> NeighbourhoodDistiller:
+    def _distiller(self, candidate: Candidate, config: NeighbourhoodSettings, owned: list[int]) -> NeighbourhoodDistiller:
         student = build_candidate(self.teacher, candidate, config.seed)
         return NeighbourhoodDistiller(self.teacher, student, config, self.accelerator, owned=owned)
 
