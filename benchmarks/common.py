@@ -42,7 +42,7 @@ def standard_teacher(config: dict[str, Any], epochs: int, cache: Path, timings: 
 def standard_synthetic(config: dict[str, Any], teacher, num_images: int, iterations: int, cache: Path,
                        timings: dict[str, float]) -> Path:
     """The inverted synthetic set of the standard setting, kept in the cache (resumes if stopped)."""
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+    from synthkd.generators.inversion import ActivationInversion, InversionSettings
     from synthkd.pipelines.generate import generate
 
     gen = config["generate"]
@@ -53,7 +53,7 @@ def standard_synthetic(config: dict[str, Any], teacher, num_images: int, iterati
         timings["generate_seconds (cached, not timed)"] = 0.0
         return directory
     with timed(timings, "generate_seconds"):
-        generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=gen["lr"])),
+        generate(teacher, ActivationInversion(teacher, InversionSettings(iterations=iterations, lr=gen["lr"])),
                  num_images, directory, gen["batch_size"])
     return directory
 

@@ -16,7 +16,7 @@ from typing import Any
 from accelerate import Accelerator
 
 from synthkd.accelerator import make_accelerator
-from synthkd.generators.inversion import ActivationInversion, InversionConfig
+from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.data.datasets import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
@@ -72,7 +72,7 @@ def run_demo(out: str | os.PathLike, dataset: str = "auto", accelerator: Acceler
 
     started = time.perf_counter()
     data_dir = out / "synthetic"  # a finished set is verified and reused, an interrupted one resumed
-    generator = ActivationInversion(teacher.to(accelerator.device), InversionConfig(iterations=setting.iterations, flip=setting.flip))
+    generator = ActivationInversion(teacher.to(accelerator.device), InversionSettings(iterations=setting.iterations, flip=setting.flip))
     generate(teacher, generator, setting.num_images, data_dir, batch_size=256, accelerator=accelerator)
     timings["generate_seconds"] = time.perf_counter() - started
 
