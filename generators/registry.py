@@ -4,20 +4,23 @@
 A method is one module that registers a :class:`GeneratorEntry` under its name. Its settings
 class (if any) becomes ``generate.<method>:`` in a run config and ``--method-option KEY=VALUE``
 on the command line (the built-in sections, ``fast``, ``diffusion`` and ``activations``, are
-fields of the generate settings with options of their own). The built-in modules are imported on
-first use, by name, so registering needs no import of this package's other modules.
+fields of the generate settings with options of their own). Every module of this package is
+imported on first use (found on disk, so a new built-in method is its module alone), and this
+module imports none of them by name: they import it to register, with no cycle.
 """
 
 from __future__ import annotations
 
 import importlib
+import pkgutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Literal
 
 from synthkd.registry import Registry
 from synthkd.settings import Settings
 
-BUILT_IN = ("inversion", "fast", "diffusion", "activations")
+DEFAULT_METHOD = "inversion"
 
 
 @dataclass(frozen=True)
@@ -40,8 +43,8 @@ class GeneratorEntry:
 
 
 def _load_built_in() -> None:
-    for name in BUILT_IN:
-        importlib.import_module(f"{__package__}.{name}")
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):
+        importlib.import_module(f"{__package__}.{module.name}")
 
 
 GENERATORS: Registry[GeneratorEntry] = Registry(
@@ -49,8 +52,8 @@ GENERATORS: Registry[GeneratorEntry] = Registry(
 
 
 def method_names() -> list[str]:
-    """The registered methods, the built-ins first in their usual order."""
-    return sorted(GENERATORS.names(), key=lambda name: BUILT_IN.index(name) if name in BUILT_IN else len(BUILT_IN))
+    """The registered methods, the default first, then in the order they registered."""
+    return sorted(GENERATORS.names(), key=lambda name: name != DEFAULT_METHOD)
 
 
 def method_help() -> str:

@@ -29,7 +29,7 @@ from synthkd.generators.base import SyntheticImageGenerator, teacher_record
 from synthkd.generators.diffusion import DiffusionSettings
 from synthkd.generators.fast import FastSettings
 from synthkd.generators.inversion import InversionSettings
-from synthkd.generators.registry import GENERATORS, method_help, method_names
+from synthkd.generators.registry import DEFAULT_METHOD, GENERATORS, method_help, method_names
 from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
 from synthkd.settings import Settings, setting, show
@@ -65,7 +65,7 @@ class GenerateSettings(InversionSettings):
     ``activations`` hold those methods' own settings; any other registered method's settings are
     ``generate.<method>`` (``--method-option KEY=VALUE`` on the command line)."""
 
-    method: str = setting("inversion", choices=method_names, help=f"How the inputs are made. {method_help()}.")
+    method: str = setting(DEFAULT_METHOD, choices=method_names, help=f"How the inputs are made. {method_help()}.")
     num_images: int = setting(6144, positive=True,
                               help="Images to make (inputs per neighbourhood with --method activations).")
     batch_size: int = setting(256, positive=True, help="Images per batch (and per shard).")
