@@ -16,14 +16,13 @@ from typing import Any
 from accelerate import Accelerator
 
 from synthkd.accelerator import make_accelerator
-from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.data.datasets import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
 from synthkd.training import TrainConfig
 
 from .distill import build_student, distill_e2e
-from .generate import generate
+from .generate import GenerateSettings, generate_set
 from .train_teacher import train_teacher
 
 
@@ -72,8 +71,9 @@ def run_demo(out: str | os.PathLike, dataset: str = "auto", accelerator: Acceler
 
     started = time.perf_counter()
     data_dir = out / "synthetic"  # a finished set is verified and reused, an interrupted one resumed
-    generator = ActivationInversion(teacher.to(accelerator.device), InversionSettings(iterations=setting.iterations, flip=setting.flip))
-    generate(teacher, generator, setting.num_images, data_dir, batch_size=256, accelerator=accelerator)
+    inversion = GenerateSettings(num_images=setting.num_images, batch_size=256, iterations=setting.iterations,
+                                 flip=setting.flip)
+    generate_set(inversion, teacher, data_dir, accelerator=accelerator)
     timings["generate_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()
