@@ -1,12 +1,14 @@
-"""Stage: make a synthetic set with any generator, into the resumable shard format.
+"""Stage: make a synthetic set with any registered method, into the resumable shard format.
 
-Every rank makes its share of the pending shards. A shard is filled by draws: the generator
-makes images for the shard's missing slots, the teacher labels them (soft labels: its logits),
-and an optional :class:`SelectionSettings` keeps only confident ones and/or each class's share, drawing
-again until the shard is full or the tries run out (the shortfall is then filled with the best
-rejected images, and the manifest's ``report`` says what was reached per class). Ranks of a
-``collective`` generator advance in lockstep (a rank with nothing to draw passes an empty
-batch) because it may all-reduce at every step; the others go at their own pace.
+:func:`generate_set` is the stage (``synthkd generate``, ``synthkd run``, the demo): it builds the
+method that ``GenerateSettings.method`` names from the registry and fills the set. Every rank makes
+its share of the pending shards. A shard is filled by draws: the generator makes images for the
+shard's missing slots, the teacher labels them (soft labels: its logits), and an optional
+:class:`SelectionSettings` keeps only confident ones and/or each class's share, drawing again until
+the shard is full or the tries run out (the shortfall is then filled with the best rejected images,
+and the manifest's ``report`` says what was reached per class). Ranks of a ``collective`` generator
+advance in lockstep (a rank with nothing to draw passes an empty batch) because it may all-reduce
+at every step; the others go at their own pace.
 """
 
 from __future__ import annotations
@@ -95,12 +97,13 @@ class GenerateSettings(InversionSettings):
             return self
         if entry.settings is None:
             raise SynthkdError(f"--method-option: the method {self.method} takes no options")
-        raw, errors = dict(asdict(self.section())), []
+        raw, errors = asdict(self.section()), []
         for item in options:
             key, sep, text = item.partition("=")
-            if not sep:
+            if sep:
+                raw[key] = _yaml_scalar(text)
+            else:
                 errors.append(f"{item}: expected KEY=VALUE")
-            raw[key] = yaml.safe_load(text) if sep else None
         section = entry.settings.from_mapping(raw, "", errors)
         if errors:
             raise SynthkdError("--method-option " + "; ".join(errors))
@@ -127,6 +130,14 @@ class GenerateSettings(InversionSettings):
         if self.selection != SelectionSettings():  # recorded only when used: runs from before it keep their print
             values["selection"] = asdict(self.selection)
         return values
+
+
+def _yaml_scalar(text: str) -> Any:
+    """A value as YAML reads it (``0.5``, ``true``, ``[1, 2]``), or the text itself."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
 _WITH_SECTIONS: dict[tuple[type, tuple[tuple[str, type], ...]], type] = {}
