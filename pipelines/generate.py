@@ -162,6 +162,7 @@ def generate_set(settings: GenerateSettings, teacher: Classifier, out: str | os.
     """The generate stage (``synthkd generate``, ``synthkd run``): the set ``settings`` describe,
     made into ``out`` (resumed if it is there); returns its manifest. ``competitor``: a student the
     inputs should make disagree with the teacher (the competition term), if any."""
+    settings.check()
     accelerator = accelerator or make_accelerator()
     teacher.to(accelerator.device)
     entry = GENERATORS.get(settings.method)

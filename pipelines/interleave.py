@@ -107,6 +107,7 @@ def distill_interleaved(
     shards so far" for ``train.epochs`` epochs (generation stops once ``num_images`` exist); the
     student being trained is the generator's competitor. Saves the student to ``out`` with
     ``metrics.json``."""
+    synthesis.check()
     accelerator = accelerator or make_accelerator()
     train = train or TrainConfig(epochs=30, lr=0.05)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None

@@ -100,3 +100,9 @@ def test_a_registered_method_runs_through_run(toy, teacher_dir, tmp_path):
     # The method's own settings are part of the generate stage's fingerprint.
     result = invoke("run", path, "--dry-run", "generate.toy.brightness=0.4")
     assert result.exit_code == 0 and "toy.brightness: 0.3 -> 0.4" in result.output, result.output
+
+
+def test_an_unknown_method_is_refused_with_the_registered_ones(tmp_path):
+    result = invoke("generate", "--teacher", tmp_path, "--method", "nope", "--out", tmp_path / "set")
+    assert result.exit_code == 2
+    assert 'error: --method expected one of inversion, ' in result.output and '"nope"' in result.output, result.output
