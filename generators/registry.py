@@ -38,7 +38,8 @@ class GeneratorEntry:
     settings: type[Settings] | None = None  # its section: generate.<method> / --method-option
     reads: tuple[str, ...] = ()  # top-level generate settings it uses (iterations, lr, loss weights)
     required: dict[str, str] = field(default_factory=dict)  # fields of its section it needs, and why
-    files: Callable[[Any], list[str]] = lambda section: []  # local files or directories it reads (a run reruns it when they change)
+    # Local files or directories its section reads: a run reruns the method when they change.
+    files: Callable[[Any], list[str]] = lambda section: []
     output: Literal["images", "activations"] = "images"
 
 
