@@ -42,8 +42,7 @@ def standard_teacher(config: dict[str, Any], epochs: int, cache: Path, timings: 
 def standard_synthetic(config: dict[str, Any], teacher, num_images: int, iterations: int, cache: Path,
                        timings: dict[str, float]) -> Path:
     """The inverted synthetic set of the standard setting, kept in the cache (resumes if stopped)."""
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
-    from synthkd.pipelines.generate import generate
+    from synthkd.pipelines.generate import GenerateSettings, generate_set
 
     gen = config["generate"]
     directory = cache / (f"synthetic-{teacher.fingerprint()}-n{num_images}-it{iterations}-b{gen['batch_size']}-lr{gen['lr']}")
@@ -53,8 +52,9 @@ def standard_synthetic(config: dict[str, Any], teacher, num_images: int, iterati
         timings["generate_seconds (cached, not timed)"] = 0.0
         return directory
     with timed(timings, "generate_seconds"):
-        generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=gen["lr"])),
-                 num_images, directory, gen["batch_size"])
+        inversion = GenerateSettings(num_images=num_images, batch_size=gen["batch_size"], iterations=iterations,
+                                     lr=gen["lr"])
+        generate_set(inversion, teacher, directory)
     return directory
 
 

@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, timed, write_json  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
-from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator  # noqa: E402
-from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
+from synthkd.generators.diffusion import DiffusionGenerator, DiffusionSettings  # noqa: E402
+from synthkd.generators.inversion import ActivationInversion, InversionSettings  # noqa: E402
 from synthkd.pipelines.distill import build_student, distill_e2e  # noqa: E402
-from synthkd.pipelines.generate import Selection, generate  # noqa: E402
+from synthkd.pipelines.generate import SelectionSettings, generate  # noqa: E402
 from synthkd.pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
 from synthkd.training import TrainSettings  # noqa: E402
 
@@ -77,11 +77,11 @@ def main() -> None:
     n = settings["num_images"]
     diffusion_dir = cache / f"diffusion-set-{'quick' if args.quick else 'full'}"
     shutil.rmtree(diffusion_dir, ignore_errors=True)
-    selection = Selection(min_confidence=args.min_confidence, balance=not args.no_balance,
+    selection = SelectionSettings(min_confidence=args.min_confidence, balance=not args.no_balance,
                           max_tries=settings["max_tries"])
     batch = config["generate"]["batch_size"]
     with timed(timings, "diffusion_generate_seconds"):
-        sampler = DiffusionGenerator(DiffusionConfig(str(ddpm_dir), steps=settings["sampling_steps"], scheduler="ddim",
+        sampler = DiffusionGenerator(DiffusionSettings(str(ddpm_dir), steps=settings["sampling_steps"], scheduler="ddim",
                                                      sample_batch_size=batch),
                                      teacher.input_format, teacher.config.class_names, accelerator.device)
         manifest = generate(teacher, sampler, n, diffusion_dir, batch, accelerator=accelerator, selection=selection)
@@ -89,7 +89,7 @@ def main() -> None:
     # The inverted set (cached), and inversion speed measured on one batch.
     inversion_dir = standard_synthetic(config, teacher, n, settings["iterations"], cache, timings)
     inversion = ActivationInversion(teacher.to(accelerator.device),
-                                    InversionConfig(iterations=settings["iterations"], lr=config["generate"]["lr"]))
+                                    InversionSettings(iterations=settings["iterations"], lr=config["generate"]["lr"]))
     targets = torch.arange(settings["inversion_batch"]) % teacher.num_classes
     with timed(timings, "inversion_one_batch_seconds"):
         inversion.generate(targets, seed=12345)

@@ -48,14 +48,15 @@ from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
 from synthkd.data.shards import SyntheticDataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
-from synthkd.generators.activations import ActivationConfig  # noqa: E402
-from synthkd.generators.fast import FastConfig, FastGenerator  # noqa: E402
-from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
+from synthkd.generators.activations import ActivationSynthesizer  # noqa: E402
+from synthkd.generators.base import shard_seed  # noqa: E402
+from synthkd.generators.fast import FastGenerator, FastSettings  # noqa: E402
+from synthkd.generators.inversion import ActivationInversion, InversionSettings  # noqa: E402
 from synthkd.io import atomic_write_json  # noqa: E402
 from synthkd.neighbourhood_training import NeighbourhoodSettings  # noqa: E402
 from synthkd.pipelines.activations import generate_activations  # noqa: E402
 from synthkd.pipelines.distill import KDObjective, build_student, distill_neighbourhood  # noqa: E402
-from synthkd.pipelines.generate import generate, shard_seed  # noqa: E402
+from synthkd.pipelines.generate import generate  # noqa: E402
 from synthkd.training import TrainSettings, fit  # noqa: E402
 
 QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_points": "512,1024",
@@ -64,8 +65,8 @@ QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_point
 FULL = {"inversion_iterations": 100, "inversion_points": "256,1024,6144", "fast_points": "2048,6144,12288",
         "activation_images": 1024, "activation_iterations": 30, "kd_steps": 2400}
 INVERTED_IMAGES = 6144  # the cached standard set (100 steps per batch of 256)
-GENERATOR_OPTIONS = [f for f in fields(FastConfig) if f.name in
-                {"steps_per_batch", "warmup_batches", "meta_lr", "draws_per_adaptation", "latent_noise", "channels"}]
+GENERATOR_OPTIONS = [f for f in fields(FastSettings) if f.name in
+                {"steps_per_batch", "warmup_batches", "meta_lr", "draws_per_adaptation", "latent_noise", "generator_channels"}]
 
 
 def epochs_for(kd_steps: int, images: int, batch_size: int) -> int:
@@ -171,7 +172,7 @@ def main() -> None:
             settings[key] = getattr(args, key)
     # "" for either: that method's curve is not measured
     inversion_points, fast_points = ([int(n) for n in settings[key].split(",") if n] for key in ("inversion_points", "fast_points"))
-    fast_config = FastConfig(**{o.name: getattr(args, o.name) for o in GENERATOR_OPTIONS if getattr(args, o.name) is not None})
+    fast_config = FastSettings(**{o.name: getattr(args, o.name) for o in GENERATOR_OPTIONS if getattr(args, o.name) is not None})
     config = load_setting()
     cache = Path(args.cache)
     work = cache / "fast-synthesis"  # this benchmark's own outputs, cleared before timing
@@ -198,7 +199,7 @@ def main() -> None:
                 "accuracy": evaluate(student, evaluation, accelerator)["accuracy"]}
 
     # Plain inversion: the per-batch time measured here, the students on the cached set's prefixes.
-    inversion = ActivationInversion(teacher, InversionConfig(iterations=settings["inversion_iterations"],
+    inversion = ActivationInversion(teacher, InversionSettings(iterations=settings["inversion_iterations"],
                                                              lr=config["generate"]["lr"]))
     started = time.perf_counter()
     inversion.generate(torch.arange(batch) % teacher.num_classes, seed=shard_seed(0, 0))
@@ -227,7 +228,7 @@ def main() -> None:
     if not args.skip_activations:
         activation_dir = work / "activation-set"
         started = time.perf_counter()
-        generate_activations(teacher, ActivationConfig(iterations=settings["activation_iterations"]),
+        generate_activations(teacher, ActivationSynthesizer(teacher, iterations=settings["activation_iterations"]),
                              settings["activation_images"], activation_dir, batch, 0, accelerator)
         activation_generate = time.perf_counter() - started
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)

@@ -22,7 +22,7 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, write_json  # noqa: E402
 
-from synthkd.generators.inversion import ActivationInversion, InversionConfig  # noqa: E402
+from synthkd.generators.inversion import ActivationInversion, InversionSettings  # noqa: E402
 from synthkd.models import Classifier, InputFormat, ModelConfig  # noqa: E402
 
 
@@ -47,7 +47,7 @@ def main() -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     shape = (args.channels, args.size, args.size)
     teacher = make_teacher(args.arch, shape, device)
-    generator = ActivationInversion(teacher, InversionConfig())
+    generator = ActivationInversion(teacher, InversionSettings())
     targets = torch.arange(args.batch_size, device=device) % 10
     images = torch.rand(args.batch_size, *shape, device=device).contiguous(memory_format=torch.channels_last)
     images.requires_grad_(True)

@@ -17,7 +17,7 @@ the teacher's previous neighbourhood on that neighbourhood's synthetic inputs.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,14 +27,21 @@ from synthkd.errors import SynthkdError
 from synthkd.losses import BatchNormStatisticsLoss
 from synthkd.models import Classifier, unwrap
 from synthkd.models.neighbourhoods import activation_shapes, resolve_cuts, split_network
+from synthkd.settings import Settings, setting
+
+from .registry import GENERATORS, GeneratorEntry
 
 
 @dataclass
-class ActivationConfig:
-    iterations: int = 100
-    lr: float = 0.1
-    cuts: str | list[str] = "blocks"
-    lookahead_weight: float = 1.0
+class ActivationSettings(Settings):
+    """Per-neighbourhood input activations (``generate --method activations``); the optimisation
+    steps are the generate settings' ``iterations``."""
+
+    cuts: str = setting("blocks", help="Where the teacher is cut into neighbourhoods (blocks, stages or comma-separated "
+                                       "module paths), as for distill --cuts; --method activations makes each one's inputs.")
+    activation_lr: float = setting(0.1, positive=True, help="--method activations: Adam learning rate on the activations.")
+    lookahead_weight: float = setting(1.0, at_least=0, help="--method activations: weight of the next neighbourhood's "
+                                                            "BN statistics on the output.")
 
 
 def _has_batchnorm(module: nn.Module) -> bool:
@@ -46,11 +53,13 @@ class ActivationSynthesizer:
 
     method = "activations"
 
-    def __init__(self, teacher: Classifier, config: ActivationConfig | None = None):
+    def __init__(self, teacher: Classifier, config: ActivationSettings | None = None, iterations: int = 100):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.settings = config or ActivationConfig()
-        if self.settings.iterations < 1 or self.settings.lr <= 0 or self.settings.lookahead_weight < 0:
-            raise SynthkdError("--iterations and --activation-lr must be positive and --lookahead-weight not negative")
+        self.settings = config or ActivationSettings()
+        self.settings.check()
+        if iterations < 1:
+            raise SynthkdError(f"iterations must be positive, got {iterations}")
+        self.iterations = iterations
         self.cuts = resolve_cuts(unwrap(teacher.net), self.settings.cuts)
         self.split = split_network(teacher.net, self.cuts)
         self.pieces = self.split.pieces
@@ -84,7 +93,9 @@ class ActivationSynthesizer:
         return self.split.names
 
     def config(self) -> dict[str, Any]:
-        return {**asdict(self.settings), "cuts": self.cuts}
+        """Named as in the manifests of sets made before the settings were named after their flags."""
+        return {"iterations": self.iterations, "lr": self.settings.activation_lr, "cuts": self.cuts,
+                "lookahead_weight": self.settings.lookahead_weight}
 
     def synthesize(self, k: int, count: int, seed: int) -> torch.Tensor:
         """``count`` inputs for neighbourhood ``k`` (shape (count, *input_shapes[k]))."""
@@ -109,12 +120,12 @@ class ActivationSynthesizer:
         following = self.pieces[k + 1] if k + 1 < len(self.pieces) and cfg.lookahead_weight > 0 else None
         ahead = BatchNormStatisticsLoss(following, first_layer_weight=1.0, distributed=False) \
             if following is not None and _has_batchnorm(following) else None
-        optimizer = torch.optim.Adam([inputs], lr=cfg.lr, betas=(0.5, 0.9))
+        optimizer = torch.optim.Adam([inputs], lr=cfg.activation_lr, betas=(0.5, 0.9))
         best_loss, best = math.inf, inputs.detach().clone()
         try:
-            for step in range(cfg.iterations):
+            for step in range(self.iterations):
                 for group in optimizer.param_groups:
-                    group["lr"] = 0.5 * cfg.lr * (1 + math.cos(math.pi * step / cfg.iterations))
+                    group["lr"] = 0.5 * cfg.activation_lr * (1 + math.cos(math.pi * step / self.iterations))
                 output = self.pieces[k](inputs.clone())  # a piece may begin with an in-place op
                 loss = here.loss()
                 if ahead is not None:
@@ -140,3 +151,13 @@ class ActivationSynthesizer:
         if upper is not None:
             x = torch.minimum(x, upper)
         return x
+
+
+GENERATORS.add("activations", GeneratorEntry(
+    build=lambda settings, teacher, competitor, seed: ActivationSynthesizer(teacher, settings.section(),
+                                                                           settings.iterations),
+    summary="each neighbourhood's input activations, no image (for distill --inputs activations)",
+    settings=ActivationSettings,
+    reads=("iterations",),
+    output="activations",
+))

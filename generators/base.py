@@ -1,4 +1,5 @@
-"""The one interface of the synthetic-data stage: make [0,1] images aimed at given classes."""
+"""The one interface of the synthetic-data stage (make [0,1] images aimed at given classes), and
+what every synthetic set records: the teacher that made it and a seed per shard."""
 
 from __future__ import annotations
 
@@ -7,6 +8,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from synthkd.models import Classifier
+from synthkd.seeds import derive_seed
 
 
 class SyntheticImageGenerator(ABC):
@@ -40,3 +44,18 @@ class SyntheticImageGenerator(ABC):
     def save_state(self, directory: Path) -> None:
         """Save that state atomically into the output directory (called on the main process
         after every shard round, so a killed run resumes with it)."""
+
+
+def teacher_record(teacher: Classifier) -> dict[str, Any]:
+    """What a synthetic set records about the teacher that made it."""
+    return {
+        "fingerprint": teacher.fingerprint(),
+        "arch": teacher.config.arch,
+        "input_shape": list(teacher.input_format.shape),
+        "class_names": list(teacher.config.class_names),
+    }
+
+
+def shard_seed(seed: int, shard_id: int) -> int:
+    """The seed of one shard of a set made with ``seed``: a resumed run remakes the shard exactly."""
+    return derive_seed(seed, "shard", shard_id)

@@ -15,7 +15,7 @@ import contextlib
 import inspect
 import json
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 
 from synthkd.errors import SynthkdError
-from synthkd.models import Classifier, InputFormat, weights_fingerprint
+from synthkd.models import InputFormat, weights_fingerprint
+from synthkd.settings import Settings, setting
 
 from .base import SyntheticImageGenerator
+from .registry import GENERATORS, GeneratorEntry
 
 # Short names for the schedulers most pipelines can use; any other diffusers scheduler class
 # name (e.g. "LMSDiscreteScheduler") is accepted as well.
@@ -46,17 +48,46 @@ _HUB_ID = re.compile(r"^[\w.-]+(/[\w.-]+)?$")
 ASPECT_TOLERANCE = 0.05
 
 
+def looks_like_path(spec: str) -> bool:
+    """A local directory rather than a hub id (``owner/name``): absolute, relative, or deeper."""
+    return Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1 or Path(spec).exists()
+
+
+def _pipeline_problem(spec: str) -> str | None:
+    if looks_like_path(spec) and not Path(spec).expanduser().is_dir():
+        return f"no pipeline directory {spec}"
+    return None
+
+
+def _class_table_problem(text: str) -> str | None:
+    try:
+        load_class_table(text)
+    except SynthkdError as error:
+        return str(error)
+    return None
+
+
 @dataclass
-class DiffusionConfig:
-    pipeline: str  # hub id or local directory
-    steps: int = 50
-    scheduler: str | None = None  # None: the pipeline's own
-    guidance_scale: float | None = None  # None: the pipeline's default
-    prompt_template: str = "a photo of a {name}"
-    # teacher class (name or index) -> pipeline label id (class-conditional) or the name put in
-    # the prompt (text-to-image)
-    class_table: dict[str, int | str] = field(default_factory=dict)
-    sample_batch_size: int = 64
+class DiffusionSettings(Settings):
+    """A diffusers pipeline sampled for images (``generate --method diffusion``, ``generate.diffusion``)."""
+
+    pipeline: str | None = setting(None, check=_pipeline_problem,
+                                   help="--method diffusion: a diffusers pipeline directory or hub id.")
+    steps: int = setting(50, positive=True, help="--method diffusion: denoising steps.")
+    scheduler: str | None = setting(None, help="--method diffusion: swap the pipeline's scheduler (ddpm, ddim, "
+                                               "dpm-solver, euler, unipc, ... or a diffusers scheduler class name).")
+    guidance_scale: float | None = setting(None, help="--method diffusion: classifier-free guidance scale "
+                                                      "(default: the pipeline's).")
+    prompt_template: str = setting("a photo of a {name}", help="--method diffusion, text-to-image: the prompt of a class.")
+    class_table: str | None = setting(None, check=_class_table_problem,
+                                      help="--method diffusion: JSON (file or inline) mapping teacher classes to the "
+                                           "pipeline's label ids (class-conditional) or prompt names (text-to-image).")
+    sample_batch_size: int | None = setting(None, positive=True,
+                                            help="--method diffusion: images per pipeline call (default: --batch-size).")
+
+
+PIPELINE_NEEDED = ("is needed by the diffusion method: a diffusers pipeline directory (e.g. from "
+                   "`synthkd train-diffusion`) or a hub id owner/name")
 
 
 def load_pipeline(spec: str):
@@ -126,11 +157,11 @@ def load_class_table(text: str | None) -> dict[str, int | str]:
         table = json.loads(source.read_text() if source.is_file() else text)
     except (OSError, json.JSONDecodeError) as error:
         raise SynthkdError(
-            f"--class-table {text!r} is neither a readable JSON file nor a JSON object ({error}); "
+            f"{text!r} is neither a readable JSON file nor a JSON object ({error}); "
             'give e.g. {"Sneaker": 770, "Bag": 414}'
         ) from error
     if not isinstance(table, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in table.values()):
-        raise SynthkdError("--class-table must be a JSON object mapping teacher classes to label ids or names")
+        raise SynthkdError("must be a JSON object mapping teacher classes to label ids or names")
     return {str(key): value for key, value in table.items()}
 
 
@@ -159,16 +190,14 @@ class DiffusionGenerator(SyntheticImageGenerator):
     method = "diffusion"
     collective = False  # sampling never communicates, so ranks need not keep in step
 
-    def __init__(
-        self,
-        config: DiffusionConfig,
-        input_format: InputFormat,
-        class_names: list[str],
-        device: torch.device | str = "cpu",
-    ):
-        if config.steps < 1 or config.sample_batch_size < 1:
-            raise SynthkdError("--steps and the sampling batch size must be positive")
+    def __init__(self, config: DiffusionSettings, input_format: InputFormat, class_names: list[str],
+                 device: torch.device | str = "cpu", batch_size: int = 64):
+        config.check()
+        if config.pipeline is None:
+            raise SynthkdError(f"pipeline {PIPELINE_NEEDED}")
         self.settings = config
+        self.class_table = load_class_table(config.class_table)
+        self.sample_batch_size = config.sample_batch_size or batch_size
         self.format = input_format
         self.device = torch.device(device)
         scheduler = scheduler_class(config.scheduler) if config.scheduler else None
@@ -188,13 +217,14 @@ class DiffusionGenerator(SyntheticImageGenerator):
         self.output_shape = self._check_output_shape()
 
     def config(self) -> dict[str, Any]:
-        return {**asdict(self.settings), "conditioning": self.conditioning, "pipeline_output_shape": list(self.output_shape),
+        resolved = {"class_table": self.class_table, "sample_batch_size": self.sample_batch_size}
+        return {**asdict(self.settings), **resolved, "conditioning": self.conditioning, "pipeline_output_shape": list(self.output_shape),
                 "pipeline_fingerprint": self.fingerprint}
 
     def generate(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
         generator = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)  # for pipelines whose scheduler draws from the global RNG
-        batches = [self.sample(chunk.tolist(), generator) for chunk in targets.split(self.settings.sample_batch_size)]
+        batches = [self.sample(chunk.tolist(), generator) for chunk in targets.split(self.sample_batch_size)]
         return torch.cat(batches) if batches else torch.zeros(0, *self.format.shape)
 
     def sample(self, targets: list[int], generator: torch.Generator, steps: int | None = None) -> torch.Tensor:
@@ -231,7 +261,7 @@ class DiffusionGenerator(SyntheticImageGenerator):
 
     def _conditions(self, class_names: list[str]) -> list[Any]:
         """Per teacher class: the pipeline label id (class), the prompt (text), or None."""
-        table = self.settings.class_table
+        table = self.class_table
         if self.conditioning == "unconditional":
             if table:
                 raise SynthkdError(f"{self.settings.pipeline} is unconditional, so a class table has no use; drop --class-table")
@@ -296,18 +326,17 @@ class DiffusionGenerator(SyntheticImageGenerator):
         return channels, height, width
 
 
-def build_diffusion_generator(teacher: Classifier, device: torch.device | str, batch_size: int,
-                              options: dict[str, Any]) -> DiffusionGenerator:
-    """A :class:`DiffusionGenerator` from options named as on the command line (``pipeline``,
-    ``steps``, ``class_table`` as JSON text, ...), as ``synthkd generate --method diffusion`` and
-    ``synthkd run`` (``generate.diffusion``) give them; ``batch_size`` when no sampling batch size."""
-    if not options["pipeline"]:
-        raise SynthkdError("the diffusion method needs --pipeline DIR_OR_HUB_ID (generate.diffusion.pipeline in a run "
-                           "config), e.g. one from `synthkd train-diffusion`")
-    config = DiffusionConfig(
-        pipeline=options["pipeline"], steps=options["steps"], scheduler=options["scheduler"],
-        guidance_scale=options["guidance_scale"], prompt_template=options["prompt_template"],
-        class_table=load_class_table(options["class_table"]),
-        sample_batch_size=options["sample_batch_size"] or batch_size,
-    )
-    return DiffusionGenerator(config, teacher.input_format, list(teacher.config.class_names), device)
+def _pipeline_files(section: DiffusionSettings) -> list[str]:
+    pipeline = section.pipeline
+    return [pipeline] if pipeline and Path(pipeline).is_dir() else []
+
+
+GENERATORS.add("diffusion", GeneratorEntry(
+    build=lambda settings, teacher, competitor, seed: DiffusionGenerator(
+        settings.section(), teacher.input_format, list(teacher.config.class_names), next(teacher.parameters()).device,
+        settings.batch_size),
+    summary="sample a diffusers pipeline (--pipeline)",
+    settings=DiffusionSettings,
+    required={"pipeline": PIPELINE_NEEDED},
+    files=_pipeline_files,
+))

@@ -30,7 +30,7 @@ import copy
 import json
 import math
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -43,47 +43,55 @@ from torch import nn
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write
 from synthkd.models import Classifier
+from synthkd.seeds import derive_seed
+from synthkd.settings import Settings, setting
 
 from .base import SyntheticImageGenerator
-from .inversion import InversionLoss, InversionLossConfig
+from .inversion import InversionLoss, InversionLossSettings, part_of
+from .registry import GENERATORS, GeneratorEntry
 
 STATE_NAME = "generator-state.safetensors"
 
 
-@dataclass
-class FastConfig(InversionLossConfig):
-    steps_per_batch: int = 20
-    lr: float = 0.005  # Adam on the generator's weights within a batch
-    latent_lr: float = 0.015  # Adam on the batch's latents
-    meta_lr: float = 0.5  # Reptile: fraction of the way from the meta weights to the adapted ones
-    bn_momentum: float = 0.9  # weight of past batches in the statistics a batch must match
-    warmup_batches: int = 0  # meta-learning batches before the first shard (images discarded)
-    latent_dim: int = 128
-    channels: int = 16  # width of the generator's last conv layer (the others have twice as many)
-    draws_per_adaptation: int = 4  # batches drawn from one adapted generator (the first is the adapted batch)
-    latent_noise: float = 0.25  # redraws: std of the noise added to a fitted latent of the wanted class
+def _fraction_up_to_one(value: float) -> str | None:
+    return None if 0 < value <= 1 else f"must be in (0, 1] (the fraction of the way to the adapted weights), got {value}"
 
-    def check(self) -> None:
-        """Refuse settings that cannot work, naming the option to change."""
-        problems = []
-        if self.steps_per_batch < 1:
-            problems.append("--steps-per-batch must be at least 1")
-        if not 0.0 < self.meta_lr <= 1.0:
-            problems.append("--meta-lr must be in (0, 1] (the fraction of the way to the adapted weights)")
-        if not 0.0 <= self.bn_momentum < 1.0:
-            problems.append("--bn-momentum must be in [0, 1)")
-        if self.warmup_batches < 0:
-            problems.append("--warmup-batches must not be negative")
-        if self.lr <= 0 or self.latent_lr <= 0:
-            problems.append("--lr and --latent-lr must be positive")
-        if self.latent_dim < 1 or self.channels < 1:
-            problems.append("--latent-dim and --generator-channels must be positive")
-        if self.draws_per_adaptation < 1:
-            problems.append("--draws-per-adaptation must be at least 1")
-        if self.latent_noise < 0:
-            problems.append("--latent-noise must not be negative")
-        if problems:
-            raise SynthkdError("; ".join(problems))
+
+def _fraction_below_one(value: float) -> str | None:
+    return None if 0 <= value < 1 else f"must be in [0, 1), got {value}"
+
+
+@dataclass
+class FastSettings(Settings):
+    """The meta-learned generator network (``generate --method fast``, ``distill --synthesize fast``,
+    ``generate.fast`` of a run); the inversion objective's weights are separate
+    (:class:`~.inversion.InversionLossSettings`)."""
+
+    steps_per_batch: int = setting(20, at_least=1,
+                                   help="Fast generator: optimisation steps per batch, from the meta-learned weights.")
+    generator_lr: float = setting(0.005, positive=True,
+                                  help="Fast generator: Adam learning rate on its weights within a batch.")
+    latent_lr: float = setting(0.015, positive=True, help="Fast generator: Adam learning rate on each batch's latents.")
+    meta_lr: float = setting(0.5, check=_fraction_up_to_one,
+                             help="Fast generator: Reptile step, the fraction of the way to a batch's adapted weights.")
+    bn_momentum: float = setting(0.9, check=_fraction_below_one,
+                                 help="Fast generator: weight of past batches in the BN statistics a batch must match.")
+    warmup_batches: int = setting(0, at_least=0,
+                                  help="Fast generator: meta-learning batches before the first shard (not kept).")
+    latent_dim: int = setting(128, positive=True, help="Fast generator: latent size.")
+    generator_channels: int = setting(16, positive=True,
+                                      help="Fast generator: width of its last conv layer (the others have twice as many).")
+    draws_per_adaptation: int = setting(4, at_least=1,
+                                        help="Fast generator: batches drawn from one adapted generator; after the adapted "
+                                             "batch, each redraw costs one forward pass (its latents: fitted ones of the "
+                                             "class plus noise).")
+    latent_noise: float = setting(0.25, at_least=0, help="Fast generator: std of the noise on a redraw's latents "
+                                                         "(larger: more varied, less on target).")
+
+
+# How the settings are named in the manifests and generator states of sets made before the
+# settings were renamed after their flags; kept so those sets still resume.
+RECORDED_NAMES = {"generator_lr": "lr", "generator_channels": "channels"}
 
 
 class ImageGenerator(nn.Module):
@@ -121,22 +129,24 @@ def _distributed() -> bool:
 class FastGenerator(SyntheticImageGenerator):
     method = "fast"
 
-    def __init__(self, teacher: Classifier, config: FastConfig | None = None, student: Classifier | None = None,
-                 seed: int = 0):
-        self.settings = config or FastConfig()
+    def __init__(self, teacher: Classifier, config: FastSettings | None = None, loss: InversionLossSettings | None = None,
+                 student: Classifier | None = None, seed: int = 0):
+        self.settings = config or FastSettings()
         self.settings.check()
         self.teacher = teacher.eval().requires_grad_(False)
-        self.objective = InversionLoss(teacher, self.settings, student, bn_momentum=self.settings.bn_momentum)
+        self.objective = InversionLoss(teacher, loss or InversionLossSettings(), student,
+                                       bn_momentum=self.settings.bn_momentum)
         self.shape = teacher.input_format.shape
         torch.manual_seed(seed)  # the meta weights: the same on every rank
-        self.meta = ImageGenerator(self.settings.latent_dim, self.shape, self.settings.channels)
+        self.meta = ImageGenerator(self.settings.latent_dim, self.shape, self.settings.generator_channels)
         self.seed = seed
         self.batches = 0  # batches the meta weights have learned from (warm-up included)
         self.adapted: tuple[nn.Module, torch.Tensor, torch.Tensor] | None = None  # last batch: weights, latents, targets
         self.redraws_left = 0
 
     def config(self) -> dict[str, Any]:
-        return asdict(self.settings)
+        own = {RECORDED_NAMES.get(name, name): value for name, value in asdict(self.settings).items()}
+        return {**asdict(self.objective.settings), **own}
 
     @property
     def device(self) -> torch.device:
@@ -147,7 +157,7 @@ class FastGenerator(SyntheticImageGenerator):
         if self.batches == 0:
             rank = dist.get_rank() if _distributed() else 0
             for index in range(self.settings.warmup_batches):
-                self.make_batch(targets, seed=-(self.seed * 1_000_003 + index * 101 + rank + 1) % 2**62)
+                self.make_batch(targets, seed=derive_seed(self.seed, "fast-warmup", rank, index))
         # Every rank counts its calls alike, so all ranks adapt (and all-reduce) in the same calls.
         if self.redraws_left > 0:
             self.redraws_left -= 1
@@ -168,7 +178,8 @@ class FastGenerator(SyntheticImageGenerator):
         adapted = copy.deepcopy(self.meta).train()
         latents = torch.randn(len(targets), cfg.latent_dim, generator=generator).to(device).requires_grad_(True)
         optimizer = torch.optim.Adam(
-            [{"params": adapted.parameters()}, {"params": [latents], "lr": cfg.latent_lr}], lr=cfg.lr, betas=(0.5, 0.999)
+            [{"params": adapted.parameters()}, {"params": [latents], "lr": cfg.latent_lr}], lr=cfg.generator_lr,
+            betas=(0.5, 0.999),
         )
         best_loss, best_images = math.inf, torch.zeros(0, *self.shape, device=device)
         self.losses: list[float] = []
@@ -265,15 +276,10 @@ class FastGenerator(SyntheticImageGenerator):
             print(f"synthkd: resuming the fast generator after {self.batches} batches from {path}", file=sys.stderr)
 
 
-def build_fast_generator(teacher: Classifier, loss: dict[str, Any], student: Classifier | None, seed: int,
-                         options: dict[str, Any]) -> FastGenerator:
-    """A :class:`FastGenerator` from the shared inversion-loss settings and the fast-generator
-    options named as on the command line (``generator_lr``, ``generator_channels``, ...), as
-    both ``synthkd generate --method fast`` and ``synthkd run`` (``generate.fast``) give them."""
-    config = FastConfig(
-        **loss, steps_per_batch=options["steps_per_batch"], lr=options["generator_lr"], latent_lr=options["latent_lr"],
-        meta_lr=options["meta_lr"], bn_momentum=options["bn_momentum"], warmup_batches=options["warmup_batches"],
-        latent_dim=options["latent_dim"], channels=options["generator_channels"],
-        draws_per_adaptation=options["draws_per_adaptation"], latent_noise=options["latent_noise"],
-    )
-    return FastGenerator(teacher, config, student, seed)
+GENERATORS.add("fast", GeneratorEntry(
+    build=lambda settings, teacher, competitor, seed: FastGenerator(
+        teacher, settings.section(), part_of(InversionLossSettings, settings), competitor, seed),
+    summary="a meta-learned generator network, a few steps per batch",
+    settings=FastSettings,
+    reads=tuple(spec.name for spec in fields(InversionLossSettings)),
+))

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import math
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
-from typing import Any, Iterator
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any, Iterator, Self, TypeVar
 
 import kornia.augmentation as K
 import torch
@@ -21,33 +21,61 @@ from torch import nn
 from synthkd.errors import SynthkdError
 from synthkd.losses import BatchNormStatisticsLoss, image_l2, jensen_shannon, total_variation
 from synthkd.models import Classifier
+from synthkd.settings import Settings, setting
 
 from .base import SyntheticImageGenerator
+from .registry import GENERATORS, GeneratorEntry
+
+T = TypeVar("T")
+
+
+COMPETITION_HELP = ("Adaptive DeepInversion: weight of the term that seeks inputs where the competitor (generate "
+                    "--student, or the student distill --synthesize trains) disagrees with the teacher; default: 1 "
+                    "with a competitor, 0 without.")
+
+
+def competition_weight_setting() -> Any:
+    """The competition weight's field, shared by every settings class that offers it."""
+    return setting(None, help=COMPETITION_HELP, at_least=0)
 
 
 @dataclass
-class InversionLossConfig:
+class InversionLossSettings(Settings):
     """Weights of the inversion objective and the views it is measured on (shared by every
     generator that inverts the teacher: pixels directly, or a generator network)."""
 
-    bn_weight: float = 1.0
-    first_bn_weight: float = 10.0
-    ce_weight: float = 1.0
-    tv_weight: float = 1.0
-    l2_weight: float = 0.0
-    competition_weight: float = 0.0
-    jitter: float = 0.1  # random shift, as a fraction of the image size
-    flip: bool = True
-    crop_scale: float = 0.8  # smallest area kept by the random resized crop (1.0: no crop)
+    bn_weight: float = setting(1.0, help="BatchNorm-statistics loss weight.", at_least=0)
+    first_bn_weight: float = setting(10.0, help="Extra weight of the first BN layer.", at_least=0)
+    ce_weight: float = setting(1.0, help="Cross-entropy to the target classes.", at_least=0)
+    tv_weight: float = setting(1.0, help="Total-variation prior.", at_least=0)
+    l2_weight: float = setting(0.0, help="l2 image prior.", at_least=0)
+    competition_weight: float | None = competition_weight_setting()
+    jitter: float = setting(0.1, help="Random shift per step, fraction of the size.", at_least=0, at_most=1)
+    flip: bool = setting(True, help="Random horizontal flips per step.")
+    crop_scale: float = setting(0.8, help="Smallest area of the random crop (1: none).", above=0, at_most=1)
+
+    def with_competitor(self, present: bool) -> Self:
+        """These settings with the competition weight decided: unset means 1 with a competitor and
+        0 without (the one place that rule lives)."""
+        if self.competition_weight is not None:
+            return self
+        return replace(self, competition_weight=1.0 if present else 0.0)
 
 
 @dataclass
-class InversionConfig(InversionLossConfig):
-    iterations: int = 100
-    lr: float = 0.25
+class InversionSettings(InversionLossSettings):
+    """Plain inversion: the objective plus how long and how fast the pixels are optimised."""
+
+    iterations: int = setting(100, help="Optimisation steps per batch.", positive=True)
+    lr: float = setting(0.25, help="Adam learning rate on [0,1] pixels.", positive=True)
 
 
-def inversion_augmentation(config: InversionLossConfig, height: int, width: int) -> nn.Module:
+def part_of(cls: type[T], settings: Any) -> T:
+    """The fields of ``cls`` taken from ``settings`` (which has them all, e.g. the generate settings)."""
+    return cls(**{spec.name: getattr(settings, spec.name) for spec in fields(cls)})
+
+
+def inversion_augmentation(config: InversionLossSettings, height: int, width: int) -> nn.Module:
     """Differentiable per-sample jitter, flip and crop applied at every inversion step."""
     layers: list[nn.Module] = []
     if config.jitter > 0:
@@ -64,10 +92,10 @@ class InversionLoss:
     under torch.distributed), cross-entropy to the targets, TV/l2 priors, and the competition
     term, all measured on random kornia views. Use :meth:`hooked` around the steps of a batch."""
 
-    def __init__(self, teacher: Classifier, config: InversionLossConfig, student: Classifier | None = None,
+    def __init__(self, teacher: Classifier, config: InversionLossSettings, student: Classifier | None = None,
                  bn_momentum: float = 0.0):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.settings = config
+        self.settings = config = config.with_competitor(student is not None)
         self.student = student
         if config.competition_weight > 0 and student is None:
             raise SynthkdError("the competition term needs a student: pass --student MODEL_DIR or set its weight to 0")
@@ -125,10 +153,10 @@ class InversionLoss:
 class ActivationInversion(SyntheticImageGenerator):
     method = "inversion"
 
-    def __init__(self, teacher: Classifier, config: InversionConfig | None = None, student: Classifier | None = None):
+    def __init__(self, teacher: Classifier, config: InversionSettings | None = None, student: Classifier | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.settings = config or InversionConfig()
-        self.objective = InversionLoss(teacher, self.settings, student)
+        self.objective = InversionLoss(teacher, config or InversionSettings(), student)
+        self.settings: InversionSettings = self.objective.settings  # the competition weight decided
 
     def config(self) -> dict[str, Any]:
         return asdict(self.settings)
@@ -164,3 +192,11 @@ class ActivationInversion(SyntheticImageGenerator):
         with torch.no_grad():
             images.clamp_(0, 1)
         return loss.item()
+
+
+GENERATORS.add("inversion", GeneratorEntry(
+    build=lambda settings, teacher, competitor, seed: ActivationInversion(
+        teacher, part_of(InversionSettings, settings), competitor),
+    summary="optimise pixels",
+    reads=tuple(spec.name for spec in fields(InversionSettings)),
+))

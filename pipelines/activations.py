@@ -11,26 +11,25 @@ from tqdm.auto import tqdm
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data.activations import ActivationWriter
-from synthkd.generators.activations import ActivationConfig, ActivationSynthesizer
+from synthkd.generators.activations import ActivationSynthesizer
+from synthkd.generators.base import teacher_record
 from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
-
-from .generate import teacher_record
 
 
 def generate_activations(
     teacher: Classifier,
-    config: ActivationConfig,
+    synthesizer: ActivationSynthesizer,
     num_inputs: int,
     out: str | os.PathLike,
     batch_size: int = 256,
     seed: int = 0,
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
-    """``num_inputs`` input activations for every neighbourhood of ``teacher``; returns the manifest."""
+    """``num_inputs`` input activations for every neighbourhood of ``teacher`` made by ``synthesizer``;
+    returns the manifest."""
     accelerator = accelerator or make_accelerator()
     teacher.to(accelerator.device)
-    synthesizer = ActivationSynthesizer(teacher, config)
     record = {"method": synthesizer.method, "config": {**synthesizer.config(), "seed": seed},
               "teacher": teacher_record(teacher), "names": synthesizer.names}
     writer = ActivationWriter(out, record, synthesizer.input_shapes, num_inputs, batch_size, accelerator)

@@ -8,15 +8,16 @@ the YAML and reported at once, so a user fixes a config in one pass. Command-lin
 from __future__ import annotations
 
 import os
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 from synthkd.errors import SynthkdError
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
+from synthkd.generators.registry import GENERATORS
 from synthkd.settings import Settings, setting, show
-from synthkd.generators.fast import FastConfig
-from synthkd.generators.inversion import InversionConfig, InversionLossConfig
+
+from .generate import GenerateSettings
 
 from .distill import DistillSettings, StudentSettings
 from .search import SearchSettings
@@ -34,84 +35,6 @@ class TeacherSection(TeacherSettings):
     mean: list[float] | None = None
     std: list[float] | None = None
     dataset: str | None = field(default=None, metadata={"check": lambda value: _missing("dataset", value)})
-
-
-StudentSection = StudentSettings
-
-
-@dataclass
-class FastSection:
-    """``generate.method: fast``: the meta-learned generator network (``synthkd generate -h``, --method fast),
-    named as on the command line; the defaults are FastConfig's."""
-
-    steps_per_batch: int = field(default=FastConfig.steps_per_batch, metadata={"positive": True})
-    generator_lr: float = field(default=FastConfig.lr, metadata={"positive": True})
-    latent_lr: float = field(default=FastConfig.latent_lr, metadata={"positive": True})
-    meta_lr: float = field(default=FastConfig.meta_lr, metadata={"positive": True})
-    bn_momentum: float = FastConfig.bn_momentum
-    warmup_batches: int = FastConfig.warmup_batches
-    latent_dim: int = field(default=FastConfig.latent_dim, metadata={"positive": True})
-    generator_channels: int = field(default=FastConfig.channels, metadata={"positive": True})
-    draws_per_adaptation: int = field(default=FastConfig.draws_per_adaptation, metadata={"positive": True})
-    latent_noise: float = FastConfig.latent_noise
-
-
-@dataclass
-class DiffusionSection:
-    """``generate.method: diffusion``: a diffusers pipeline (directory or hub id) sampled for images."""
-
-    pipeline: str | None = None
-    steps: int = field(default=50, metadata={"positive": True})
-    scheduler: str | None = None          # null: the pipeline's own; ddpm, ddim, dpm-solver, ... or a class name
-    guidance_scale: float | None = None   # null: the pipeline's default
-    prompt_template: str = "a photo of a {name}"
-    class_table: str | None = None        # JSON file or inline JSON: teacher class -> label id / prompt name
-    sample_batch_size: int | None = field(default=None, metadata={"positive": True})  # null: batch_size
-
-
-@dataclass
-class SelectionSection:
-    """Which drawn images are kept, judged by the teacher (any method; useful with diffusion)."""
-
-    min_confidence: float = 0.0
-    balance: bool = False
-    max_tries: int = field(default=10, metadata={"positive": True})
-
-
-@dataclass
-class GenerateSection(InversionConfig):
-    """The synthetic set: how many images, in shards of ``batch_size``, made by ``method``.
-    The inversion settings (iterations, lr and the loss weights) serve inversion; the loss weights
-    serve fast too; ``fast:`` and ``diffusion:`` hold the settings of those methods."""
-
-    method: Literal["inversion", "fast", "diffusion"] = "inversion"
-    num_images: int = field(default=6144, metadata={"positive": True})
-    batch_size: int = field(default=256, metadata={"positive": True})
-    fast: FastSection = field(default_factory=FastSection)
-    diffusion: DiffusionSection = field(default_factory=DiffusionSection)
-    selection: SelectionSection = field(default_factory=SelectionSection)
-
-    def loss(self) -> dict[str, Any]:
-        """The inversion-loss weights and views, shared by inversion and fast."""
-        return {f.name: getattr(self, f.name) for f in fields(InversionLossConfig)}
-
-    def settings(self) -> dict[str, Any]:
-        """What the set depends on: the method's own settings only (another method's are ignored)."""
-        settings = asdict(self)
-        for method in ("fast", "diffusion"):
-            if self.method != method:
-                del settings[method]
-        if self.selection == SelectionSection():
-            del settings["selection"]  # keep all images: the fingerprint of runs made before selection existed
-        if self.method == "diffusion":
-            for name in (*self.loss(), "iterations", "lr"):
-                del settings[name]
-        elif self.method == "fast":
-            del settings["iterations"], settings["lr"]
-        return settings
-
-
-DistillSection = DistillSettings
 
 
 @dataclass
@@ -139,9 +62,9 @@ class ReportSection:
 @dataclass
 class RunConfig(Settings):
     teacher: TeacherSection = field(default_factory=TeacherSection)
-    student: StudentSection = field(default_factory=StudentSection)
-    generate: GenerateSection = field(default_factory=GenerateSection)
-    distill: DistillSection = field(default_factory=DistillSection)
+    student: StudentSettings = field(default_factory=StudentSettings)
+    generate: GenerateSettings = field(default_factory=GenerateSettings)
+    distill: DistillSettings = field(default_factory=DistillSettings)
     search: SearchSection = field(default_factory=SearchSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
     report: ReportSection = field(default_factory=ReportSection)
@@ -224,53 +147,24 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
     if teacher.model is not None and not Path(teacher.model).is_dir() and (teacher.weights is None or teacher.input_shape is None):
         errors.append(f"teacher.model: {teacher.model!r} is not a model directory; a teacher given as code needs "
                       "teacher.weights and teacher.input_shape (and mean/std)")
-    if config.generate.competition_weight != 0:
-        errors.append("generate.competition_weight: a run has no student yet when it generates; "
-                      "use `synthkd generate --student DIR --competition-weight W` for the competition term")
-    _check_generate(config.generate, errors)
+    _check_generate(config, errors)
     if config.detector.enabled and config.eval_dataset is None:
         errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
         errors.append(f"teacher.input_shape: expected [C, H, W], got {show(teacher.input_shape)}")
 
 
-def _check_generate(section: GenerateSection, errors: list[str]) -> None:
-    """The chosen method's settings: a diffusion pipeline that exists, a readable class table,
-    fast-generator fractions in range, a valid selection."""
-    from synthkd.generators.diffusion import load_class_table
-    from .generate import Selection
-
-    fast, diffusion = section.fast, section.diffusion
-    if section.method == "fast":
-        if not fast.meta_lr <= 1:
-            errors.append(f"generate.fast.meta_lr: must be in (0, 1] (the fraction of the way to the adapted weights), "
-                          f"got {show(fast.meta_lr)}")
-        if not 0 <= fast.bn_momentum < 1:
-            errors.append(f"generate.fast.bn_momentum: must be in [0, 1), got {show(fast.bn_momentum)}")
-        if fast.warmup_batches < 0:
-            errors.append(f"generate.fast.warmup_batches: must not be negative, got {show(fast.warmup_batches)}")
-        if fast.latent_noise < 0:
-            errors.append(f"generate.fast.latent_noise: must not be negative, got {show(fast.latent_noise)}")
-    if section.method == "diffusion":
-        if diffusion.pipeline is None:
-            errors.append("generate.diffusion.pipeline: the diffusion method needs a diffusers pipeline (a directory, "
-                          "e.g. from `synthkd train-diffusion`, or a hub id owner/name)")
-        elif _looks_like_path(diffusion.pipeline) and not Path(diffusion.pipeline).expanduser().is_dir():
-            errors.append(f"generate.diffusion.pipeline: no pipeline directory {diffusion.pipeline}")
-        if diffusion.class_table is not None:
-            try:
-                load_class_table(diffusion.class_table)
-            except SynthkdError as error:
-                errors.append(f"generate.diffusion.class_table: {error}")
-    try:
-        Selection(**asdict(section.selection))
-    except SynthkdError as error:
-        errors.append(f"generate.selection: {error}")
-
-
-def _looks_like_path(spec: str) -> bool:
-    """A local directory rather than a hub id (``owner/name``): absolute, relative, or deeper."""
-    return Path(spec).is_absolute() or spec.startswith((".", "~")) or spec.count("/") != 1 or Path(spec).exists()
+def _check_generate(config: RunConfig, errors: list[str]) -> None:
+    """What a run can generate: images (a run distills from them), with no competitor (a run has
+    no student yet when it generates, so the competition weight is settled to 0 here)."""
+    section = config.generate
+    if section.competition_weight:
+        errors.append("generate.competition_weight: a run has no student yet when it generates; "
+                      "use `synthkd generate --student DIR --competition-weight W` for the competition term")
+    config.generate = section.with_competitor(False)
+    if section.method in GENERATORS and GENERATORS.get(section.method).output != "images":
+        errors.append(f"generate.method: {section.method} makes no images for a run to distill from; "
+                      f"use `synthkd generate --method {section.method}` and `synthkd distill` instead")
 
 
 def _missing(check: str, value: str) -> str | None:

@@ -16,13 +16,12 @@ from typing import Any
 from accelerate import Accelerator
 
 from synthkd.accelerator import make_accelerator
-from synthkd.generators.inversion import ActivationInversion, InversionConfig
 from synthkd.data.kinds.fashion_mnist import FASHION_MNIST_DEFAULT, FASHION_MNIST_ENV
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
 
 from .distill import DistillSettings, StudentSettings, distill
-from .generate import generate
+from .generate import GenerateSettings, generate_set
 from .train_teacher import TeacherSettings, train_teacher
 
 
@@ -74,9 +73,9 @@ def run_demo(out: str | os.PathLike, dataset: str = "auto", accelerator: Acceler
 
     started = time.perf_counter()
     data_dir = out / "synthetic"  # a finished set is verified and reused, an interrupted one resumed
-    inversion = InversionConfig(iterations=setting.iterations, flip=setting.teacher.flip)
-    generate(teacher, ActivationInversion(teacher.to(accelerator.device), inversion), setting.num_images, data_dir,
-             batch_size=256, accelerator=accelerator)
+    inversion = GenerateSettings(num_images=setting.num_images, batch_size=256, iterations=setting.iterations,
+                                 flip=setting.teacher.flip)
+    generate_set(inversion, teacher, data_dir, accelerator=accelerator)
     timings["generate_seconds"] = time.perf_counter() - started
 
     started = time.perf_counter()

@@ -1,97 +1,180 @@
-"""Stage: make a synthetic set with any generator, into the resumable shard format.
+"""Stage: make a synthetic set with any registered method, into the resumable shard format.
 
-Every rank makes its share of the pending shards. A shard is filled by draws: the generator
-makes images for the shard's missing slots, the teacher labels them (soft labels: its logits),
-and an optional :class:`Selection` keeps only confident ones and/or each class's share, drawing
-again until the shard is full or the tries run out (the shortfall is then filled with the best
-rejected images, and the manifest's ``report`` says what was reached per class). Ranks of a
-``collective`` generator advance in lockstep (a rank with nothing to draw passes an empty
-batch) because it may all-reduce at every step; the others go at their own pace.
+:func:`generate_set` is the stage (``synthkd generate``, ``synthkd run``, the demo): it builds the
+method that ``GenerateSettings.method`` names from the registry and fills the set. Every rank makes
+its share of the pending shards. A shard is filled by draws: the generator makes images for the
+shard's missing slots, the teacher labels them (soft labels: its logits), and an optional
+:class:`SelectionSettings` keeps only confident ones and/or each class's share, drawing again until
+the shard is full or the tries run out (the shortfall is then filled with the best rejected images,
+and the manifest's ``report`` says what was reached per class). Ranks of a ``collective`` generator
+advance in lockstep (a rank with nothing to draw passes an empty batch) because it may all-reduce
+at every step; the others go at their own pace.
 """
 
 from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields, make_dataclass
 from typing import Any
 
-import numpy as np
 import torch
+import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data.shards import SyntheticWriter
 from synthkd.errors import SynthkdError
-from synthkd.generators.base import SyntheticImageGenerator
+from synthkd.generators.activations import ActivationSettings
+from synthkd.generators.base import SyntheticImageGenerator, teacher_record
+from synthkd.generators.diffusion import DiffusionSettings
+from synthkd.generators.fast import FastSettings
+from synthkd.generators.inversion import InversionSettings
+from synthkd.generators.registry import DEFAULT_METHOD, GENERATORS, method_help, method_names
 from synthkd.models import Classifier
+from synthkd.seeds import derive_seed
+from synthkd.settings import Settings, setting, show
+
+from .activations import generate_activations
+
+
+def _probability(value: float) -> str | None:
+    return None if 0 <= value <= 1 else f"must be in [0, 1], got {show(value)}"
 
 
 @dataclass
-class Selection:
-    """Which drawn images a shard keeps, judged by the teacher."""
+class SelectionSettings(Settings):
+    """Which drawn images a shard keeps, judged by the teacher (any method; useful with diffusion)."""
 
-    min_confidence: float = 0.0  # the teacher's softmax probability of its predicted class
-    balance: bool = False  # each class gets its planned share of every shard, by the teacher's label
-    max_tries: int = 10  # draws per shard before the shortfall is filled with the best rejected images
-
-    def __post_init__(self) -> None:
-        if not 0.0 <= self.min_confidence <= 1.0:
-            raise SynthkdError(f"--min-confidence must be in [0, 1], got {self.min_confidence}")
-        if self.max_tries < 1:
-            raise SynthkdError(f"--max-tries must be at least 1, got {self.max_tries}")
+    min_confidence: float = setting(0.0, check=_probability,
+                                    help="Keep only images the teacher labels with at least this probability.")
+    balance: bool = setting(False, help="Keep drawing until each class (by the teacher's label) has its share of "
+                                        "every shard.")
+    max_tries: int = setting(10, at_least=1, help="Draws per shard for --min-confidence/--balance; then the best "
+                                                  "rejected images fill the gap.")
 
     @property
     def active(self) -> bool:
         return self.min_confidence > 0 or self.balance
 
 
-METHODS = ("inversion", "fast", "diffusion")
+@dataclass
+class GenerateSettings(InversionSettings):
+    """The synthetic set (``synthkd generate``; ``generate:`` of a run): ``num_images`` in shards of
+    ``batch_size``, made by ``method``. The inversion settings (iterations, lr, the loss weights) sit
+    at the top, where the methods that invert the teacher read them; ``fast``, ``diffusion`` and
+    ``activations`` hold those methods' own settings; any other registered method's settings are
+    ``generate.<method>`` (``--method-option KEY=VALUE`` on the command line)."""
+
+    method: str = setting(DEFAULT_METHOD, choices=method_names, help=f"How the inputs are made. {method_help()}.")
+    num_images: int = setting(6144, positive=True,
+                              help="Images to make (inputs per neighbourhood with --method activations).")
+    batch_size: int = setting(256, positive=True, help="Images per batch (and per shard).")
+    fast: FastSettings = setting(default_factory=FastSettings, help="--method fast")
+    diffusion: DiffusionSettings = setting(default_factory=DiffusionSettings, help="--method diffusion")
+    activations: ActivationSettings = setting(default_factory=ActivationSettings, help="--method activations")
+    selection: SelectionSettings = setting(default_factory=SelectionSettings, help="the teacher's selection")
+
+    @classmethod
+    def from_mapping(cls, raw: Any, prefix: str = "", errors: list[str] | None = None) -> Any:
+        """As :meth:`Settings.from_mapping`, with a ``<method>:`` section for every registered method
+        that brings its own settings."""
+        full = with_method_sections(cls)
+        return super(GenerateSettings, full).from_mapping(raw, prefix, errors)
+
+    def section(self) -> Settings | None:
+        """The chosen method's own settings (None for a method without)."""
+        entry = GENERATORS.get(self.method)
+        if entry.settings is None:
+            return None
+        return getattr(self, self.method, None) or entry.settings()
+
+    def with_method_options(self, options: list[str] | tuple[str, ...]) -> "GenerateSettings":
+        """These settings with ``KEY=VALUE`` pairs (values read as YAML) set in the method's section."""
+        entry = GENERATORS.get(self.method)
+        if not options:
+            return self
+        if entry.settings is None:
+            raise SynthkdError(f"--method-option: the method {self.method} takes no options")
+        raw, errors = asdict(self.section()), []
+        for item in options:
+            key, sep, text = item.partition("=")
+            if sep:
+                raw[key] = _yaml_scalar(text)
+            else:
+                errors.append(f"{item}: expected KEY=VALUE")
+        section = entry.settings.from_mapping(raw, "", errors)
+        if errors:
+            raise SynthkdError("--method-option " + "; ".join(errors))
+        values = {spec.name: getattr(self, spec.name) for spec in fields(self)}
+        return with_method_sections(type(self))(**{**values, self.method: section})
+
+    def cross_problems(self) -> list[tuple[str, str]]:
+        """The fields the chosen method needs set (the diffusion method's pipeline)."""
+        if self.method not in GENERATORS:
+            return []  # the method field names the problem
+        section = self.section()
+        required = GENERATORS.get(self.method).required
+        return [(f"{self.method}.{name}", why) for name, why in required.items() if getattr(section, name) is None]
+
+    def relevant(self) -> dict[str, Any]:
+        """What a set depends on: the method's own settings only, another method's are ignored
+        (in the shape run records have had all along, so finished runs are not rerun)."""
+        entry = GENERATORS.get(self.method)
+        values = {"method": self.method, "num_images": self.num_images, "batch_size": self.batch_size,
+                  **{name: getattr(self, name) for name in entry.reads}}
+        section = self.section()
+        if section is not None:
+            values[self.method] = asdict(section)
+        if self.selection != SelectionSettings():  # recorded only when used: runs from before it keep their print
+            values["selection"] = asdict(self.selection)
+        return values
 
 
-def image_generator(
-    method: str, teacher: Classifier, loss: dict[str, Any], iterations: int, lr: float, seed: int, batch_size: int,
-    fast: dict[str, Any], diffusion: dict[str, Any], competitor: Classifier | None = None,
-) -> SyntheticImageGenerator:
-    """The image generator of ``method`` (one of :data:`METHODS`) on the teacher's device, built the
-    same way for ``synthkd generate`` and ``synthkd run``: the inversion-loss settings ``loss``
-    serve inversion and fast; ``fast`` and ``diffusion`` hold their method's options by CLI name."""
-    device = next(teacher.parameters()).device
-    if method == "fast":
-        from synthkd.generators.fast import build_fast_generator
-
-        return build_fast_generator(teacher, loss, competitor, seed, fast)
-    if method == "diffusion":
-        from synthkd.generators.diffusion import build_diffusion_generator
-
-        return build_diffusion_generator(teacher, device, batch_size, diffusion)
-    if method != "inversion":
-        raise SynthkdError(f"unknown generation method {method!r}; use one of {', '.join(METHODS)}")
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
-
-    return ActivationInversion(teacher, InversionConfig(iterations=iterations, lr=lr, **loss), competitor)
+def _yaml_scalar(text: str) -> Any:
+    """A value as YAML reads it (``0.5``, ``true``, ``[1, 2]``), or the text itself."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
 
 
-def teacher_record(teacher: Classifier) -> dict[str, Any]:
-    """What a synthetic set records about the teacher that made it."""
-    return {
-        "fingerprint": teacher.fingerprint(),
-        "arch": teacher.config.arch,
-        "input_shape": list(teacher.input_format.shape),
-        "class_names": list(teacher.config.class_names),
-    }
+_WITH_SECTIONS: dict[tuple[type, tuple[tuple[str, type], ...]], type] = {}
 
 
-def shard_seed(seed: int, shard_id: int) -> int:
-    return seed * 1_000_003 + shard_id
+def with_method_sections(cls: type[GenerateSettings]) -> type[GenerateSettings]:
+    """``cls`` with a field ``<method>`` for every registered method whose settings class is not
+    already a field (built as a subclass when the registry changes)."""
+    own = {spec.name for spec in fields(cls)}
+    extra = tuple((name, GENERATORS.get(name).settings) for name in GENERATORS.names()
+                  if GENERATORS.get(name).settings and name not in own)
+    if not extra:
+        return cls
+    if (cls, extra) not in _WITH_SECTIONS:
+        sections = [(name, kind, setting(default_factory=kind, help=f"--method {name}", cli=False)) for name, kind in extra]
+        _WITH_SECTIONS[cls, extra] = make_dataclass(cls.__name__, sections, bases=(cls,))
+    return _WITH_SECTIONS[cls, extra]
+
+
+def generate_set(settings: GenerateSettings, teacher: Classifier, out: str | os.PathLike, seed: int = 0,
+                 accelerator: Accelerator | None = None, competitor: Classifier | None = None) -> dict[str, Any]:
+    """The generate stage (``synthkd generate``, ``synthkd run``): the set ``settings`` describe,
+    made into ``out`` (resumed if it is there); returns its manifest. ``competitor``: a student the
+    inputs should make disagree with the teacher (the competition term), if any."""
+    settings.check()
+    accelerator = accelerator or make_accelerator()
+    teacher.to(accelerator.device)
+    entry = GENERATORS.get(settings.method)
+    made = entry.build(settings, teacher, competitor, seed)
+    if entry.output == "activations":
+        return generate_activations(teacher, made, settings.num_images, out, settings.batch_size, seed, accelerator)
+    return generate(teacher, made, settings.num_images, out, settings.batch_size, seed, accelerator, settings.selection)
 
 
 def draw_seed(seed: int, shard_id: int, attempt: int) -> int:
-    """The first draw of a shard uses its shard seed; later draws get unrelated seeds."""
-    if attempt == 0:
-        return shard_seed(seed, shard_id)
-    return int(np.random.SeedSequence((seed, shard_id, attempt)).generate_state(1, np.uint64)[0] >> 1)
+    """Every draw of every shard gets its own seed, the same on a resumed run."""
+    return derive_seed(seed, "shard", shard_id, "draw", attempt)
 
 
 @torch.no_grad()
@@ -102,7 +185,7 @@ def label_with_teacher(teacher: Classifier, images: torch.Tensor) -> torch.Tenso
 class ShardDraws:
     """The slots of one shard and the images kept for them so far."""
 
-    def __init__(self, plan: torch.Tensor, num_classes: int, selection: Selection, aims_at_targets: bool):
+    def __init__(self, plan: torch.Tensor, num_classes: int, selection: SelectionSettings, aims_at_targets: bool):
         self.plan = plan
         self.selection = selection
         self.aims = aims_at_targets
@@ -194,7 +277,7 @@ def fill_shard(
     plan: torch.Tensor,
     seed: int,
     shard: int,
-    selection: Selection,
+    selection: SelectionSettings,
     accelerator: Accelerator,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Draw until every slot of ``plan`` is filled by an accepted image, or the tries run out."""
@@ -222,14 +305,14 @@ def generate(
     batch_size: int = 256,
     seed: int = 0,
     accelerator: Accelerator | None = None,
-    selection: Selection | None = None,
+    selection: SelectionSettings | None = None,
     max_rounds: int | None = None,
 ) -> dict[str, Any] | None:
     """Generate ``num_images`` into ``out``; returns the manifest. Resumes an interrupted run.
     With ``max_rounds`` stop after that many shard rounds (one shard per rank each) and return
     None if shards are left: an interleaved run makes its set a few shards at a time."""
     accelerator = accelerator or make_accelerator()
-    selection = selection or Selection()
+    selection = selection or SelectionSettings()
     teacher.to(accelerator.device)
     config = {**generator.config(), "seed": seed}
     if selection.active:  # recorded only when used, so sets made before selection existed still resume

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from accelerate import Accelerator
@@ -27,12 +27,38 @@ from synthkd.accelerator import make_accelerator
 from synthkd.data import SyntheticBatch, load_dataset
 from synthkd.data.shards import load_written_shards
 from synthkd.errors import SynthkdError
-from synthkd.generators.base import SyntheticImageGenerator
+from synthkd.generators.fast import FastSettings
+from synthkd.generators.inversion import competition_weight_setting
+from synthkd.generators.registry import GENERATORS
 from synthkd.models import Classifier
-from synthkd.training import TrainSettings, fit
+from synthkd.settings import Settings, setting
+from synthkd.training import fit
 
-from .distill import KDObjective, finish
-from .generate import generate
+from .distill import DistillSettings, KDObjective, finish
+from .generate import GenerateSettings, generate
+
+
+@dataclass
+class InterleaveSettings(Settings):
+    """``distill --synthesize``: make the set into --data while the student trains on it."""
+
+    synthesize: Literal["none", "fast"] = setting(
+        "none", help="fast: make new batches into --data with the fast generator while the student trains (e2e), "
+                     "the student being the competitor; resumable, the set reusable.")
+    num_images: int = setting(24576, positive=True, help="--synthesize: the size of the set made into --data.")
+    gen_batch_size: int = setting(256, positive=True, help="--synthesize: images per generated batch (and shard).")
+    batches_per_round: int = setting(2, positive=True, help="--synthesize: new batches per rank before each epoch.")
+    competition_weight: float | None = competition_weight_setting()
+    fast: FastSettings = setting(default_factory=FastSettings, help="--synthesize fast")
+
+    @property
+    def enabled(self) -> bool:
+        return self.synthesize != "none"
+
+    def generate_settings(self) -> GenerateSettings:
+        """The set being made, as the generate stage describes it."""
+        return GenerateSettings(method=self.synthesize, num_images=self.num_images, batch_size=self.gen_batch_size,
+                                competition_weight=self.competition_weight, fast=self.fast)
 
 
 class GrowingSyntheticSet(Dataset):
@@ -66,38 +92,36 @@ class GrowingSyntheticSet(Dataset):
 def distill_interleaved(
     teacher: Classifier,
     student: Classifier,
-    generator: SyntheticImageGenerator,
     data: str | os.PathLike,
     out: str | os.PathLike,
-    num_images: int,
-    shard_size: int = 256,
-    batches_per_round: int = 2,
-    train: TrainSettings | None = None,
-    temperature: float = 4.0,
-    flip: bool = True,
-    mixup: float = 1.0,
+    synthesis: InterleaveSettings,
+    settings: DistillSettings | None = None,
     seed: int = 0,
     eval_dataset: str | None = None,
     accelerator: Accelerator | None = None,
 ) -> tuple[Classifier, dict[str, Any]]:
     """Alternate "make ``batches_per_round`` shards into ``data``" and "one KD epoch on all
-    shards so far" for ``train.epochs`` epochs (generation stops once ``num_images`` exist);
-    save the student to ``out`` with ``metrics.json``."""
-    if num_images < 1 or shard_size < 1 or batches_per_round < 1:
-        raise SynthkdError("--num-images, --gen-batch-size and --batches-per-round must be positive")
+    shards so far" for ``train.epochs`` epochs (generation stops once ``num_images`` exist); the
+    student being trained is the generator's competitor. Saves the student to ``out`` with
+    ``metrics.json``."""
+    synthesis.check()
     accelerator = accelerator or make_accelerator()
-    train = train or TrainSettings(epochs=30, lr=0.05)
+    settings = settings or DistillSettings()
+    train = settings.training(seed)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
     teacher.to(accelerator.device)
     student.to(accelerator.device)
-    objective = KDObjective(teacher, temperature, flip, mixup).to(accelerator.device)
+    wanted = synthesis.generate_settings()
+    generator = GENERATORS.get(wanted.method).build(wanted, teacher, student, seed)
+    num_images, batches_per_round = wanted.num_images, synthesis.batches_per_round
+    objective = KDObjective(teacher, settings.temperature, settings.flip, settings.mixup).to(accelerator.device)
     growing = GrowingSyntheticSet(data, num_images)
     seconds = {"generate": 0.0}
     made: list[int] = []
 
     def make_more(epoch: int) -> None:
         started = time.perf_counter()
-        generate(teacher, generator, num_images, data, shard_size, seed, accelerator, max_rounds=batches_per_round)
+        generate(teacher, generator, num_images, data, wanted.batch_size, seed, accelerator, max_rounds=batches_per_round)
         seconds["generate"] += time.perf_counter() - started
         made.append(growing.refresh())
 
@@ -109,7 +133,7 @@ def distill_interleaved(
     metrics: dict[str, Any] = {
         "mode": "e2e", "synthesize": generator.method, "data": str(data), "num_images": num_images,
         "generator": generator.config(), "batches_per_round": batches_per_round, "train": asdict(train),
-        "temperature": temperature, "mixup": mixup, "history": history,
+        "temperature": settings.temperature, "mixup": settings.mixup, "history": history,
         "generate_seconds": seconds["generate"], "total_seconds": time.perf_counter() - started,
         "num_processes": accelerator.num_processes,
     }

@@ -30,6 +30,7 @@ from synthkd.data.shards import is_synthetic_dir
 from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.detector.settings import CALIBRATION_KEYS
 from synthkd.errors import SynthkdError
+from synthkd.generators.registry import GENERATORS
 from synthkd.io import atomic_write, atomic_write_json, differences, flatten, sha256_file
 from synthkd.models import Classifier
 
@@ -65,15 +66,18 @@ def teacher_inputs(config: RunConfig) -> dict[str, str]:
 
 
 def generate_inputs(config: RunConfig) -> dict[str, str]:
-    """A hash of a local diffusers pipeline's files, so a pipeline retrained at the same path reruns
-    generation and what follows (the set itself also records the pipeline's fingerprint)."""
-    pipeline = config.generate.diffusion.pipeline
-    if config.generate.method != "diffusion" or not pipeline or not Path(pipeline).is_dir():
-        return {}
-    digest = hashlib.sha256()
-    for path in sorted(p for p in Path(pipeline).rglob("*") if p.is_file()):
-        digest.update(f"{path.relative_to(pipeline)}:{sha256_file(path)}".encode())
-    return {str(pipeline): digest.hexdigest()}
+    """Hashes of the local files the generation method reads (a diffusers pipeline's directory), so
+    one changed at the same path reruns generation and what follows."""
+    section = config.generate
+    found = {}
+    for name in GENERATORS.get(section.method).files(section.section()):
+        root = Path(name)
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        digest = hashlib.sha256()
+        for path in files:
+            digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}:{sha256_file(path)}".encode())
+        found[name] = digest.hexdigest()
+    return found
 
 
 def run_teacher(ctx: RunContext) -> dict[str, Any]:
@@ -89,19 +93,14 @@ def run_teacher(ctx: RunContext) -> dict[str, Any]:
 
 
 def generate_section(config: RunConfig) -> dict[str, Any]:
-    return {**config.generate.settings(), "seed": config.seed, "mixed_precision": config.mixed_precision}
+    return {**config.generate.relevant(), "seed": config.seed, "mixed_precision": config.mixed_precision}
 
 
 def run_generate(ctx: RunContext) -> dict[str, Any]:
-    from .generate import Selection, generate, image_generator
+    from .generate import generate_set
 
-    section, seed = ctx.config.generate, ctx.config.seed
-    teacher = ctx.teacher().to(ctx.accelerator.device)
-    generator = image_generator(section.method, teacher, section.loss(), section.iterations, section.lr, seed,
-                                section.batch_size, asdict(section.fast), asdict(section.diffusion))
-    selection = Selection(**asdict(section.selection))
-    manifest = generate(teacher, generator, section.num_images, ctx.run_dir / "synthetic", section.batch_size, seed,
-                        ctx.accelerator, selection)
+    section = ctx.config.generate
+    manifest = generate_set(section, ctx.teacher(), ctx.run_dir / "synthetic", ctx.config.seed, ctx.accelerator)
     results = {"method": section.method, "num_images": manifest["num_images"],
                "counts_per_class": manifest["counts_per_class"]}
     if manifest.get("report"):

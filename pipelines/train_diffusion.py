@@ -28,6 +28,7 @@ from synthkd.data import load_dataset
 from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write_json, read_json
 from synthkd.models import InputFormat, unwrap
+from synthkd.seeds import derive_seed
 from synthkd.training import Checkpoint
 
 METRICS_NAME = "metrics.json"
@@ -116,58 +117,78 @@ def train_diffusion(
     checkpoint = Checkpoint(out, config, accelerator)
     history = checkpoint.restore(unet, optimizer, lr_scheduler)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
-    step = sum(record["steps"] for record in history)
 
+    run = DiffusionTraining(unet, optimizer, lr_scheduler, noise_scheduler, model_format, config, accelerator, total_steps)
+    run.step = sum(record["steps"] for record in history)
     for epoch in range(len(history), epochs):
-        order.manual_seed(config.seed * 1_000_003 + epoch)
-        unet.train()
+        order.manual_seed(derive_seed(config.seed, "epoch", epoch))
+        history.append(run.epoch(loader, epoch, epochs))
+        checkpoint.save(accelerator.unwrap_model(unet), optimizer, lr_scheduler, history)
+    return run.finish(dataset, out, history)
+
+
+class DiffusionTraining:
+    """The training loop of :func:`train_diffusion` on prepared objects: epochs, then the saved pipeline."""
+
+    def __init__(self, unet, optimizer, lr_scheduler, noise_scheduler: DDPMScheduler, model_format: InputFormat,
+                 config: DiffusionTrainConfig, accelerator: Accelerator, total_steps: int):
+        self.unet, self.optimizer, self.lr_scheduler, self.noise_scheduler = unet, optimizer, lr_scheduler, noise_scheduler
+        self.format, self.config, self.accelerator, self.total_steps = model_format, config, accelerator, total_steps
+        self.step = 0
+
+    def epoch(self, loader: DataLoader, epoch: int, epochs: int) -> dict[str, Any]:
+        """One epoch (cut short at ``total_steps``); returns its record."""
+        accelerator = self.accelerator
+        self.unet.train()
         started, total, batches = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False,
                    disable=not accelerator.is_local_main_process)
         for images, _ in bar:
-            if step >= total_steps:
+            if self.step >= self.total_steps:
                 break
-            clean = model_format.adapt(images) * 2 - 1  # the UNet works on [-1, 1]
-            noise = torch.randn_like(clean)
-            timesteps = torch.randint(0, config.num_train_timesteps, (len(clean),), device=clean.device)
-            with accelerator.autocast():
-                predicted = unet(noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample
-            loss = F.mse_loss(predicted.float(), noise)
-            optimizer.zero_grad(set_to_none=True)
-            accelerator.backward(loss)
-            optimizer.step()
-            lr_scheduler.step()
-            step += 1
-            total += loss.item()
-            batches += 1
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-        record = {
-            "epoch": epoch + 1,
-            "steps": batches,
-            "loss": accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item(),
-            "seconds": time.perf_counter() - started,
-        }
-        history.append(record)
+            loss = self.train_step(images)
+            self.step, total, batches = self.step + 1, total + loss, batches + 1
+            bar.set_postfix(loss=f"{loss:.4f}")
+        mean = accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()
+        record = {"epoch": epoch + 1, "steps": batches, "loss": mean, "seconds": time.perf_counter() - started}
         if accelerator.is_main_process:
             tqdm.write(f"train-diffusion: epoch {record['epoch']}, {batches} steps, loss {record['loss']:.4f}, "
                        f"{record['seconds']:.1f} s")
-        checkpoint.save(accelerator.unwrap_model(unet), optimizer, lr_scheduler, history)
+        return record
 
-    metrics = {
-        "dataset": dataset,
-        "config": _plain(asdict(config)),
-        "image_shape": [channels, config.image_size, config.image_size],
-        "parameters": sum(p.numel() for p in unwrap(unet).parameters()),
-        "steps": step,
-        "history": history,
-        "train_seconds": sum(record["seconds"] for record in history),
-        "num_processes": accelerator.num_processes,
-    }
-    if accelerator.is_main_process:
-        DDPMPipeline(unet=accelerator.unwrap_model(unet), scheduler=noise_scheduler).save_pretrained(out)
-        atomic_write_json(out / METRICS_NAME, metrics)  # written last: the run is complete
-    accelerator.wait_for_everyone()
-    return metrics
+    def train_step(self, images: torch.Tensor) -> float:
+        """Noise the images at random timesteps and regress the noise (MSE); returns the loss."""
+        clean = self.format.adapt(images) * 2 - 1  # the UNet works on [-1, 1]
+        noise = torch.randn_like(clean)
+        timesteps = torch.randint(0, self.config.num_train_timesteps, (len(clean),), device=clean.device)
+        with self.accelerator.autocast():
+            predicted = self.unet(self.noise_scheduler.add_noise(clean, noise, timesteps), timesteps).sample
+        loss = F.mse_loss(predicted.float(), noise)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.optimizer.step()
+        self.lr_scheduler.step()
+        return loss.item()
+
+    def finish(self, dataset: str, out: Path, history: list[dict[str, Any]]) -> dict[str, Any]:
+        """Save the pipeline and the metrics (written last: the run is complete); returns the metrics."""
+        accelerator, config = self.accelerator, self.config
+        metrics = {
+            "dataset": dataset,
+            "config": _plain(asdict(config)),
+            "image_shape": [self.format.channels, config.image_size, config.image_size],
+            "parameters": sum(p.numel() for p in unwrap(self.unet).parameters()),
+            "steps": self.step,
+            "history": history,
+            "train_seconds": sum(record["seconds"] for record in history),
+            "num_processes": accelerator.num_processes,
+        }
+        if accelerator.is_main_process:
+            unet = accelerator.unwrap_model(self.unet)
+            DDPMPipeline(unet=unet, scheduler=self.noise_scheduler).save_pretrained(out)
+            atomic_write_json(out / METRICS_NAME, metrics)
+        accelerator.wait_for_everyone()
+        return metrics
 
 
 def _plain(config: dict[str, Any]) -> dict[str, Any]:

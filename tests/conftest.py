@@ -120,13 +120,13 @@ def teacher(teacher_dir):
 def synthetic_dir(tmp_path_factory, teacher_dir, accelerator) -> Path:
     """A finished synthetic set of 40 images (shards of 16, 16, 8) from the tiny teacher. Read-only:
     tests that damage it copy it first."""
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+    from synthkd.generators.inversion import ActivationInversion, InversionSettings
     from synthkd.models import Classifier
     from synthkd.pipelines.generate import generate
 
     teacher = Classifier.from_pretrained(teacher_dir)
     out = tmp_path_factory.mktemp("synthetic") / "set"
-    generator = ActivationInversion(teacher, InversionConfig(iterations=5))
+    generator = ActivationInversion(teacher, InversionSettings(iterations=5))
     generate(teacher, generator, 40, out, batch_size=16, seed=0, accelerator=accelerator)
     return out
 

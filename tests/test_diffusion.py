@@ -16,8 +16,8 @@ from click.testing import CliRunner
 from synthkd.cli import main
 from synthkd.data.shards import SyntheticDataset, shard_name
 from synthkd.errors import SynthkdError
-from synthkd.generators.diffusion import DiffusionConfig, DiffusionGenerator, load_pipeline, pipeline_fingerprint
-from synthkd.pipelines.generate import Selection, generate
+from synthkd.generators.diffusion import DiffusionGenerator, DiffusionSettings, load_pipeline, pipeline_fingerprint
+from synthkd.pipelines.generate import SelectionSettings, generate
 
 from conftest import REPO, free_port, subprocess_env
 from test_cli import error_line, ok
@@ -96,8 +96,9 @@ def text_to_image_dir(tmp_path_factory):
     return save_text_to_image(tmp_path_factory.mktemp("sd") / "pipeline")
 
 
-def diffusion(teacher, pipeline, **settings):
-    config = DiffusionConfig(str(pipeline), steps=settings.pop("steps", STEPS), **settings)
+def diffusion(teacher, pipeline, class_table=None, **settings):
+    table = json.dumps(class_table) if class_table is not None else None
+    config = DiffusionSettings(str(pipeline), steps=settings.pop("steps", STEPS), class_table=table, **settings)
     return DiffusionGenerator(config, teacher.input_format, teacher.config.class_names)
 
 
@@ -128,11 +129,11 @@ def make_set(teacher, pipeline, out, selection, accelerator):
 
 
 def test_class_balancing_keeps_drawing_and_reports(teacher, ddpm_dir, tmp_path, accelerator):
-    plain = make_set(teacher, ddpm_dir, tmp_path / "plain", Selection(), accelerator)
+    plain = make_set(teacher, ddpm_dir, tmp_path / "plain", SelectionSettings(), accelerator)
     one_try = generate(teacher, diffusion(teacher, ddpm_dir), 40, tmp_path / "one", batch_size=20, accelerator=accelerator,
-                       selection=Selection(balance=True, max_tries=1))
+                       selection=SelectionSettings(balance=True, max_tries=1))
     many = generate(teacher, diffusion(teacher, ddpm_dir), 40, tmp_path / "many", batch_size=20, accelerator=accelerator,
-                    selection=Selection(balance=True, max_tries=12))
+                    selection=SelectionSettings(balance=True, max_tries=12))
     # Without balancing the untrained model's class mix is the teacher's opinion of noise: lopsided.
     assert max(plain.manifest["counts_per_class"]) > 4
     for manifest in (one_try, many):
@@ -152,10 +153,10 @@ def test_class_balancing_keeps_drawing_and_reports(teacher, ddpm_dir, tmp_path, 
 
 
 def test_confidence_filter(teacher, ddpm_dir, tmp_path, accelerator):
-    probabilities = make_set(teacher, ddpm_dir, tmp_path / "plain", Selection(), accelerator).logits.softmax(1)
+    probabilities = make_set(teacher, ddpm_dir, tmp_path / "plain", SelectionSettings(), accelerator).logits.softmax(1)
     threshold = float(probabilities.max(1).values.median())
     manifest = generate(teacher, diffusion(teacher, ddpm_dir), 40, tmp_path / "sure", batch_size=20,
-                        accelerator=accelerator, selection=Selection(min_confidence=threshold, max_tries=8))
+                        accelerator=accelerator, selection=SelectionSettings(min_confidence=threshold, max_tries=8))
     report = manifest["report"]
     confidence = SyntheticDataset(tmp_path / "sure").logits.softmax(1).max(1).values
     assert int((confidence >= threshold).sum()) >= sum(report["accepted"]) > 20
@@ -164,7 +165,7 @@ def test_confidence_filter(teacher, ddpm_dir, tmp_path, accelerator):
 
 def test_resumed_balanced_run_remakes_the_lost_shard(teacher, ddpm_dir, tmp_path, accelerator):
     out = tmp_path / "set"
-    selection = Selection(balance=True, max_tries=3)
+    selection = SelectionSettings(balance=True, max_tries=3)
     first = generate(teacher, diffusion(teacher, ddpm_dir), 30, out, batch_size=10, accelerator=accelerator,
                      selection=selection)
     before = SyntheticDataset(out)
@@ -251,7 +252,7 @@ def test_bad_inputs_exit_2(teacher_dir, ddpm_dir, text_to_image_dir, tmp_path):
 
     assert "not a diffusers pipeline" in error("--pipeline", teacher_dir)
     assert "model_index.json" in error("--pipeline", teacher_dir)
-    assert "needs --pipeline" in error()
+    assert "--pipeline is needed by the diffusion method" in error()
     # Digits classes are called 0-9: no names a prompt could use.
     assert "needs a class name" in error("--pipeline", text_to_image_dir)
     assert "misses teacher classes 2, 3" in error("--pipeline", save_class_conditional(tmp_path / "dit"), "--class-table",
@@ -314,10 +315,10 @@ def test_two_ranks_sample_distinct_shards(teacher_dir, ddpm_dir, tmp_path, accel
 
 def test_selection_with_inversion(teacher, tmp_path, accelerator):
     """Selection is the pipeline's, so an aimed, collective generator gets it too."""
-    from synthkd.generators.inversion import ActivationInversion, InversionConfig
+    from synthkd.generators.inversion import ActivationInversion, InversionSettings
 
-    manifest = generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=3)), 20, tmp_path / "set",
-                        batch_size=10, accelerator=accelerator, selection=Selection(balance=True, max_tries=3))
+    manifest = generate(teacher, ActivationInversion(teacher, InversionSettings(iterations=3)), 20, tmp_path / "set",
+                        batch_size=10, accelerator=accelerator, selection=SelectionSettings(balance=True, max_tries=3))
     report = manifest["report"]
     assert manifest["counts_per_class"] == [2] * 10 == report["wanted"]
     assert [a + f for a, f in zip(report["accepted"], report["filled"])] == report["wanted"]

@@ -10,7 +10,7 @@ import pytest
 
 from synthkd.errors import SynthkdError
 from synthkd.data.shards import SyntheticDataset
-from synthkd.generators.inversion import ActivationInversion, InversionConfig
+from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.pipelines.demo import run_demo
 from synthkd.pipelines.distill import build_student, distill_e2e
 from synthkd.pipelines.generate import generate
@@ -28,7 +28,7 @@ def test_data_free_distillation_on_digits(tmp_path, accelerator):
     )
     assert teacher_metrics["eval"]["accuracy"] >= 0.95
 
-    generator = ActivationInversion(teacher, InversionConfig(iterations=50, flip=False))
+    generator = ActivationInversion(teacher, InversionSettings(iterations=50, flip=False))
     manifest = generate(teacher, generator, 256, tmp_path / "synthetic", batch_size=128, seed=0,
                         accelerator=accelerator)
     assert manifest["num_images"] == 256 and manifest["counts_per_class"] == [26] * 6 + [25] * 4

@@ -16,8 +16,9 @@ from synthkd.cli import main
 from synthkd.data.activations import ActivationDataset
 from synthkd.data.shards import SyntheticDataset, shard_name
 from synthkd.errors import SynthkdError
-from synthkd.generators.activations import ActivationConfig, ActivationSynthesizer
-from synthkd.generators.fast import STATE_NAME, FastConfig, FastGenerator
+from synthkd.generators.activations import ActivationSettings, ActivationSynthesizer
+from synthkd.generators.fast import STATE_NAME, FastGenerator, FastSettings
+from synthkd.generators.inversion import InversionLossSettings
 from synthkd.losses import BatchNormStatisticsLoss
 from synthkd.models import Classifier
 from synthkd.neighbourhood_training import NeighbourhoodSettings
@@ -31,7 +32,7 @@ from test_cli import error_line, invoke
 from test_multiprocess import launcher
 
 # 8x8 digits: no sub-pixel jitter/crop and no flips (they change a digit's class).
-NO_VIEWS = dict(flip=False, jitter=0.0, crop_scale=1.0)
+NO_VIEWS = InversionLossSettings(flip=False, jitter=0.0, crop_scale=1.0)
 
 
 def first_step_below(losses: list[float], level: float) -> int | None:
@@ -41,13 +42,13 @@ def first_step_below(losses: list[float], level: float) -> int | None:
 
 def test_meta_initialisation_reduces_the_steps_a_new_batch_needs(teacher):
     # Momentum off, so both generators are judged against the same statistics.
-    config = FastConfig(steps_per_batch=5, warmup_batches=0, bn_momentum=0.0, draws_per_adaptation=1, **NO_VIEWS)
+    config = FastSettings(steps_per_batch=5, warmup_batches=0, bn_momentum=0.0, draws_per_adaptation=1)
     targets = torch.arange(32) % 10
-    meta = FastGenerator(teacher, config, seed=0)
+    meta = FastGenerator(teacher, config, NO_VIEWS, seed=0)
     for batch in range(15):
         meta.generate(targets, seed=100 + batch)
     assert meta.batches == 15
-    fresh = FastGenerator(teacher, config, seed=0)  # the same random start the meta weights had
+    fresh = FastGenerator(teacher, config, NO_VIEWS, seed=0)  # the same random start the meta weights had
     meta.make_batch(targets, seed=999, steps=40, meta_step=False)
     fresh.make_batch(targets, seed=999, steps=40, meta_step=False)
     level = meta.losses[4]  # where the meta-learned start is after its 5 steps
@@ -59,8 +60,8 @@ def test_meta_initialisation_reduces_the_steps_a_new_batch_needs(teacher):
 
 
 def test_redraws_reuse_one_adaptation_for_several_batches(teacher):
-    config = FastConfig(steps_per_batch=10, warmup_batches=4, draws_per_adaptation=3, latent_noise=0.25, **NO_VIEWS)
-    generator = FastGenerator(teacher, config, seed=0)
+    config = FastSettings(steps_per_batch=10, warmup_batches=4, draws_per_adaptation=3, latent_noise=0.25)
+    generator = FastGenerator(teacher, config, NO_VIEWS, seed=0)
     targets = torch.arange(40) % 10
     batches = [generator.generate(targets, seed=seed) for seed in range(4)]
     assert generator.batches == 4 + 2  # warm-up, then calls 1 and 4 adapt (one meta step each); 2 and 3 redraw
@@ -70,7 +71,7 @@ def test_redraws_reuse_one_adaptation_for_several_batches(teacher):
     assert not torch.allclose(batches[1], batches[0]) and not torch.allclose(batches[2], batches[1])
     assert agreement[0] > 0.5 and min(agreement[1:]) > agreement[0] - 0.2, agreement
     # ... and a fixed function of its seed.
-    again = FastGenerator(teacher, config, seed=0)
+    again = FastGenerator(teacher, config, NO_VIEWS, seed=0)
     again.generate(targets, seed=0)
     assert torch.equal(again.generate(targets, seed=1), batches[1])
     # Far noise leaves the fitted latents: the targets are lost.
@@ -81,8 +82,8 @@ def test_redraws_reuse_one_adaptation_for_several_batches(teacher):
 
 
 def test_fast_generation_saves_and_resumes_its_state(teacher, tmp_path, accelerator):
-    config = FastConfig(steps_per_batch=2, warmup_batches=2, draws_per_adaptation=2, **NO_VIEWS)
-    generator = FastGenerator(teacher, config, seed=3)
+    config = FastSettings(steps_per_batch=2, warmup_batches=2, draws_per_adaptation=2)
+    generator = FastGenerator(teacher, config, NO_VIEWS, seed=3)
     manifest = generate(teacher, generator, 40, tmp_path / "set", batch_size=16, seed=3, accelerator=accelerator)
     assert manifest["method"] == "fast" and manifest["config"]["steps_per_batch"] == 2
     data = SyntheticDataset(tmp_path / "set")
@@ -92,7 +93,7 @@ def test_fast_generation_saves_and_resumes_its_state(teacher, tmp_path, accelera
     assert torch.equal(state["meta.project.weight"], generator.meta.project.weight.detach())
     assert all(f"bn_history.{i}" in state for i in range(len(generator.objective.history)))
 
-    resumed = FastGenerator(teacher, config, seed=3)
+    resumed = FastGenerator(teacher, config, NO_VIEWS, seed=3)
     resumed.load_state(tmp_path / "set")
     assert resumed.batches == 4
     for a, b in zip(resumed.meta.state_dict().values(), generator.meta.state_dict().values()):
@@ -103,22 +104,22 @@ def test_fast_generation_saves_and_resumes_its_state(teacher, tmp_path, accelera
     assert resumed.batches == 5
 
     with pytest.raises(SynthkdError, match="other settings"):
-        FastGenerator(teacher, FastConfig(steps_per_batch=3, warmup_batches=2, draws_per_adaptation=2, **NO_VIEWS),
+        FastGenerator(teacher, FastSettings(steps_per_batch=3, warmup_batches=2, draws_per_adaptation=2), NO_VIEWS,
                       seed=3).load_state(tmp_path / "set")
     (tmp_path / "set" / STATE_NAME).write_bytes(b"not safetensors")
     with pytest.raises(SynthkdError, match="unreadable"):
-        FastGenerator(teacher, config, seed=3).load_state(tmp_path / "set")
+        FastGenerator(teacher, config, NO_VIEWS, seed=3).load_state(tmp_path / "set")
 
 
 def test_bad_fast_settings_are_refused(teacher):
-    with pytest.raises(SynthkdError, match="--meta-lr"):
-        FastGenerator(teacher, FastConfig(meta_lr=1.5))
-    with pytest.raises(SynthkdError, match="--steps-per-batch"):
-        FastGenerator(teacher, FastConfig(steps_per_batch=0))
-    with pytest.raises(SynthkdError, match="--draws-per-adaptation"):
-        FastGenerator(teacher, FastConfig(draws_per_adaptation=0))
+    with pytest.raises(SynthkdError, match=r"meta_lr must be in \(0, 1\]"):
+        FastGenerator(teacher, FastSettings(meta_lr=1.5))
+    with pytest.raises(SynthkdError, match="steps_per_batch must be at least 1"):
+        FastGenerator(teacher, FastSettings(steps_per_batch=0))
+    with pytest.raises(SynthkdError, match="draws_per_adaptation must be at least 1"):
+        FastGenerator(teacher, FastSettings(draws_per_adaptation=0))
     with pytest.raises(SynthkdError, match="needs a student"):
-        FastGenerator(teacher, FastConfig(competition_weight=1.0))
+        FastGenerator(teacher, FastSettings(), InversionLossSettings(competition_weight=1.0))
 
 
 def bn_loss(module, inputs: torch.Tensor) -> float:
@@ -132,7 +133,7 @@ def bn_loss(module, inputs: torch.Tensor) -> float:
 
 
 def test_activations_respect_the_batchnorm_statistics_they_were_fitted_to(teacher):
-    synthesizer = ActivationSynthesizer(teacher, ActivationConfig(iterations=60, lr=0.1))
+    synthesizer = ActivationSynthesizer(teacher, ActivationSettings(activation_lr=0.1), iterations=60)
     assert synthesizer.names[-1] == "head" and len(synthesizer.names) == len(synthesizer.cuts) + 1
     for k in (0, 2):
         inputs = synthesizer.synthesize(k, 64, seed=k)
@@ -165,19 +166,20 @@ def test_activations_respect_the_batchnorm_statistics_they_were_fitted_to(teache
 
 def test_activation_set_resumes_and_trains_neighbourhoods_without_images(teacher, teacher_dir, tmp_path, accelerator):
     out = tmp_path / "activations"
-    config = ActivationConfig(iterations=10)
-    manifest = generate_activations(teacher, config, 48, out, batch_size=32, seed=0, accelerator=accelerator)
+    synthesizer = ActivationSynthesizer(teacher, iterations=10)
+    manifest = generate_activations(teacher, synthesizer, 48, out, batch_size=32, seed=0, accelerator=accelerator)
     assert len(manifest["neighbourhoods"]) == len(manifest["names"])
     files = sorted(p.relative_to(out) for p in out.rglob("shard-*.safetensors"))
     assert len(files) == 2 * len(manifest["names"])  # shards of 32 and 16 per neighbourhood
     inodes = {f: (out / f).stat().st_ino for f in files}
     (out / files[3]).unlink()
     (out / "manifest.json").unlink()
-    again = generate_activations(teacher, config, 48, out, batch_size=32, seed=0, accelerator=accelerator)
+    again = generate_activations(teacher, synthesizer, 48, out, batch_size=32, seed=0, accelerator=accelerator)
     assert again["neighbourhoods"] == manifest["neighbourhoods"]  # remade identically (per-shard seeds)
     assert all((out / f).stat().st_ino == inodes[f] for f in files if f != files[3])
     with pytest.raises(SynthkdError, match="other settings"):
-        generate_activations(teacher, ActivationConfig(iterations=11), 48, out, batch_size=32, accelerator=accelerator)
+        generate_activations(teacher, ActivationSynthesizer(teacher, iterations=11), 48, out, batch_size=32,
+                             accelerator=accelerator)
 
     dataset = ActivationDataset(out)
     assert len(dataset) == 48 and len(dataset[0]) == len(manifest["names"])
@@ -252,7 +254,7 @@ def test_two_ranks_make_one_fast_set(teacher_dir, tmp_path):
     assert len(SyntheticDataset(out)) == 48
     # Warm-up batch + two rounds, each a Reptile step averaged over the ranks.
     state = FastGenerator(Classifier.from_pretrained(teacher_dir),
-                          FastConfig(steps_per_batch=2, warmup_batches=1, draws_per_adaptation=1))
+                          FastSettings(steps_per_batch=2, warmup_batches=1, draws_per_adaptation=1))
     state.load_state(out)
     assert state.batches == 3
 
@@ -271,17 +273,10 @@ def test_cli_refuses_bad_fast_synthesis_input(teacher_dir, synthetic_dir, tmp_pa
     assert "nope" in line
 
 
-def test_command_line_and_run_defaults_are_the_generators():
-    """The CLI states its defaults literally (so `synthkd -h` imports no torch); they must stay
-    FastConfig's, as the `synthkd run` schema's are by construction."""
-    from synthkd.pipelines.config import FastSection
-
-    options = {p.name: p.default for p in main.commands["generate"].params}
-    names = {"steps_per_batch": "steps_per_batch", "generator_lr": "lr", "latent_lr": "latent_lr", "meta_lr": "meta_lr",
-             "bn_momentum": "bn_momentum", "warmup_batches": "warmup_batches", "latent_dim": "latent_dim",
-             "generator_channels": "channels", "draws_per_adaptation": "draws_per_adaptation",
-             "latent_noise": "latent_noise"}
-    defaults = FastConfig()
-    for option, field_name in names.items():
-        assert options[option] == getattr(defaults, field_name), option
-        assert getattr(FastSection(), option) == getattr(defaults, field_name), option
+def test_competition_weight_is_one_flag_in_both_commands():
+    """`generate --competition-weight` and `distill --synthesize fast --competition-weight`: one
+    default (decided by whether there is a competitor) and one help text."""
+    flags = [next(p for p in main.commands[name].params if "--competition-weight" in p.opts)
+             for name in ("generate", "distill")]
+    assert [flag.default for flag in flags] == [None, None] and flags[0].help == flags[1].help
+    assert "1 with a competitor, 0 without" in flags[0].help

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from synthkd.data.shards import SyntheticDataset, shard_name
-from synthkd.generators.inversion import ActivationInversion, InversionConfig
+from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.models import Classifier
 from synthkd.pipelines.generate import generate
 
@@ -63,7 +63,7 @@ def test_two_ranks_generate_one_set(teacher_dir, tmp_path, accelerator):
     # statistics of both ranks' batches, so they differ from the same shards made by one
     # process (which, with per-shard seeds, would otherwise be identical).
     single = tmp_path / "single"
-    generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=ITERATIONS)), NUM_IMAGES, single,
+    generate(teacher, ActivationInversion(teacher, InversionSettings(iterations=ITERATIONS)), NUM_IMAGES, single,
              batch_size=BATCH, seed=0, accelerator=accelerator)
     alone = SyntheticDataset(single)
     assert torch.equal(alone.targets, data.targets)

@@ -15,7 +15,7 @@ import torch
 
 from synthkd.data.format import shard_name
 from synthkd.data.reader import SyntheticDataset
-from synthkd.generators.inversion import ActivationInversion, InversionConfig
+from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.models import Classifier
 from synthkd.pipelines.generate import generate
 
@@ -70,7 +70,7 @@ def test_generate_resumes_after_sigkill(teacher_dir, tmp_path, accelerator):
     # The interrupted-and-resumed set equals an uninterrupted one (seeds are per shard).
     teacher = Classifier.from_pretrained(teacher_dir)
     reference = tmp_path / "reference"
-    generate(teacher, ActivationInversion(teacher, InversionConfig(iterations=ITERATIONS)), NUM_IMAGES, reference,
+    generate(teacher, ActivationInversion(teacher, InversionSettings(iterations=ITERATIONS)), NUM_IMAGES, reference,
              batch_size=BATCH, seed=1, accelerator=accelerator)
     expected = SyntheticDataset(reference)
     assert torch.equal(data.targets, expected.targets)

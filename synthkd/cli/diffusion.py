@@ -1,63 +1,14 @@
-"""Diffusion commands: `train-diffusion`, and the options `generate --method diffusion` takes
-(with the teacher-selection options every method may use)."""
+"""Diffusion commands: `train-diffusion`, and the report of the teacher's selection that
+`generate` prints (useful with diffusion)."""
 
 from __future__ import annotations
 
-import functools
-from typing import Any, Callable
+from typing import Any
 
 import click
 
 from ..errors import SynthkdError
-from .base import add_options, main, make_accelerator, mixed_precision_option
-
-DIFFUSION_OPTIONS = [
-    click.option("--pipeline", help="--method diffusion: a diffusers pipeline directory or hub id."),
-    click.option("--steps", type=int, default=50, show_default=True, help="--method diffusion: denoising steps."),
-    click.option("--scheduler", help="--method diffusion: swap the pipeline's scheduler (ddpm, ddim, dpm-solver, "
-                                     "euler, unipc, ... or a diffusers scheduler class name)."),
-    click.option("--guidance-scale", type=float, help="--method diffusion: classifier-free guidance scale."),
-    click.option("--prompt-template", default="a photo of a {name}", show_default=True,
-                 help="--method diffusion, text-to-image: the prompt of a class."),
-    click.option("--class-table", help="--method diffusion: JSON (file or inline) mapping teacher classes to the "
-                                       "pipeline's label ids (class-conditional) or prompt names (text-to-image)."),
-    click.option("--sample-batch-size", type=int, help="--method diffusion: images per pipeline call "
-                                                       "(default: --batch-size)."),
-]
-SELECTION_OPTIONS = [
-    click.option("--min-confidence", type=float, default=0.0, show_default=True,
-                 help="Keep only images the teacher labels with at least this probability."),
-    click.option("--balance/--no-balance", default=False, show_default=True,
-                 help="Keep drawing until each class (by the teacher's label) has its share of every shard."),
-    click.option("--max-tries", type=int, default=10, show_default=True,
-                 help="Draws per shard for --min-confidence/--balance; then the best rejected images fill the gap."),
-]
-
-
-def grouped(name: str, options: list[Callable]) -> Callable:
-    """Add ``options`` to a command and hand their values to it as one dict argument ``name``."""
-
-    def decorate(function: Callable) -> Callable:
-        keys = [option(lambda: None).__click_params__[0].name for option in options]
-
-        @functools.wraps(function)
-        def command(*args: Any, **kwargs: Any) -> Any:
-            kwargs[name] = {key: kwargs.pop(key) for key in keys}
-            return function(*args, **kwargs)
-
-        return add_options(command, options)
-
-    return decorate
-
-
-diffusion_options = grouped("diffusion", DIFFUSION_OPTIONS)
-selection_options = grouped("selection", SELECTION_OPTIONS)
-
-
-def build_selection(options: dict[str, Any]):
-    from synthkd.pipelines.generate import Selection
-
-    return Selection(**options)
+from .base import main, make_accelerator, mixed_precision_option
 
 
 def echo_report(manifest: dict[str, Any]) -> None:

@@ -18,15 +18,15 @@ def flag_of(spec: dataclasses.Field) -> str:
     return spec.metadata.get("flag") or "--" + spec.name.replace("_", "-")
 
 
-def _option(spec: dataclasses.Field, hint: Any, help_prefix: str, default: Any) -> Callable:
-    """One click option for one field (booleans become ``--x/--no-x``)."""
+def _option(spec: dataclasses.Field, hint: Any, help_prefix: str, default: Any, dest: str) -> Callable:
+    """One click option for one field (booleans become ``--x/--no-x``), passed as ``dest``."""
     flag = flag_of(spec)
     optional = typing.get_origin(hint) in (typing.Union, types.UnionType) and type(None) in typing.get_args(hint)
     bare = next((h for h in typing.get_args(hint) if h is not type(None)), hint) if optional else hint
     help_text = help_prefix + spec.metadata.get("help", "")
     kwargs: dict[str, Any] = {"default": default, "help": help_text, "show_default": default is not None}
     if bare is bool:
-        return click.option(f"{flag}/--no-{flag.removeprefix('--')}", spec.name, **kwargs)
+        return click.option(f"{flag}/--no-{flag.removeprefix('--')}", dest, **kwargs)
     names = choices_of(spec)
     if names is None and typing.get_origin(bare) is Literal:  # a string annotation (postponed evaluation)
         names = [str(v) for v in typing.get_args(bare)]
@@ -40,7 +40,7 @@ def _option(spec: dataclasses.Field, hint: Any, help_prefix: str, default: Any) 
         kwargs["type"] = bare
     if names is not None and not isinstance(kwargs.get("type"), click.Choice):
         kwargs["help"] += f" One of: {', '.join(names)}."  # a registry's names, checked when the command runs
-    return click.option(flag, spec.name, **kwargs)
+    return click.option(flag, dest, **kwargs)
 
 
 def cli_fields(cls: type, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
@@ -50,38 +50,68 @@ def cli_fields(cls: type, only: tuple[str, ...] | None = None, exclude: tuple[st
             and (only is None or spec.name in only)]
 
 
+def flattened(cls: type, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
+              prefix: str = "") -> list[tuple[str, dataclasses.Field, Any]]:
+    """(dotted path, field, type) of every command-line field of ``cls``; a field holding a nested
+    settings section contributes that section's fields, as options of the same command."""
+    hints = typing.get_type_hints(cls)
+    found: list[tuple[str, dataclasses.Field, Any]] = []
+    for spec in cli_fields(cls, only, exclude):
+        hint = hints[spec.name]
+        if isinstance(hint, type) and issubclass(hint, Settings):
+            found += flattened(hint, prefix=f"{prefix}{spec.name}.")
+        else:
+            found.append((prefix + spec.name, spec, hint))
+    return found
+
+
+def assemble(cls: type, values: dict[str, Any]) -> Any:
+    """An instance of ``cls`` from values by dotted path (nested sections built from theirs)."""
+    hints = typing.get_type_hints(cls)
+    top: dict[str, Any] = {}
+    nested: dict[str, dict[str, Any]] = {}
+    for path, value in values.items():
+        head, _, rest = path.partition(".")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            top[head] = list(value) if isinstance(value, tuple) and typing.get_origin(hints[head]) is list else value
+    top.update({head: assemble(hints[head], inner) for head, inner in nested.items()})
+    return cls(**top)
+
+
 def settings_options(cls: type, name: str, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
                      defaults: dict[str, Any] | None = None, help_prefix: str = "") -> Callable:
-    """Decorator: an option for every command-line field of the settings class ``cls``; the
-    command receives them as one checked instance in the argument ``name`` (fields left out keep
-    their dataclass defaults, or ``defaults``). Problems are reported under the flags' names."""
-    hints = typing.get_type_hints(cls)
-    specs = cli_fields(cls, only, exclude)
+    """Decorator: an option for every command-line field of the settings class ``cls`` (and of its
+    nested sections); the command receives them as one checked instance in the argument ``name``
+    (fields left out keep their dataclass defaults, or ``defaults``, keyed by dotted path).
+    Problems are reported under the flags' names."""
+    specs = flattened(cls, only, exclude)
     defaults = defaults or {}
 
-    def default_of(spec: dataclasses.Field) -> Any:
-        if spec.name in defaults:
-            return defaults[spec.name]
+    def default_of(path: str, spec: dataclasses.Field) -> Any:
+        if path in defaults:
+            return defaults[path]
         if spec.default is not dataclasses.MISSING:
             return spec.default
         if spec.default_factory is not dataclasses.MISSING:
             return spec.default_factory()
         return None
 
+    def dest(path: str) -> str:
+        return path.replace(".", "__")
+
     def decorate(function: Callable) -> Callable:
         @functools.wraps(function)
         def command(*args: Any, **kwargs: Any) -> Any:
-            values = {spec.name: kwargs.pop(spec.name) for spec in specs}
-            for spec in specs:
-                if isinstance(values[spec.name], tuple) and typing.get_origin(hints[spec.name]) is list:
-                    values[spec.name] = list(values[spec.name])
-            settings = cls(**{**{k: v for k, v in defaults.items() if k not in values}, **values})
+            values = {path: kwargs.pop(dest(path)) for path, _, _ in specs}
+            settings = assemble(cls, {**{k: v for k, v in defaults.items() if k not in values}, **values})
             check_cli(settings)
             kwargs[name] = settings
             return function(*args, **kwargs)
 
-        for spec in reversed(specs):
-            command = _option(spec, hints[spec.name], help_prefix, default_of(spec))(command)
+        for path, spec, hint in reversed(specs):
+            command = _option(spec, hint, help_prefix, default_of(path, spec), dest(path))(command)
         return command
 
     return decorate
@@ -89,13 +119,5 @@ def settings_options(cls: type, name: str, *, only: tuple[str, ...] | None = Non
 
 def check_cli(settings: Settings) -> None:
     """``settings.check()`` with each problem named by its flag (``--steps-per-batch must be ...``)."""
-    flags = {spec.name: flag_of(spec) for spec in dataclasses.fields(settings)}  # type: ignore[arg-type]
-
-    def name_of(path: str) -> str:
-        head, _, rest = path.partition(".")
-        if rest and isinstance(getattr(settings, head, None), Settings):
-            nested = getattr(settings, head)
-            return {spec.name: flag_of(spec) for spec in dataclasses.fields(nested)}.get(rest, rest)
-        return flags.get(path, path)
-
-    settings.check(name_of)
+    flags = {path: flag_of(spec) for path, spec, _ in flattened(type(settings))}
+    settings.check(lambda path: flags.get(path, path))
