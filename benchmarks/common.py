@@ -46,7 +46,7 @@ def standard_synthetic(config: dict[str, Any], teacher, num_images: int, iterati
 
     gen = config["generate"]
     directory = cache / (f"synthetic-{teacher.fingerprint()}-n{num_images}-it{iterations}-b{gen['batch_size']}-lr{gen['lr']}")
-    from synthkd.data.shards import is_synthetic_dir
+    from synthkd.data.reader import is_synthetic_dir
 
     if is_synthetic_dir(directory):
         timings["generate_seconds (cached, not timed)"] = 0.0

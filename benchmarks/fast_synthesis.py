@@ -46,7 +46,7 @@ from torch.utils.data import Subset  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
-from synthkd.data.shards import SyntheticDataset  # noqa: E402
+from synthkd.data.reader import SyntheticDataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
 from synthkd.generators.activations import ActivationSynthesizer  # noqa: E402
 from synthkd.generators.base import shard_seed  # noqa: E402

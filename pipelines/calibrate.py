@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data import load_dataset
-from synthkd.data.shards import SyntheticDataset, is_synthetic_dir
+from synthkd.data.reader import SyntheticDataset, is_synthetic_dir
 from synthkd.detector import BASELINES, Detector, Features, build_density
 from synthkd.detector.features import cached_extract, features_cache_dir, resolve_batchnorm_layers, resolve_layer
 from synthkd.detector.settings import CalibrationSettings

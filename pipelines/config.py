@@ -24,17 +24,41 @@ from .search import SearchSettings
 from .train_teacher import TeacherSettings
 
 
+def dataset_problem(spec: str) -> str | None:
+    """Why the dataset ``spec`` cannot be read, or None."""
+    from synthkd.data import check_dataset
+
+    try:
+        check_dataset(spec)
+    except SynthkdError as error:
+        return str(error)
+    return None
+
+
+def file_problem(path: str) -> str | None:
+    return None if Path(path).is_file() else f"no file {path}"
+
+
+def model_problem(spec: str) -> str | None:
+    from synthkd.models import model_source_problem
+
+    return model_source_problem(spec)
+
+
 @dataclass
 class TeacherSection(TeacherSettings):
     """An existing teacher (``model``), or one trained here on ``dataset`` when ``model`` is null
     (with the settings of ``synthkd train-teacher``)."""
 
-    model: str | None = field(default=None, metadata={"check": lambda value: _missing("model", value)})
-    weights: str | None = field(default=None, metadata={"check": lambda value: _missing("file", value)})
-    input_shape: list[int] | None = None
-    mean: list[float] | None = None
-    std: list[float] | None = None
-    dataset: str | None = field(default=None, metadata={"check": lambda value: _missing("dataset", value)})
+    model: str | None = setting(None, check=model_problem,
+                                help="An existing teacher: a model directory, or FILE.py:factory / module:factory.")
+    weights: str | None = setting(None, check=file_problem,
+                                  help="Weights of a teacher given as code (safetensors or a state dict).")
+    input_shape: list[int] | None = setting(None, help="C, H, W of a teacher given as code.")
+    mean: list[float] | None = setting(None, help="Normalisation mean of a teacher given as code.")
+    std: list[float] | None = setting(None, help="Normalisation std of a teacher given as code.")
+    dataset: str | None = setting(None, check=dataset_problem,
+                                  help="Train a teacher on this dataset spec when no model is given.")
 
 
 @dataclass
@@ -55,8 +79,8 @@ class DetectorSection(DetectorEvaluationSettings, CalibrationSettings):
 
 
 @dataclass
-class ReportSection:
-    samples_per_class: int = field(default=8, metadata={"positive": True})
+class ReportSection(Settings):
+    samples_per_class: int = setting(8, positive=True, help="Synthetic images shown per class in report.html.")
 
 
 @dataclass
@@ -68,11 +92,12 @@ class RunConfig(Settings):
     search: SearchSection = field(default_factory=SearchSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
     report: ReportSection = field(default_factory=ReportSection)
-    eval_dataset: str | None = field(default=None, metadata={"check": lambda value: _missing("dataset", value)})
-    out: str | None = None  # the run directory; null: runs/<config file name>
-    seed: int = 0
-    mixed_precision: Literal["no", "fp16", "bf16"] = "no"
-    reference_epochs: int | None = None  # KD on real data, read by the benchmarks only
+    eval_dataset: str | None = setting(None, check=dataset_problem,
+                                       help="The real test set every stage is evaluated on.")
+    out: str | None = setting(None, help="The run directory; null: runs/<config file name>.")
+    seed: int = setting(0, help="Seed of every stage.")
+    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", help="Autocast on GPU.")
+    reference_epochs: int | None = setting(None, help="KD on real data, read by the benchmarks only.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -165,19 +190,3 @@ def _check_generate(config: RunConfig, errors: list[str]) -> None:
     if section.method in GENERATORS and GENERATORS.get(section.method).output != "images":
         errors.append(f"generate.method: {section.method} makes no images for a run to distill from; "
                       f"use `synthkd generate --method {section.method}` and `synthkd distill` instead")
-
-
-def _missing(check: str, value: str) -> str | None:
-    """Why ``value`` (a model spec, file or dataset spec) cannot be read, or None."""
-    from synthkd.data import check_dataset
-    from synthkd.models import model_source_problem
-
-    if check == "dataset":
-        try:
-            check_dataset(value)
-        except SynthkdError as error:
-            return str(error)
-        return None
-    if check == "file":
-        return None if Path(value).is_file() else f"no file {value}"
-    return model_source_problem(value)

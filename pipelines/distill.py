@@ -19,7 +19,7 @@ from synthkd.accelerator import make_accelerator
 from synthkd.augment import distillation_augmentation
 from synthkd.data import load_dataset
 from synthkd.data.activations import ActivationDataset
-from synthkd.data.shards import SyntheticDataset
+from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError, warn
 from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json

@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from synthkd.accelerator import make_accelerator
-from synthkd.data.shards import SyntheticWriter
+from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 from synthkd.generators.activations import ActivationSettings
 from synthkd.generators.base import SyntheticImageGenerator, teacher_record

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data import SyntheticBatch, load_dataset
-from synthkd.data.shards import load_written_shards
+from synthkd.data.reader import load_written_shards
 from synthkd.errors import SynthkdError
 from synthkd.generators.fast import FastSettings
 from synthkd.generators.inversion import competition_weight_setting

@@ -136,7 +136,7 @@ def sample_grid(run_dir: Path, config: RunConfig) -> list[Block]:
     import matplotlib.pyplot as plt
     import torch
 
-    from synthkd.data.shards import SyntheticDataset, is_synthetic_dir
+    from synthkd.data.reader import SyntheticDataset, is_synthetic_dir
 
     if not is_synthetic_dir(run_dir / "synthetic"):
         return []

@@ -26,7 +26,7 @@ from typing import Any, Iterator, TextIO
 from accelerate import Accelerator
 
 from synthkd.pipelines.config import RunConfig, validate
-from synthkd.data.shards import is_synthetic_dir
+from synthkd.data.reader import is_synthetic_dir
 from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.detector.settings import CALIBRATION_KEYS
 from synthkd.errors import SynthkdError

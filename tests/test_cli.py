@@ -16,7 +16,8 @@ from click.testing import CliRunner
 
 from synthkd.cli import main
 from synthkd.data import load_dataset
-from synthkd.data.shards import SyntheticDataset, shard_name
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset
 from synthkd.models import Classifier, InputFormat, ModelConfig
 
 from conftest import REPO, subprocess_env

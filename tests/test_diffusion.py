@@ -14,7 +14,8 @@ import torch
 from click.testing import CliRunner
 
 from synthkd.cli import main
-from synthkd.data.shards import SyntheticDataset, shard_name
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.generators.diffusion import DiffusionGenerator, DiffusionSettings, load_pipeline, pipeline_fingerprint
 from synthkd.pipelines.generate import SelectionSettings, generate

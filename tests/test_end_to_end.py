@@ -9,7 +9,7 @@ import shutil
 import pytest
 
 from synthkd.errors import SynthkdError
-from synthkd.data.shards import SyntheticDataset
+from synthkd.data.reader import SyntheticDataset
 from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.pipelines.demo import run_demo
 from synthkd.pipelines.distill import build_student, distill_e2e

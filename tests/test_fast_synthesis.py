@@ -14,7 +14,8 @@ from safetensors.torch import load_file
 
 from synthkd.cli import main
 from synthkd.data.activations import ActivationDataset
-from synthkd.data.shards import SyntheticDataset, shard_name
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.generators.activations import ActivationSettings, ActivationSynthesizer
 from synthkd.generators.fast import STATE_NAME, FastGenerator, FastSettings

@@ -14,7 +14,7 @@ import yaml
 from click.testing import CliRunner
 
 from synthkd.cli import main
-from synthkd.data.shards import SyntheticDataset
+from synthkd.data.reader import SyntheticDataset
 from synthkd.generators.base import SyntheticImageGenerator
 from synthkd.generators.registry import GENERATORS, GeneratorEntry
 from synthkd.settings import Settings, setting

@@ -11,7 +11,8 @@ import sys
 import pytest
 import torch
 
-from synthkd.data.shards import SyntheticDataset, shard_name
+from synthkd.data.format import shard_name
+from synthkd.data.reader import SyntheticDataset
 from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.models import Classifier
 from synthkd.pipelines.generate import generate

@@ -20,7 +20,7 @@ from safetensors.torch import load_file
 
 from synthkd.cli import main
 from synthkd.data import load_dataset
-from synthkd.data.shards import SyntheticDataset
+from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
 from synthkd.models import Classifier, ModelConfig, create_model
