@@ -43,3 +43,20 @@ def test_only_the_intended_packages_import():
         assert importlib.util.find_spec(name) is not None
     for stray in ("synthkd.tests", "synthkd.benchmarks", "synthkd.synthkd", "synthkd.configs"):
         assert importlib.util.find_spec(stray) is None
+
+
+def test_every_package_folder_is_installed():
+    """A sub-package missing from pyproject's list imports from a checkout (editable install) but
+    not from a wheel; the list must name every folder that holds an __init__.py."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    listed = set(project["packages"])
+    roots = {package: Path(folder) for package, folder in project["package-dir"].items()}
+    found = set()
+    for package, folder in roots.items():
+        for init in (ROOT / folder).rglob("__init__.py"):
+            parts = init.parent.relative_to(ROOT / folder).parts
+            if not any(p for p in roots if p != package and p.startswith(package + ".") and init.is_relative_to(ROOT / roots[p])):
+                found.add(".".join((package, *parts)))
+    assert found == listed
