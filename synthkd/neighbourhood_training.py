@@ -134,8 +134,11 @@ class NeighbourhoodDistiller:
         self.teacher_split = split_network(teacher.net, self.cuts)
         self.student_split = split_network(student.net, student_cuts)
         fmt = teacher.input_format
-        probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0)))
-        student.eval()
+        # The probes run on the teacher's device (Student Search hands over a teacher already on
+        # the GPU), so the student joins it there.
+        device = next(teacher.parameters()).device
+        probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0))).to(device)
+        student.to(device).eval()
         self.channel_pairs = cut_channel_pairs(self.teacher_split, self.student_split, probe)
         self.neighbourhoods = nn.ModuleList()
         for k, piece in enumerate(self.student_split.pieces):
@@ -146,7 +149,7 @@ class NeighbourhoodDistiller:
                 piece,
                 CutAdapter(before[0], before[1]) if before else None,
                 CutAdapter(after[1], after[0]) if after else None,
-            ))
+            ).to(device))
         inputs = [probe]
         for piece in self.teacher_split.pieces[:-1]:
             with torch.no_grad():
