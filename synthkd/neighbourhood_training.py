@@ -104,8 +104,10 @@ def replicate(assignment: list[list[int]], costs: list[float]) -> list[list[int]
 
 
 def count_flops(module: nn.Module, x: torch.Tensor) -> int:
+    """FLOPs of one forward pass on ``x``, counted wherever the module's weights are."""
+    weight = next(module.parameters(), None)
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(x)
+        module(x if weight is None else x.to(weight.device))
     return counter.get_total_flops()
 
 

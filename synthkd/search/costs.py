@@ -38,6 +38,7 @@ def _synchronize(device: torch.device) -> None:
 @torch.no_grad()
 def measure_latency(module: nn.Module, x: torch.Tensor, device: torch.device, repeats: int = 15, warmup: int = 3) -> float:
     """Median seconds of one forward pass of ``module`` on ``x`` on ``device``."""
+    home = next(module.parameters(), x).device  # put back where it was: the teacher's pieces are shared
     module = module.to(device).eval()
     x = x.to(device)
     times = []
@@ -48,7 +49,7 @@ def measure_latency(module: nn.Module, x: torch.Tensor, device: torch.device, re
         _synchronize(device)
         if run >= warmup:
             times.append(time.perf_counter() - started)
-    module.cpu()
+    module.to(home)
     return statistics.median(times)
 
 

@@ -185,7 +185,7 @@ class Exploration:
         """The probe input of neighbourhood k's piece: the teacher's activation at its cut, through
         the neighbourhood's input adapter when it has one."""
         with torch.no_grad():
-            x = self.activations[k]
+            x = self.activations[k].to(next(neighbourhood.parameters()).device)  # trained pieces may sit on the GPU
             return neighbourhood.in_adapter(x) if neighbourhood.in_adapter is not None else x
 
     # --- distillation -------------------------------------------------------------------------
