@@ -19,8 +19,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, standard_teacher, timed, write_json  # noqa: E402
 
-from synthkd.pipelines.distill import build_student, distill_e2e  # noqa: E402
-from synthkd.training import TrainSettings  # noqa: E402
+from synthkd.pipelines.distill import DistillSettings, build_student, distill_e2e  # noqa: E402
 
 QUICK = {"teacher_epochs": 1, "num_images": 512, "iterations": 20, "distill_epochs": 5}
 
@@ -59,11 +58,11 @@ def main() -> None:
     data_dir = standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings)
 
     dist = config["distill"]
-    train = TrainSettings(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
+    distill = DistillSettings(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"],
+                              temperature=dist["temperature"], mixup=dist["mixup"])
     student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
     with timed(timings, "distill_seconds"):
-        _, metrics = distill_e2e(teacher, student, data_dir, cache / "student-synthetic", train, dist["temperature"],
-                                 mixup=dist["mixup"], eval_dataset=eval_spec)
+        _, metrics = distill_e2e(teacher, student, data_dir, cache / "student-synthetic", distill, eval_dataset=eval_spec)
     rows = [
         {"model": "teacher", "accuracy": metrics["teacher"]["accuracy"]},
         {"model": "student (synthetic only)", "accuracy": metrics["student"]["accuracy"],
@@ -79,11 +78,12 @@ def main() -> None:
     }
     if args.real_reference:
         reference = build_student(config["student"]["arch"], teacher, config["student"]["width"])
-        reference_train = TrainSettings(epochs=2 if args.quick else config["reference_epochs"], batch_size=dist["batch_size"],
-                                      lr=dist["lr"])
+        reference_train = DistillSettings(epochs=2 if args.quick else config["reference_epochs"],
+                                          batch_size=dist["batch_size"], lr=dist["lr"], temperature=dist["temperature"],
+                                          mixup=0.0)
         with timed(timings, "real_reference_seconds"):
             _, real = distill_e2e(teacher, reference, config["teacher"]["dataset"], cache / "student-real", reference_train,
-                                  dist["temperature"], mixup=0.0, eval_dataset=eval_spec)
+                                  eval_dataset=eval_spec)
         rows.append({"model": f"student (KD on real images, {reference_train.epochs} epochs)", "accuracy": real["student"]["accuracy"],
                      "gap_points": 100 * real["gap"]})
         result["real_reference_accuracy"] = real["student"]["accuracy"]

@@ -27,10 +27,9 @@ from common import CACHE, load_setting, print_table, standard_synthetic, standar
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.generators.diffusion import DiffusionGenerator, DiffusionSettings  # noqa: E402
 from synthkd.generators.inversion import ActivationInversion, InversionSettings  # noqa: E402
-from synthkd.pipelines.distill import build_student, distill_e2e  # noqa: E402
+from synthkd.pipelines.distill import DistillSettings, build_student, distill_e2e  # noqa: E402
 from synthkd.pipelines.generate import SelectionSettings, generate  # noqa: E402
 from synthkd.pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
-from synthkd.training import TrainSettings  # noqa: E402
 
 # Sized for an 18-minute budget on 2 CPU cores: 15 KD epochs where the setting says 50, and at
 # most 4 draws per shard for the class balance.
@@ -97,15 +96,16 @@ def main() -> None:
 
     # The same student and budget on each set.
     dist = config["distill"]
-    train = TrainSettings(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"])
+    distill = DistillSettings(epochs=settings["distill_epochs"], batch_size=dist["batch_size"], lr=dist["lr"],
+                              temperature=dist["temperature"], mixup=dist["mixup"])
     students = {}
     for name, data in (("diffusion", diffusion_dir), ("inversion", inversion_dir)):
         out = cache / f"diffusion-student-{name}"
         shutil.rmtree(out, ignore_errors=True)  # time training, not a resume of an earlier run
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"])
         with timed(timings, f"distill_{name}_seconds"):
-            _, students[name] = distill_e2e(teacher, student, data, out, train, dist["temperature"], mixup=dist["mixup"],
-                                            eval_dataset=config["eval_dataset"], accelerator=accelerator)
+            _, students[name] = distill_e2e(teacher, student, data, out, distill, eval_dataset=config["eval_dataset"],
+                                            accelerator=accelerator)
 
     report = manifest["report"] if "report" in manifest else None
     diffusion_rate = n / timings["diffusion_generate_seconds"]
@@ -117,7 +117,7 @@ def main() -> None:
         {"generator": f"inversion ({settings['iterations']} Adam steps per batch)",
          "images_per_second": inversion_rate, "student_accuracy": students["inversion"]["student"]["accuracy"]},
     ]
-    print_table(rows, f"{n} images each, student resnet20 x0.5, {train.epochs} KD epochs, "
+    print_table(rows, f"{n} images each, student resnet20 x0.5, {distill.epochs} KD epochs, "
                       f"{config['eval_dataset']} (teacher {students['inversion']['teacher']['accuracy']:.4f})")
     print_table([{"stage": k, "seconds": v} for k, v in timings.items()], "time per stage")
     result = {

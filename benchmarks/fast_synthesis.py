@@ -57,7 +57,7 @@ from synthkd.neighbourhood_training import NeighbourhoodSettings  # noqa: E402
 from synthkd.pipelines.activations import generate_activations  # noqa: E402
 from synthkd.pipelines.distill import KDObjective, build_student, distill_neighbourhood  # noqa: E402
 from synthkd.pipelines.generate import generate  # noqa: E402
-from synthkd.training import TrainSettings, fit  # noqa: E402
+from synthkd.training import KDSettings, TrainSettings, fit  # noqa: E402
 
 QUICK = {"inversion_iterations": 10, "inversion_points": "512,1024", "fast_points": "512,1024",
          "activation_images": 256, "activation_iterations": 10, "kd_steps": 60}
@@ -191,7 +191,7 @@ def main() -> None:
         train = TrainSettings(epochs=epochs_for(settings["kd_steps"], images, kd_batch), batch_size=kd_batch,
                             lr=config["distill"]["lr"], seed=args.seed)
         student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=args.seed)
-        objective = KDObjective(teacher, config["distill"]["temperature"], True, config["distill"]["mixup"])
+        objective = KDObjective(teacher, KDSettings(temperature=config["distill"]["temperature"], mixup=config["distill"]["mixup"]))
         started = time.perf_counter()
         fit(student, Subset(SyntheticDataset(data), range(images)), objective.to(accelerator.device), train,
             accelerator, description=f"distill ({images} images)")

@@ -114,7 +114,7 @@ def distill_interleaved(
     wanted = synthesis.generate_settings()
     generator = GENERATORS.get(wanted.method).build(wanted, teacher, student, seed)
     num_images, batches_per_round = wanted.num_images, synthesis.batches_per_round
-    objective = KDObjective(teacher, settings.temperature, settings.flip, settings.mixup).to(accelerator.device)
+    objective = KDObjective(teacher, settings).to(accelerator.device)
     growing = GrowingSyntheticSet(data, num_images)
     seconds = {"generate": 0.0}
     made: list[int] = []

@@ -110,7 +110,12 @@ def run_generate(ctx: RunContext) -> dict[str, Any]:
 
 def distill_section(config: RunConfig) -> dict[str, Any]:
     """The student's settings: Student Search's when it is enabled, else distillation's."""
-    training = {"search": asdict(config.search)} if config.search.enabled else {"distill": asdict(config.distill)}
+    if config.search.enabled:
+        training = {"search": asdict(config.search)}
+    else:
+        training = {"distill": asdict(config.distill)}
+        if config.distill.augment:
+            del training["distill"]["augment"]  # on, as before the option existed: old runs keep their fingerprint
     evaluates = config.search.enabled or config.distill.eval_every_epoch
     return {**training, "student": asdict(config.student), "seed": config.seed,
             "eval_dataset": config.eval_dataset if evaluates else None, "mixed_precision": config.mixed_precision}

@@ -12,10 +12,9 @@ from synthkd.errors import SynthkdError
 from synthkd.data.reader import SyntheticDataset
 from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.pipelines.demo import run_demo
-from synthkd.pipelines.distill import build_student, distill_e2e
+from synthkd.pipelines.distill import DistillSettings, build_student, distill_e2e
 from synthkd.pipelines.generate import generate
 from synthkd.pipelines.train_teacher import TeacherSettings, train_teacher
-from synthkd.training import TrainSettings
 
 
 @pytest.mark.slow
@@ -36,7 +35,7 @@ def test_data_free_distillation_on_digits(tmp_path, accelerator):
     student = build_student("resnet8", teacher, width=0.5)
     student, metrics = distill_e2e(
         teacher, student, tmp_path / "synthetic", tmp_path / "student",
-        TrainSettings(epochs=25, lr=0.05, batch_size=32, seed=0), flip=True,
+        DistillSettings(epochs=25, lr=0.05, batch_size=32, flip=True), seed=0,
         eval_dataset="digits:test", accelerator=accelerator,
     )
     student_accuracy = metrics["student"]["accuracy"]

@@ -137,3 +137,30 @@ def test_mixup():
     assert torch.equal(MixUp(alpha=1.0, p=0.0)(images), images)
     assert torch.equal(MixUp(alpha=0.0)(images), images)
     assert torch.equal(mixup.eval()(images), images)
+
+
+def test_kd_without_augmentation_reads_the_stored_logits_and_never_runs_the_teacher(teacher, synthetic_dir, tmp_path,
+                                                                                    accelerator):
+    """The logits a synthetic set stores are the teacher's on exactly those images, so KD on the
+    images as made needs no teacher forward pass; the loss still falls."""
+    from synthkd.pipelines.distill import DistillSettings, build_student, distill_e2e
+
+    calls = []
+    teacher.register_forward_hook(lambda module, inputs, output: calls.append(len(inputs[0])))
+    settings = DistillSettings(epochs=6, batch_size=8, lr=0.05, flip=False, mixup=0.0, augment=False)
+    student = build_student("resnet8", teacher, width=0.25)
+    _, metrics = distill_e2e(teacher, student, synthetic_dir, tmp_path / "student", settings, accelerator=accelerator)
+    assert calls == [] and metrics["targets"] == "stored logits"
+    assert metrics["history"][-1]["loss"] < metrics["history"][0]["loss"]
+
+
+def test_kd_without_augmentation_is_refused_where_stored_logits_cannot_serve(teacher, synthetic_dir, tmp_path):
+    from synthkd.pipelines.distill import DistillSettings, distill_e2e
+
+    for settings, words in ((DistillSettings(augment=False), "--no-flip and --mixup 0"),
+                            (DistillSettings(augment=False, flip=False, mixup=0.0, mode="neighbourhood"), "--mode e2e")):
+        with pytest.raises(SynthkdError, match=words):
+            settings.check()
+    plain = DistillSettings(augment=False, flip=False, mixup=0.0, epochs=1)
+    with pytest.raises(SynthkdError, match="real dataset; drop --no-augment"):
+        distill_e2e(teacher, teacher, "digits:train[:16]", tmp_path / "s", plain)
