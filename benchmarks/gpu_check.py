@@ -16,9 +16,8 @@ those that need what it should have made, which are marked skipped. Steps not st
 ``--budget`` seconds are skipped too, so the whole run ends in bounded time. The JSON is rewritten
 after every step, so a run killed from outside still leaves what it measured.
 
-Only the documented CLI commands and flags and plain torch are used (the micro-benchmark builds
-the zoo's resnet20 through ``synthkd.models.create_model`` and falls back to its own copy of a
-CIFAR-style resnet20 when that import fails), so internal refactors do not break this script.
+Only the documented CLI commands and flags are used (and the zoo's resnet20 through
+``synthkd.models.create_model`` for the micro-benchmark), so internal refactors do not break it.
 """
 
 from __future__ import annotations
@@ -182,34 +181,6 @@ def run_command(cmd: list[str], cwd: Path, env: dict, timeout: float, log: Path,
 # the micro-benchmark (run in a subprocess: `gpu_check.py --microbench`)
 
 
-def _fallback_resnet20(num_classes: int = 10, in_channels: int = 1):
-    """A CIFAR-style resnet20 (3 stages of 3 basic blocks, 16/32/64 channels) in plain torch."""
-    from torch import nn
-
-    class Block(nn.Module):
-        def __init__(self, cin, cout, stride):
-            super().__init__()
-            self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-            self.bn1 = nn.BatchNorm2d(cout)
-            self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-            self.bn2 = nn.BatchNorm2d(cout)
-            self.short = nn.Sequential()
-            if stride != 1 or cin != cout:
-                self.short = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
-
-        def forward(self, x):
-            out = self.bn1(self.conv1(x)).relu()
-            return (self.bn2(self.conv2(out)) + self.short(x)).relu()
-
-    layers, cin = [nn.Conv2d(in_channels, 16, 3, 1, 1, bias=False), nn.BatchNorm2d(16), nn.ReLU()], 16
-    for cout, stride in ((16, 1), (32, 2), (64, 2)):
-        for i in range(3):
-            layers.append(Block(cin, cout, stride if i == 0 else 1))
-            cin = cout
-    layers += [nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(64, num_classes)]
-    return nn.Sequential(*layers)
-
-
 def microbench(iters: int, warmup: int, batch: int, max_seconds: float = 20.0) -> dict:
     import torch
     import torch.nn.functional as F
@@ -221,15 +192,10 @@ def microbench(iters: int, warmup: int, batch: int, max_seconds: float = 20.0) -
     if cuda:
         torch.backends.cudnn.benchmark = True
         result["cudnn_benchmark"] = True
-    try:
-        from synthkd.models import create_model
+    from synthkd.models import create_model
 
-        make = lambda: create_model("resnet20", width=1.0, in_channels=1, num_classes=10)  # noqa: E731
-        make()
-        result["model"] = "synthkd.models.create_model('resnet20')"
-    except Exception as exc:  # noqa: BLE001 - the internals may move; the benchmark must not
-        make = _fallback_resnet20
-        result["model"] = f"fallback resnet20 ({type(exc).__name__}: {exc})"[:200]
+    make = lambda: create_model("resnet20", width=1.0, in_channels=1, num_classes=10)  # noqa: E731
+    result["model"] = "synthkd.models.create_model('resnet20')"
     print(json.dumps({"meta": result}), flush=True)  # what is known so far, in case of a time-out
     configs = [("fp32", False, None), ("fp32+channels_last", True, None), ("bf16-autocast+channels_last", True, torch.bfloat16)]
     rows = []

@@ -49,7 +49,7 @@ def _load_built_in() -> None:
 
 
 GENERATORS: Registry[GeneratorEntry] = Registry(
-    "generation method", loader=_load_built_in, hint="or register one: README, Adding a generator")
+    "generation method", loader=_load_built_in, hint="or register one: README, Architecture")
 
 
 def method_names() -> list[str]:

@@ -19,6 +19,7 @@ from click.testing import CliRunner
 from synthkd.cli import main
 from synthkd.pipelines.config import load_config
 from synthkd.errors import SynthkdError
+from synthkd.io import flatten
 from synthkd.pipelines.run import plan, run_pipeline
 
 from conftest import REPO, free_port, subprocess_env
@@ -115,17 +116,6 @@ def write_fake_cifar(root: Path, per_batch: int = 4) -> Path:
     return root
 
 
-def leaves(tree: dict, prefix: str = "") -> dict[str, object]:
-    """``{"a.b": value}`` for every value set in a nested mapping."""
-    found = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            found.update(leaves(value, f"{prefix}{key}."))
-        else:
-            found[f"{prefix}{key}"] = value
-    return found
-
-
 @pytest.mark.parametrize("path", sorted((REPO / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_every_config_in_the_repository_loads_as_written(tmp_path, path):
     """Each config validates (data it names replaced by small files where absent), and every key
@@ -135,8 +125,8 @@ def test_every_config_in_the_repository_loads_as_written(tmp_path, path):
     if "cifar10" in path.read_text():
         root = write_fake_cifar(tmp_path / "cifar-10-batches-py")
         overrides = [f"teacher.dataset=cifar10:{root}:train", f"eval_dataset=cifar10:{root}:test"]
-    loaded = leaves(load_config(path, overrides).to_dict())
-    written = leaves(raw)
+    loaded = flatten(load_config(path, overrides).to_dict())
+    written = flatten(raw)
     for key in (o.partition("=")[0] for o in overrides):
         written.pop(key, None)
     assert {k: loaded[k] for k in written} == written
