@@ -29,7 +29,7 @@ from synthkd.generators.diffusion import DiffusionGenerator, DiffusionSettings  
 from synthkd.generators.inversion import ActivationInversion, InversionSettings  # noqa: E402
 from synthkd.pipelines.distill import DistillSettings, build_student, distill_e2e  # noqa: E402
 from synthkd.pipelines.generate import SelectionSettings, generate  # noqa: E402
-from synthkd.pipelines.train_diffusion import DiffusionTrainConfig, train_diffusion  # noqa: E402
+from synthkd.pipelines.train_diffusion import DiffusionTrainSettings, train_diffusion  # noqa: E402
 
 # Sized for an 18-minute budget on 2 CPU cores: 15 KD epochs where the setting says 50, and at
 # most 4 draws per shard for the class balance.
@@ -65,7 +65,7 @@ def main() -> None:
     teacher = standard_teacher(config, config["teacher"]["epochs"], cache, timings)
 
     # The DDPM (trained once, kept in the cache).
-    ddpm_config = DiffusionTrainConfig(max_steps=settings["ddpm_steps"], batch_size=128)
+    ddpm_config = DiffusionTrainSettings(max_steps=settings["ddpm_steps"], batch_size=128)
     widths = "-".join(map(str, ddpm_config.block_out_channels))
     ddpm_dir = cache / f"diffusion-ddpm-{config['teacher']['dataset'].replace(':', '-')}-s{settings['ddpm_steps']}-w{widths}"
     ddpm_cached = (ddpm_dir / "metrics.json").is_file()

@@ -12,44 +12,63 @@ import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
-from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
-from diffusers.optimization import get_cosine_schedule_with_warmup
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data import load_dataset
-from synthkd.errors import SynthkdError
 from synthkd.io import atomic_write_json, read_json
 from synthkd.models import InputFormat, unwrap
 from synthkd.seeds import derive_seed
+from synthkd.settings import Settings, setting
 from synthkd.training import Checkpoint
+
+if TYPE_CHECKING:  # diffusers is imported where a model is built: it takes a second to import
+    from diffusers import DDPMScheduler, UNet2DModel
 
 METRICS_NAME = "metrics.json"
 
 
 @dataclass
-class DiffusionTrainConfig:
-    epochs: int = 2
-    max_steps: int | None = None  # optimiser steps; overrides epochs when given
-    batch_size: int = 128
-    lr: float = 1e-3
-    warmup_steps: int = 100
-    image_size: int = 32  # images are resized to this side; the UNet halves it once per extra block
-    block_out_channels: tuple[int, ...] = (16, 32, 64)  # 0.66 s per step of 128 on 2 CPU cores; (32, 64, 64): 1.3 s
-    layers_per_block: int = 1
-    num_train_timesteps: int = 1000
-    seed: int = 0
+class DiffusionTrainSettings(Settings):
+    """``synthkd train-diffusion``: a small UNet DDPM trained on real images."""
+
+    epochs: int = setting(2, positive=True, help="Passes over the dataset.")
+    max_steps: int | None = setting(None, positive=True, help="Optimiser steps (overrides --epochs).")
+    batch_size: int = setting(128, positive=True, help="Images per optimiser step.")
+    lr: float = setting(1e-3, positive=True, help="AdamW learning rate.")
+    warmup_steps: int = setting(100, at_least=0, cli=False, help="Linear warm-up steps before the cosine decay.")
+    image_size: int = setting(32, positive=True, help="Side the images are resized to (the UNet halves it once per "
+                                                      "extra level).")
+    # 0.66 s per step of 128 on 2 CPU cores; (32, 64, 64): 1.3 s
+    block_out_channels: tuple[int, ...] = setting((16, 32, 64), help="UNet widths, one per level.")
+    layers_per_block: int = setting(1, positive=True, cli=False, help="ResNet blocks per UNet level.")
+    num_train_timesteps: int = setting(1000, positive=True, cli=False, help="Noise levels of the DDPM schedule.")
+    seed: int = setting(0, help="Initial weights, batch order and noise.")
+
+    def cross_problems(self) -> list[tuple[str, str]]:
+        widths = self.block_out_channels
+        if not widths or min(widths) < 1:
+            return [("block_out_channels", f"must be positive widths, got {list(widths)}")]
+        factor = 2 ** (len(widths) - 1)
+        if self.image_size % factor:
+            return [("image_size", f"must be divisible by {factor} for a UNet with {len(widths)} levels")]
+        groups = min(8, min(widths))
+        if any(c % groups for c in widths):
+            return [("block_out_channels", f"every width must be divisible by {groups} (group normalisation)")]
+        return []
 
 
-def build_unet(config: DiffusionTrainConfig, channels: int) -> UNet2DModel:
+def build_unet(config: DiffusionTrainSettings, channels: int) -> UNet2DModel:
     """A small UNet2DModel: plain ResNet blocks, self-attention only at the coarsest resolution."""
+    from diffusers import UNet2DModel
+
     levels = len(config.block_out_channels)
     return UNet2DModel(
         sample_size=config.image_size,
@@ -63,32 +82,16 @@ def build_unet(config: DiffusionTrainConfig, channels: int) -> UNet2DModel:
     )
 
 
-def check_config(config: DiffusionTrainConfig) -> None:
-    if config.epochs < 1 or (config.max_steps is not None and config.max_steps < 1):
-        raise SynthkdError("--epochs and --max-steps must be positive")
-    if config.batch_size < 1 or config.lr <= 0:
-        raise SynthkdError("--batch-size and --lr must be positive")
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    if config.image_size % factor:
-        raise SynthkdError(
-            f"--image-size {config.image_size} must be divisible by {factor} "
-            f"for a UNet with {len(config.block_out_channels)} levels"
-        )
-    groups = min(8, min(config.block_out_channels))
-    if any(c % groups for c in config.block_out_channels):
-        raise SynthkdError(f"every block width must be divisible by {groups} (group normalisation)")
-
-
 def train_diffusion(
     dataset: str,
     out: str | os.PathLike,
-    config: DiffusionTrainConfig | None = None,
+    config: DiffusionTrainSettings | None = None,
     accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
     """Train a DDPM on ``dataset`` and save it to ``out``; returns the metrics. A stopped run
     resumes after its last finished epoch; a finished one is returned as it is."""
-    config = config or DiffusionTrainConfig()
-    check_config(config)
+    config = config or DiffusionTrainSettings()
+    config.check()
     accelerator = accelerator or make_accelerator()
     out = Path(out)
     if (out / METRICS_NAME).is_file() and (out / "model_index.json").is_file():
@@ -98,6 +101,9 @@ def train_diffusion(
     data = load_dataset(dataset)
     channels = data[0].images.shape[0]
     model_format = InputFormat(channels, config.image_size, config.image_size)
+
+    from diffusers import DDPMScheduler
+    from diffusers.optimization import get_cosine_schedule_with_warmup
 
     set_seed(config.seed)  # the initial weights come from the global RNG
     unet = build_unet(config, channels)
@@ -131,7 +137,7 @@ class DiffusionTraining:
     """The training loop of :func:`train_diffusion` on prepared objects: epochs, then the saved pipeline."""
 
     def __init__(self, unet, optimizer, lr_scheduler, noise_scheduler: DDPMScheduler, model_format: InputFormat,
-                 config: DiffusionTrainConfig, accelerator: Accelerator, total_steps: int):
+                 config: DiffusionTrainSettings, accelerator: Accelerator, total_steps: int):
         self.unet, self.optimizer, self.lr_scheduler, self.noise_scheduler = unet, optimizer, lr_scheduler, noise_scheduler
         self.format, self.config, self.accelerator, self.total_steps = model_format, config, accelerator, total_steps
         self.step = 0
@@ -184,6 +190,8 @@ class DiffusionTraining:
             "num_processes": accelerator.num_processes,
         }
         if accelerator.is_main_process:
+            from diffusers import DDPMPipeline
+
             unet = accelerator.unwrap_model(self.unet)
             DDPMPipeline(unet=unet, scheduler=self.noise_scheduler).save_pretrained(out)
             atomic_write_json(out / METRICS_NAME, metrics)

@@ -64,7 +64,7 @@ class Checkpoint:
     NAME = "training_state.pt"
 
     def __init__(self, directory: str | os.PathLike, config: Any, accelerator: Accelerator):
-        """``config``: the run's settings as a dataclass (TrainSettings, DiffusionTrainConfig, ...)."""
+        """``config``: the run's settings as a dataclass (TrainSettings, DiffusionTrainSettings, ...)."""
         self.path = Path(directory) / self.NAME
         self.config = asdict(config)
         self.accelerator = accelerator

@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 from typing import Any
 
@@ -12,21 +11,8 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from ..settings import choices_of
 from .base import main, make_accelerator, model_options, open_model
-from .options import check_cli, settings_options
-
-
-def _split_list(text: str | None) -> list[str]:
-    return [item.strip() for item in (text or "").split(",") if item.strip()]
-
-
-def _comma_list_option(cls: type, name: str):
-    """``--NAME a,b,c`` for the list field ``name`` of ``cls`` (users type one comma-separated value)."""
-    spec = next(spec for spec in dataclasses.fields(cls) if spec.name == name)
-    names = choices_of(spec)
-    listed = f" One or more of: {', '.join(names)}." if names else ""
-    return click.option(f"--{name}", help=f"Comma-separated. {spec.metadata['help']}{listed}")
+from .options import CommaList, settings_options
 
 
 @main.command()
@@ -34,7 +20,8 @@ def _comma_list_option(cls: type, name: str):
 @click.option("--data", required=True, help="Synthetic set directory, image folder, or dataset spec to fit and calibrate on.")
 @settings_options(CalibrationSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batchnorm-layers", help="Comma-separated BatchNorm module paths for it (default: the middle half).")
+@click.option("--batchnorm-layers", type=CommaList(str), default="",
+              help="Comma-separated BatchNorm module paths for it (default: the middle half).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
 def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
@@ -42,7 +29,7 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 
     model = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator()
-    detector = run_calibrate(model, data, out, settings, seed=seed, batchnorm_layers=_split_list(batchnorm_layers),
+    detector = run_calibrate(model, data, out, settings, seed=seed, batchnorm_layers=batchnorm_layers,
                              accelerator=accelerator)
     if accelerator.is_main_process:
         info = detector.info
@@ -83,24 +70,19 @@ def detect(detector_dir, inputs, model_dir, settings, as_json):
 @click.option("--batch-size", type=int, default=512, show_default=True)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
-@_comma_list_option(DetectorEvaluationSettings, "ood")
-@_comma_list_option(DetectorEvaluationSettings, "attacks")
-@settings_options(DetectorEvaluationSettings, "evaluation", exclude=("ood", "attacks"))
+@settings_options(DetectorEvaluationSettings, "evaluation")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
-def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, ood, attacks,
-             evaluation, out):
+def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out):
     """Accuracy of a model on a dataset; with --detector, how well the detector flags failures."""
     model = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator()
     if detector_dir is None:
-        if ood or attacks or out:
+        if evaluation.ood or evaluation.attacks or out:
             raise SynthkdError("--ood, --attacks and --out evaluate a detector; give it with --detector DIR")
         _evaluate_accuracy(model, dataset, batch_size, as_json, accelerator)
         return
     if out is None:
         raise SynthkdError("--detector writes metrics.json and plots; give the directory with --out DIR")
-    evaluation = dataclasses.replace(evaluation, ood=_split_list(ood), attacks=_split_list(attacks))
-    check_cli(evaluation)
     _evaluate_detector(model, detector_dir, dataset, evaluation, out, as_json, accelerator)
 
 

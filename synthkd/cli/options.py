@@ -33,14 +33,31 @@ def _option(spec: dataclasses.Field, hint: Any, help_prefix: str, default: Any, 
     if typing.get_origin(bare) is Literal and names is not None:
         kwargs["type"] = click.Choice(names)
     elif typing.get_origin(bare) in (list, tuple):
-        item = typing.get_args(bare)[0]
-        kwargs.update(multiple=True, type=item if item in (int, float, str) else str,
-                      default=tuple(default or ()), show_default=bool(default))
+        kwargs.update(type=CommaList(typing.get_args(bare)[0]), show_default=bool(default),
+                      default=None if default is None else ",".join(map(str, default)), help="Comma-separated. " + help_text)
     elif bare in (int, float, str):
         kwargs["type"] = bare
     if names is not None and not isinstance(kwargs.get("type"), click.Choice):
         kwargs["help"] += f" One of: {', '.join(names)}."  # a registry's names, checked when the command runs
     return click.option(flag, dest, **kwargs)
+
+
+class CommaList(click.ParamType):
+    """``a,b,c`` as a list of ``item`` (int, float or str): how users type several values at once
+    (``--attacks fgsm,pgd``, ``--block-out-channels 16,32,64``)."""
+
+    name = "list"
+
+    def __init__(self, item: type):
+        self.item = item if item in (int, float, str) else str
+
+    def convert(self, value: Any, param: Any, ctx: Any) -> list[Any]:
+        if isinstance(value, list):
+            return value
+        try:
+            return [self.item(part.strip()) for part in str(value).split(",") if part.strip()]
+        except ValueError:
+            self.fail(f"expected comma-separated {self.item.__name__} values, got {value!r}", param, ctx)
 
 
 def cli_fields(cls: type, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = ()) -> list[dataclasses.Field]:
@@ -75,9 +92,17 @@ def assemble(cls: type, values: dict[str, Any]) -> Any:
         if rest:
             nested.setdefault(head, {})[rest] = value
         else:
-            top[head] = list(value) if isinstance(value, tuple) and typing.get_origin(hints[head]) is list else value
+            top[head] = _as_annotated(value, hints[head])
     top.update({head: assemble(hints[head], inner) for head, inner in nested.items()})
     return cls(**top)
+
+
+def _as_annotated(value: Any, hint: Any) -> Any:
+    """A list option's value as the field's container (a tuple field keeps a tuple), None as None."""
+    container = typing.get_origin(next((h for h in typing.get_args(hint) if h is not type(None)), hint))
+    if value is None or container not in (list, tuple) or not isinstance(value, (list, tuple)):
+        return value
+    return container(value)
 
 
 def settings_options(cls: type, name: str, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),

@@ -15,14 +15,13 @@ from functools import partial
 from typing import Any, Sequence
 
 import torch
-import zuko
 
 from ...errors import SynthkdError
 from ..density import FeatureScorer
 from ..features import check_finite
 from . import DENSITIES, DensitySettings
 
-ARCHITECTURES = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}
+ARCHITECTURES = ("maf", "nsf")  # zuko.flows.MAF / NSF, imported when a flow is built (a slow import)
 
 
 class NormalizingFlow(FeatureScorer):
@@ -65,9 +64,11 @@ class NormalizingFlow(FeatureScorer):
 
     def _build(self, features: int) -> None:
         self.features = int(features)
+        import zuko
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.flow = ARCHITECTURES[self.architecture](
+            self.flow = {"maf": zuko.flows.MAF, "nsf": zuko.flows.NSF}[self.architecture](
                 features=self.features, context=0, transforms=self.transforms, hidden_features=self.hidden_features
             )
         self.register_buffer("shift", torch.zeros(self.features))
