@@ -15,7 +15,7 @@ from typing import Any, Literal
 from synthkd.errors import SynthkdError
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
 from synthkd.generators.registry import GENERATORS
-from synthkd.settings import Settings, setting, show
+from synthkd.settings import Settings, read_value, setting, show
 
 from .generate import GenerateSettings
 
@@ -129,18 +129,13 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[str]:
     """Set ``a.b=value`` entries in ``raw`` (values parsed as YAML); returns the malformed ones."""
-    import yaml
-
     errors = []
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             errors.append(f"{item}: an override is KEY=VALUE, e.g. distill.epochs=5")
             continue
-        try:
-            value = yaml.safe_load(text)
-        except yaml.YAMLError:
-            value = text
+        value = read_value(text)
         node = raw
         parts = key.split(".")
         for depth, part in enumerate(parts[:-1]):

@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, fields, make_dataclass
 from typing import Any
 
 import torch
-import yaml
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
@@ -34,7 +33,7 @@ from synthkd.generators.inversion import InversionSettings
 from synthkd.generators.registry import DEFAULT_METHOD, GENERATORS, method_help, method_names
 from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
-from synthkd.settings import Settings, setting, show
+from synthkd.settings import Settings, read_value, setting, show
 
 from .activations import generate_activations
 
@@ -101,7 +100,7 @@ class GenerateSettings(InversionSettings):
         for item in options:
             key, sep, text = item.partition("=")
             if sep:
-                raw[key] = _yaml_scalar(text)
+                raw[key] = read_value(text)
             else:
                 errors.append(f"{item}: expected KEY=VALUE")
         section = entry.settings.from_mapping(raw, "", errors)
@@ -130,14 +129,6 @@ class GenerateSettings(InversionSettings):
         if self.selection != SelectionSettings():  # recorded only when used: runs from before it keep their print
             values["selection"] = asdict(self.selection)
         return values
-
-
-def _yaml_scalar(text: str) -> Any:
-    """A value as YAML reads it (``0.5``, ``true``, ``[1, 2]``), or the text itself."""
-    try:
-        return yaml.safe_load(text)
-    except yaml.YAMLError:
-        return text
 
 
 _WITH_SECTIONS: dict[tuple[type, tuple[tuple[str, type], ...]], type] = {}

@@ -226,5 +226,16 @@ def describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}[hint]
 
 
+def read_value(text: str) -> Any:
+    """A value typed on the command line (``KEY=VALUE`` overrides, ``--method-option``) as YAML
+    reads it (``0.5``, ``true``, ``[1, 2]``), or the text itself where it is not YAML."""
+    import yaml
+
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
 def show(value: Any) -> str:
     return json.dumps(value, default=str)
