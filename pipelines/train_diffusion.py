@@ -149,10 +149,10 @@ class DiffusionTraining:
         started, total, batches = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False,
                    disable=not accelerator.is_local_main_process)
-        for images, _ in bar:
+        for batch in bar:
             if self.step >= self.total_steps:
                 break
-            loss = self.train_step(images)
+            loss = self.train_step(batch.images)
             self.step, total, batches = self.step + 1, total + loss, batches + 1
             bar.set_postfix(loss=f"{loss:.4f}")
         mean = accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()

@@ -66,8 +66,7 @@ def train_teacher(
     augment = training_augmentation(height, width_px, flip=settings.flip).to(accelerator.device)
 
     def batch_loss(net, batch):
-        images, labels = batch
-        return F.cross_entropy(net(augment(images)), labels)
+        return F.cross_entropy(net(augment(batch.images)), batch.targets)
 
     history = fit(model, data, batch_loss, settings.training(seed), accelerator, evaluation, description="teacher",
                   checkpoint_dir=out)

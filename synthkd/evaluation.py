@@ -17,9 +17,10 @@ def predict(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     model = model.to(accelerator.device).eval()
     all_logits, all_labels = [], []
-    for images, labels in loader:
+    for batch in loader:
+        labels = batch.targets
         with accelerator.autocast():
-            logits = model(images).float()
+            logits = model(batch.images).float()
         logits, labels = accelerator.gather_for_metrics((logits, labels))
         all_logits.append(logits.cpu())
         all_labels.append(labels.cpu())
