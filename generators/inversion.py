@@ -11,7 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
-from typing import Any, Iterator, Self, TypeVar
+from typing import Any, Iterator, TypeVar
 
 import kornia.augmentation as K
 import torch
@@ -27,6 +27,7 @@ from .base import SyntheticImageGenerator
 from .registry import GENERATORS, GeneratorEntry
 
 T = TypeVar("T")
+Loss = TypeVar("Loss", bound="InversionLossSettings")
 
 
 COMPETITION_HELP = ("Adaptive DeepInversion: weight of the term that seeks inputs where the competitor (generate "
@@ -54,7 +55,7 @@ class InversionLossSettings(Settings):
     flip: bool = setting(True, help="Random horizontal flips per step.")
     crop_scale: float = setting(0.8, help="Smallest area of the random crop (1: none).", above=0, at_most=1)
 
-    def with_competitor(self, present: bool) -> Self:
+    def with_competitor(self: Loss, present: bool) -> Loss:
         """These settings with the competition weight decided: unset means 1 with a competitor and
         0 without (the one place that rule lives)."""
         if self.competition_weight is not None:
