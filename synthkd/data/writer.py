@@ -31,7 +31,7 @@ from synthkd.io import atomic_write_json, differences, read_json, sha256_file
 
 from .format import (
     IMAGE_TENSORS, MANIFEST_NAME, PROGRESS_DIR, RUN_NAME, SHARD_PATTERN, SYNTHETIC, SetFormat,
-    load_shard, plain_json, progress_name, progress_rank, save_shard, shard_id, shard_name, shard_report,
+    load_shard, plain_json, progress_name, progress_rank, save_shard, shard_name, shard_report,
     sum_reports,
 )
 
