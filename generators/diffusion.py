@@ -24,7 +24,7 @@ import torch
 
 from synthkd.errors import SynthkdError
 from synthkd.models import InputFormat, weights_fingerprint
-from synthkd.settings import Settings, setting
+from synthkd.settings import Settings, refusal, setting
 
 from .base import SyntheticImageGenerator
 from .registry import GENERATORS, GeneratorEntry
@@ -59,12 +59,21 @@ def _pipeline_problem(spec: str) -> str | None:
     return None
 
 
-def _class_table_problem(text: str) -> str | None:
+def load_class_table(text: str | None) -> dict[str, int | str]:
+    """``--class-table``: a JSON file, or a JSON object given inline."""
+    if not text:
+        return {}
+    source = Path(text)
     try:
-        load_class_table(text)
-    except SynthkdError as error:
-        return str(error)
-    return None
+        table = json.loads(source.read_text() if source.is_file() else text)
+    except (OSError, json.JSONDecodeError) as error:
+        raise SynthkdError(
+            f"{text!r} is neither a readable JSON file nor a JSON object ({error}); "
+            'give e.g. {"Sneaker": 770, "Bag": 414}'
+        ) from error
+    if not isinstance(table, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in table.values()):
+        raise SynthkdError("must be a JSON object mapping teacher classes to label ids or names")
+    return {str(key): value for key, value in table.items()}
 
 
 @dataclass
@@ -79,7 +88,7 @@ class DiffusionSettings(Settings):
     guidance_scale: float | None = setting(None, help="--method diffusion: classifier-free guidance scale "
                                                       "(default: the pipeline's).")
     prompt_template: str = setting("a photo of a {name}", help="--method diffusion, text-to-image: the prompt of a class.")
-    class_table: str | None = setting(None, check=_class_table_problem,
+    class_table: str | None = setting(None, check=refusal(load_class_table),
                                       help="--method diffusion: JSON (file or inline) mapping teacher classes to the "
                                            "pipeline's label ids (class-conditional) or prompt names (text-to-image).")
     sample_batch_size: int | None = setting(None, positive=True,
@@ -146,23 +155,6 @@ def scheduler_class(name: str):
             f"unknown scheduler {name!r}; use one of {', '.join(SCHEDULERS)} or a diffusers scheduler class name"
         )
     return cls
-
-
-def load_class_table(text: str | None) -> dict[str, int | str]:
-    """``--class-table``: a JSON file, or a JSON object given inline."""
-    if not text:
-        return {}
-    source = Path(text)
-    try:
-        table = json.loads(source.read_text() if source.is_file() else text)
-    except (OSError, json.JSONDecodeError) as error:
-        raise SynthkdError(
-            f"{text!r} is neither a readable JSON file nor a JSON object ({error}); "
-            'give e.g. {"Sneaker": 770, "Bag": 414}'
-        ) from error
-    if not isinstance(table, dict) or not all(isinstance(v, (int, str)) and not isinstance(v, bool) for v in table.values()):
-        raise SynthkdError("must be a JSON object mapping teacher classes to label ids or names")
-    return {str(key): value for key, value in table.items()}
 
 
 def sampling_autocast(device: torch.device):

@@ -12,27 +12,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from synthkd.data import check_dataset
 from synthkd.errors import SynthkdError
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
 from synthkd.generators.registry import GENERATORS
-from synthkd.settings import Settings, read_value, setting, show
+from synthkd.settings import Settings, read_value, refusal, setting, show
 
 from .generate import GenerateSettings
 
 from .distill import DistillSettings, StudentSettings
 from .search import SearchSettings
 from .train_teacher import TeacherSettings
-
-
-def dataset_problem(spec: str) -> str | None:
-    """Why the dataset ``spec`` cannot be read, or None."""
-    from synthkd.data import check_dataset
-
-    try:
-        check_dataset(spec)
-    except SynthkdError as error:
-        return str(error)
-    return None
 
 
 def file_problem(path: str) -> str | None:
@@ -57,7 +47,7 @@ class TeacherSection(TeacherSettings):
     input_shape: list[int] | None = setting(None, help="C, H, W of a teacher given as code.")
     mean: list[float] | None = setting(None, help="Normalisation mean of a teacher given as code.")
     std: list[float] | None = setting(None, help="Normalisation std of a teacher given as code.")
-    dataset: str | None = setting(None, check=dataset_problem,
+    dataset: str | None = setting(None, check=refusal(check_dataset),
                                   help="Train a teacher on this dataset spec when no model is given.")
 
 
@@ -92,7 +82,7 @@ class RunConfig(Settings):
     search: SearchSection = field(default_factory=SearchSection)
     detector: DetectorSection = field(default_factory=DetectorSection)
     report: ReportSection = field(default_factory=ReportSection)
-    eval_dataset: str | None = setting(None, check=dataset_problem,
+    eval_dataset: str | None = setting(None, check=refusal(check_dataset),
                                        help="The real test set every stage is evaluated on.")
     out: str | None = setting(None, help="The run directory; null: runs/<config file name>.")
     seed: int = setting(0, help="Seed of every stage.")

@@ -15,7 +15,6 @@ from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
 from synthkd.data import load_dataset
-from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
@@ -25,18 +24,10 @@ from synthkd.search.costs import describe, measure_latency
 from synthkd.search.explore import hold_at_zero
 from synthkd.search.knapsack import Solution, no_student_fits
 from synthkd.search.report import plot_frontier
-from synthkd.settings import Settings, setting
+from synthkd.settings import Settings, refusal, setting
 from synthkd.training import TrainSettings
 
 from .distill import data_fingerprint, finetune_settings, finish, kd_finetune, open_training_data
-
-
-def budget_problem(budget: str) -> str | None:
-    try:
-        parse_budget(budget)
-    except SynthkdError as error:
-        return str(error)
-    return None
 
 
 @dataclass
@@ -44,7 +35,7 @@ class SearchSettings(Settings):
     """Student Search (``synthkd search``, the ``search:`` section of ``synthkd run``): the student
     with the least local error under ``budget``, picked per neighbourhood from a candidate grid."""
 
-    budget: str = setting("params=0.5", check=budget_problem,
+    budget: str = setting("params=0.5", check=refusal(parse_budget),
                           help="params|flops|latency=VALUE: a fraction of the teacher's cost (params=0.3, flops=25%) or "
                                "absolute (params=50000, flops=2e6, latency=1.5ms).")
     candidates: str = setting(DEFAULT_CANDIDATES,

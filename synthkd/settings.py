@@ -49,6 +49,20 @@ def setting(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def refusal(read: Callable[[Any], Any]) -> Check:
+    """A field check from a function that reads a value and raises :class:`SynthkdError` where it
+    cannot (a dataset spec, a budget, a class table): its message is the problem."""
+
+    def check(value: Any) -> str | None:
+        try:
+            read(value)
+        except SynthkdError as error:
+            return str(error)
+        return None
+
+    return check
+
+
 def choices_of(spec: dataclasses.Field) -> list[str] | None:
     """The names a field accepts: its ``choices`` (called if a callable), or its Literal's values."""
     choices = spec.metadata.get("choices")
