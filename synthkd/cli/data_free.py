@@ -80,7 +80,7 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, mixed_precision, out,
             synthesis, inputs):
     """Distill a student from the teacher on a synthetic set."""
-    from synthkd.pipelines.distill import build_student, distill as run_distill
+    from synthkd.pipelines.distill import distill as run_distill, student_for
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator(mixed_precision)
@@ -91,7 +91,7 @@ def distill(model_spec, weights, input_shape, mean, std, student, data, settings
     if synthesis.enabled:
         from synthkd.pipelines.interleave import distill_interleaved
 
-        student_model = build_student(student.arch, teacher, student.width, seed)
+        student_model = student_for(student, settings, teacher, seed)
         _, metrics = distill_interleaved(teacher, student_model, data, out, synthesis, settings, seed, eval_dataset,
                                          accelerator)
     else:

@@ -11,7 +11,7 @@ import torch
 from ..errors import SynthkdError
 from . import chain, resnet  # noqa: F401  (registers the zoo)
 from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap, weights_fingerprint
-from .registry import MODELS, create_model, is_registered, list_models, register_model
+from .registry import MODELS, create_model, is_registered, list_models, parse_zoo_spec, register_model
 
 __all__ = [
     "MODELS", "Classifier", "InputFormat", "ModelConfig", "create_model", "import_factory", "is_registered",
@@ -57,8 +57,12 @@ def load_model(
 def model_source_problem(spec: str, zoo: bool = False) -> str | None:
     """Why ``spec`` cannot name a model (a model directory, FILE.py:factory, module:factory, and
     with ``zoo`` a zoo architecture), or None; a module is only imported when the model is built."""
-    if zoo and is_registered(spec):
-        return None
+    if zoo:
+        try:
+            if parse_zoo_spec(spec) is not None:
+                return None
+        except SynthkdError as error:
+            return str(error)
     if Path(spec).is_dir():
         return None
     module_or_file, sep, _ = spec.rpartition(":")

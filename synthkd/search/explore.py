@@ -32,6 +32,7 @@ from torch.utils.data import Dataset
 from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
+from ..models.pruning import hold_at_zero, prune_by_magnitude
 from ..neighbourhood_training import NeighbourhoodSettings, NeighbourhoodDistiller, StudentNeighbourhood, balance
 from ..models.neighbourhoods import CutAdapter, adapter_key, fuse_adapters
 from .costs import KINDS, measure, weight_free_cost
@@ -44,28 +45,6 @@ def build_candidate(teacher: Classifier, candidate: Candidate, seed: int) -> Cla
     set_seed(seed)
     return Classifier.from_config(ModelConfig(arch=candidate.arch, arch_kwargs=dict(candidate.arch_kwargs),
                                               input=teacher.input_format, class_names=list(teacher.config.class_names)))
-
-
-def prune_by_magnitude(module: nn.Module, sparsity: float) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """Zero the smallest-magnitude ``sparsity`` of every convolution and linear weight; returns
-    (weight, mask of kept entries) pairs."""
-    masks = []
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            magnitude = layer.weight.detach().abs()
-            count = int(sparsity * magnitude.numel())
-            if count == 0:
-                continue
-            keep = magnitude > magnitude.flatten().kthvalue(count).values
-            with torch.no_grad():
-                layer.weight.mul_(keep)
-            masks.append((layer.weight, keep))
-    return masks
-
-
-def hold_at_zero(masks: list[tuple[nn.Parameter, torch.Tensor]]) -> list[Any]:
-    """Gradient hooks that keep pruned entries at zero (no gradient: Adam and SGD leave them be)."""
-    return [weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)) for weight, keep in masks]
 
 
 @dataclass
