@@ -29,7 +29,7 @@ from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistil
 from synthkd.models import Classifier, ModelConfig, import_factory, load_model, model_source_problem
 from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
 from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec
-from synthkd.models.thinning import copy_from_teacher
+from synthkd.models.thinning import copy_from_teacher, is_thinning_of
 from synthkd.settings import Settings, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, fit
 
@@ -130,13 +130,6 @@ def finetune_settings(epochs: int, batch_size: int, lr: float, seed: int) -> Tra
 def student_for(student: StudentSettings, settings: DistillSettings, teacher: Classifier, seed: int = 0) -> Classifier:
     """The student a distill stage in ``settings.mode`` starts from."""
     return build_student(student.spec(settings.mode, teacher), teacher, seed=seed, from_teacher=settings.init == "teacher")
-
-
-def is_thinning_of(student: ModelConfig, teacher: ModelConfig) -> bool:
-    """Whether a zoo student is the teacher's architecture with only its blocks' insides thinner."""
-    differing = {key for key in {*student.arch_kwargs, *teacher.arch_kwargs}
-                 if student.arch_kwargs.get(key) != teacher.arch_kwargs.get(key)}
-    return student.arch == teacher.arch and differing <= {"inner"}
 
 
 def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0,

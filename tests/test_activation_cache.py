@@ -153,3 +153,26 @@ def test_cache_bigger_than_the_free_disk_is_refused_before_writing(teacher_dir, 
     assert "the activation cache needs" in result.stderr and "free" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "cache").exists()
+
+
+@pytest.mark.slow
+def test_nd_lands_within_two_points_of_e2e_kd_on_digits(teacher, accelerator, tmp_path):
+    """The digits setting: the default neighbourhood student (inner=0.5, from the teacher's
+    channels), trained from cached activations and fine-tuned briefly, against e2e KD of the same
+    student from fresh weights on the same images."""
+    from synthkd.generators.inversion import ActivationInversion, InversionSettings
+    from synthkd.pipelines.distill import distill
+    from synthkd.pipelines.generate import generate
+
+    data = tmp_path / "set"
+    generate(teacher, ActivationInversion(teacher, InversionSettings(iterations=30)), 384, data, batch_size=128, seed=0,
+             accelerator=accelerator)
+    student = StudentSettings(arch="resnet8")
+    common = {"batch_size": 64, "flip": False}
+    _, e2e = distill(teacher, student, data, tmp_path / "e2e", DistillSettings(mode="e2e", epochs=30, init="random", **common),
+                     eval_dataset="digits:test", accelerator=accelerator)
+    _, nd = distill(teacher, student, data, tmp_path / "nd", DistillSettings(mode="neighbourhood", epochs=5, finetune_epochs=2,
+                                                                            cache_views=2, **common),
+                    eval_dataset="digits:test", accelerator=accelerator)
+    assert not nd["student"].get("cut_adapters")
+    assert nd["student"]["accuracy"] >= e2e["student"]["accuracy"] - 0.02, (nd["student"], e2e["student"])

@@ -39,7 +39,8 @@ def module_paths(net: nn.Module) -> list[str]:
 
 
 def resolve_cuts(net: nn.Module, cuts: str | list[str]) -> list[str]:
-    """Cut paths from ``"blocks"``, ``"stages"`` or explicit paths (checked to exist).
+    """Cut paths from ``"blocks"``, ``"stages"``, ``"none"`` (one neighbourhood: the whole network)
+    or explicit paths (checked to exist).
 
     ``stages``: every top-level child before the head;
     ``blocks``: the children of each top-level ``nn.Sequential`` of composite modules (one
@@ -47,6 +48,8 @@ def resolve_cuts(net: nn.Module, cuts: str | list[str]) -> list[str]:
     always its own neighbourhood.
     """
     children = [(name, child) for name, child in net.named_children() if name != "cut_adapters"]
+    if isinstance(cuts, str) and cuts == "none":
+        return []  # the whole network is one neighbourhood
     if isinstance(cuts, str) and cuts in ("blocks", "stages"):
         if len(children) < 2:
             raise SynthkdError(f"{type(net).__name__} has fewer than two top-level modules; give cut paths explicitly")

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SynthkdError
-from .classifier import build_network
+from .classifier import ModelConfig, build_network
 from .neighbourhoods import activation_shapes, resolve_cuts, split_network
 from .registry import register_model
 from .resnet import scaled
@@ -289,3 +289,10 @@ def thinned_arch_kwargs(base_arch: str, base_kwargs: dict[str, Any], kept: dict[
 def thinned(base: dict[str, Any], kept: dict[str, int]) -> nn.Module:
     """A network (zoo or FILE.py:factory) with thinner inner channel groups, as :func:`thin` made it."""
     return rebuild(build_network(base["arch"], dict(base.get("arch_kwargs", {}))), kept)
+
+
+def is_thinning_of(student: ModelConfig, teacher: ModelConfig) -> bool:
+    """Whether a zoo student is the teacher's architecture with only its blocks' insides thinner."""
+    differing = {key for key in {*student.arch_kwargs, *teacher.arch_kwargs}
+                 if student.arch_kwargs.get(key) != teacher.arch_kwargs.get(key)}
+    return student.arch == teacher.arch and differing <= {"inner"}
