@@ -155,7 +155,7 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
             model = Classifier.from_config(config)
         except TypeError as error:
             raise SynthkdError(f"{student!r}: {error}; write {ZOO_SPEC_GRAMMAR}") from error
-        if from_teacher and is_thinning_of(config, teacher.config):
+        if from_teacher and is_thinning_of(model, teacher):
             copy_from_teacher(model.net, teacher.net)
         if sparsity:
             if not 0 < sparsity < 1:

@@ -165,13 +165,19 @@ class CutAdapter(nn.Module):
 
 
 def activation_shapes(split: Split, probe: torch.Tensor) -> list[tuple[int, ...]]:
-    """Shape (without batch) of the activation at every cut, then of the output."""
+    """Shape (without batch) of the activation at every cut, then of the output (in eval mode,
+    so a probe never moves BatchNorm statistics; each piece's mode is restored)."""
     shapes = []
-    with torch.no_grad():
-        x = probe
-        for piece in split.pieces:
-            x = piece(x)
-            shapes.append(tuple(x.shape[1:]))
+    modes = [piece.training for piece in split.pieces]
+    try:
+        with torch.no_grad():
+            x = probe
+            for piece in split.pieces:
+                x = piece.eval()(x)
+                shapes.append(tuple(x.shape[1:]))
+    finally:
+        for piece, mode in zip(split.pieces, modes):
+            piece.train(mode)
     return shapes
 
 

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SynthkdError
-from .classifier import ModelConfig, build_network
+from .classifier import Classifier, build_network
 from .neighbourhoods import activation_shapes, resolve_cuts, split_network
 from .registry import register_model
 from .resnet import scaled
@@ -291,8 +291,11 @@ def thinned(base: dict[str, Any], kept: dict[str, int]) -> nn.Module:
     return rebuild(build_network(base["arch"], dict(base.get("arch_kwargs", {}))), kept)
 
 
-def is_thinning_of(student: ModelConfig, teacher: ModelConfig) -> bool:
-    """Whether a zoo student is the teacher's architecture with only its blocks' insides thinner."""
-    differing = {key for key in {*student.arch_kwargs, *teacher.arch_kwargs}
-                 if student.arch_kwargs.get(key) != teacher.arch_kwargs.get(key)}
-    return student.arch == teacher.arch and differing <= {"inner"}
+def is_thinning_of(student: Classifier, teacher: Classifier) -> bool:
+    """Whether a zoo student is the teacher's architecture with only its blocks' insides thinner:
+    the same architecture and arguments but ``inner`` (``blocks`` may be spelled out), and the
+    same tensors by name."""
+    s, t = student.config, teacher.config
+    differing = {key for key in {*s.arch_kwargs, *t.arch_kwargs} if s.arch_kwargs.get(key) != t.arch_kwargs.get(key)}
+    return (s.arch == t.arch and differing <= {"inner", "blocks"}
+            and student.net.state_dict().keys() == teacher.net.state_dict().keys())

@@ -49,7 +49,7 @@ def build_candidate(teacher: Classifier, candidate: Candidate, seed: int) -> Cla
     set_seed(seed)
     model = Classifier.from_config(ModelConfig(arch=candidate.arch, arch_kwargs=dict(candidate.arch_kwargs),
                                                input=teacher.input_format, class_names=list(teacher.config.class_names)))
-    if is_thinning_of(model.config, teacher.config):
+    if is_thinning_of(model, teacher):
         copy_from_teacher(model.net, teacher.net)
     return model
 
