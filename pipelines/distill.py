@@ -333,7 +333,7 @@ def distill_neighbourhood(
         raise SynthkdError(f"unknown --inputs {inputs!r}; use images or activations")
     out = Path(out)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     distiller = NeighbourhoodDistiller(teacher, student, config, accelerator)
     report = distiller.train(training_data, out, data_fingerprint(data, training_data))
     student = distiller.merge()
@@ -341,6 +341,7 @@ def distill_neighbourhood(
         "mode": "neighbourhood", "inputs": inputs, "data": str(data), "num_training_images": len(training_data),
         "config": asdict(config), "cuts": distiller.cuts, **report,
         "neighbourhood_seconds": time.perf_counter() - started, "num_processes": accelerator.num_processes,
+        "neighbourhood_cpu_seconds": time.process_time() - cpu_started,  # this process's
     }
     if evaluation is not None:
         metrics["merged"] = evaluate(student, evaluation, accelerator)

@@ -237,11 +237,11 @@ class NeighbourhoodDistiller:
                 results[k] = finished
             else:
                 todo.append(k)
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         if activations is None and (todo or not self.local):  # the cache build is collective
             activations = TeacherActivations(self.teacher, self.teacher_split, dataset, self.config, data_fingerprint,
                                               accelerator, out, needed=todo, local=self.local)
-        cache_seconds = time.perf_counter() - started
+        cache_seconds, cache_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if todo:
             results.update(self._train(todo, activations, folder, key))
         if self.local:
@@ -260,7 +260,7 @@ class NeighbourhoodDistiller:
         report = {"neighbourhoods": metrics, "flops": dict(zip(self.names, self.flops)),
                   "assignment": {str(r): [self.names[k] for k, ranks in enumerate(self.ranks) if r in ranks] for r in processes}}
         if activations is not None:
-            report["activation_cache"] = {**activations.summary, "seconds": cache_seconds}
+            report["activation_cache"] = {**activations.summary, "seconds": cache_seconds, "cpu_seconds": cache_cpu_seconds}
         return report
 
     def _load_finished(self, folder: Path, k: int, key: str) -> dict[str, Any] | None:
@@ -300,7 +300,7 @@ class NeighbourhoodDistiller:
             optimizer = self._optimizer(neighbourhood)
             steps_per_epoch = max(1, len(train_rows) // config.batch_size)
             scheduler = warmup_cosine(optimizer, config, steps_per_epoch)
-            started = time.perf_counter()
+            started, cpu_started = time.perf_counter(), time.process_time()
             for epoch in range(config.epochs):
                 order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
                     derive_seed(config.seed, "neighbourhood", k, "epoch", epoch)))]
@@ -308,9 +308,9 @@ class NeighbourhoodDistiller:
                     rows = order[step * config.batch_size : (step + 1) * config.batch_size]
                     self._step(k, (inputs[rows].to(device).float(), targets[rows].to(device).float()), optimizer, scheduler)
                 bar.update(1)
-            seconds = time.perf_counter() - started
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
             error = self._local_error(k, inputs[held_out], targets[held_out])
-            results[k] = {"relative_mse": error, "seconds": seconds, "flops": self.flops[k],
+            results[k] = {"relative_mse": error, "seconds": seconds, "cpu_seconds": cpu_seconds, "flops": self.flops[k],
                           "rank": self.accelerator.process_index, "ranks": self.ranks[k], "epochs": config.epochs}
             self._save(k, folder, key, results[k])
         bar.close()
