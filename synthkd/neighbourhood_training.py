@@ -33,6 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .accelerator import log_progress
 from .augment import distillation_augmentation
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
@@ -123,8 +124,10 @@ class NeighbourhoodDistiller:
     CUT_LOSS = "mse"
 
     def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodSettings, accelerator: Accelerator,
-                 owned: list[int] | None = None):
+                 owned: list[int] | None = None, phase: str = "neighbourhoods"):
+        """``phase`` names the per-epoch records in the log and the trackers."""
         self.teacher = teacher.eval().requires_grad_(False)
+        self.phase = phase
         self.student = student
         # The student's starting weights, not just its config: a model directory given as the
         # student is a starting point, and another one of the same architecture must retrain.
@@ -289,19 +292,22 @@ class NeighbourhoodDistiller:
         for epoch in range(config.epochs):
             loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
                                 generator=torch.Generator().manual_seed(derive_seed(config.seed, "epoch", epoch)))
+            losses = {k: torch.zeros((), device=accelerator.device) for k in todo}
             for step, batch in enumerate(loader):
                 torch.manual_seed(derive_seed(config.seed, "epoch", epoch, "step", step))  # same views on every rank
                 pairs = self._pairs(batch, todo, augment)
                 for k in todo:
                     started = time.perf_counter()
-                    self._step(k, pairs[k], optimizers[k], schedulers[k])
+                    losses[k] += self._step(k, pairs[k], optimizers[k], schedulers[k])
                     seconds[k] += time.perf_counter() - started
                 bar.update(1)
+            log_progress(accelerator, self.phase,
+                         {"epoch": epoch + 1, **{f"{self.names[k]} loss": (losses[k] / max(1, len(loader))).item() for k in todo}})
         bar.close()
         return self._save_trained(todo, held_out, folder, key, seconds)
 
-    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> None:
-        """One optimiser step of neighbourhood k on this rank's share of the batch."""
+    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
+        """One optimiser step of neighbourhood k on this rank's share of the batch; its loss (detached)."""
         rows = self._rows(k)
         with self.accelerator.autocast():
             output = self.neighbourhoods[k](pair[0][rows])
@@ -311,6 +317,7 @@ class NeighbourhoodDistiller:
         self._average_gradients(k)
         optimizer.step()
         scheduler.step()
+        return loss.detach().float()
 
     def _save_trained(self, todo: list[int], held_out: Dataset, folder: Path, key: str,
                       seconds: dict[int, float]) -> dict[int, dict]:

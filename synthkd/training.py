@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .accelerator import log_progress, logger
 from .evaluation import evaluate
 from .errors import SynthkdError
 from .io import atomic_write
@@ -83,8 +84,7 @@ class Checkpoint:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if self.accelerator.is_main_process:
-            tqdm.write(f"resuming after epoch {len(state['history'])} from {self.path}")
+        logger.info(f"resuming after epoch {len(state['history'])} from {self.path}")
         return list(state["history"])
 
     def save(self, model: nn.Module, optimizer, scheduler, history: list[dict[str, Any]]) -> None:
@@ -151,9 +151,7 @@ def fit(
         if eval_dataset is not None:
             record["eval_accuracy"] = evaluate(accelerator.unwrap_model(prepared_model), eval_dataset, accelerator)["accuracy"]
         history.append(record)
-        if accelerator.is_main_process:
-            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-            tqdm.write(f"{description}: {shown}")
+        log_progress(accelerator, description, record)
         if checkpoint:
             checkpoint.save(accelerator.unwrap_model(prepared_model), optimizer, scheduler, history)
     accelerator.wait_for_everyone()

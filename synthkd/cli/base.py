@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import logging
+import os
+from pathlib import Path
 from typing import Any, Callable
 
 import click
 
+from ..accelerator import AcceleratorSettings, accelerated, show_log
 from ..errors import SynthkdError
+from .options import settings_options
 
 
 class SynthkdGroup(click.Group):
@@ -83,19 +88,29 @@ def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
     return load_model(model_spec, weights, input_shape, mean, std)
 
 
-def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None):
+def make_accelerator(mixed_precision: str | None = None, log_with: str | None = None, project_dir: str | None = None):
     from ..accelerator import make_accelerator as make
 
     return make(mixed_precision, log_with, project_dir)
 
 
-mixed_precision_option = click.option(
-    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
-    help="Autocast on GPU.",
-)
+def accelerator_options(tracking: bool = False) -> Callable:
+    """``--mixed-precision`` (every command that runs a model) and, with ``tracking``, ``--tracker``
+    (the commands that train or generate), passed as one :class:`AcceleratorSettings` ``device``."""
+    return settings_options(AcceleratorSettings, "device", only=None if tracking else ("mixed_precision",))
+
+
+def open_accelerator(device: AcceleratorSettings, command: str, out: str | os.PathLike,
+                     config: dict[str, Any] | None = None):
+    """The command's Accelerator (a context manager); a tracker writes under OUT/trackers, as
+    ``command``, with ``config`` as its hyperparameters."""
+    return accelerated(device, command, str(Path(out) / "trackers"), config)
 
 
 @click.group(cls=SynthkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synthkd")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More log lines (-v: debug, e.g. each shard and the accelerator set-up).")
+@click.option("-q", "--quiet", count=True, help="Fewer log lines (-q: warnings only, -qq: errors only); results still print.")
+def main(verbose: int, quiet: int) -> None:
     """Distill image classifiers without their training data."""
+    show_log(max(logging.DEBUG, logging.INFO + 10 * (quiet - verbose)))

@@ -11,7 +11,7 @@ from synthkd.pipelines.train_teacher import TeacherSettings
 
 from ..errors import SynthkdError
 from ..pipelines.generate import GenerateSettings
-from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .base import accelerator_options, main, make_accelerator, model_options, open_accelerator, open_model
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
@@ -22,14 +22,15 @@ from .options import check_cli, settings_options
 @settings_options(TeacherSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
-@mixed_precision_option
+@accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision, out):
+def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
     """Train a teacher on a real dataset and save it as a model directory."""
     from synthkd.pipelines.train_teacher import train_teacher
 
-    accelerator = make_accelerator(mixed_precision)
-    _, metrics = train_teacher(dataset, settings, out, seed, eval_dataset, accelerator)
+    hyperparameters = {**settings.to_dict(), "dataset": dataset, "seed": seed}
+    with open_accelerator(device, "train-teacher", out, hyperparameters) as accelerator:
+        _, metrics = train_teacher(dataset, settings, out, seed, eval_dataset, accelerator)
     if accelerator.is_main_process and "eval" in metrics:
         click.echo(f"teacher accuracy on {eval_dataset}: {metrics['eval']['accuracy']:.4f}")
 
@@ -42,10 +43,10 @@ def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision
                    "as YAML), e.g. --method toy --method-option scale=0.5.")
 @click.option("--student", type=click.Path(exists=True, file_okay=False),
               help="A student model directory: the competitor of the competition term (see --competition-weight).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@mixed_precision_option
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds every shard's draws.")
+@accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
-def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, mixed_precision, out):
+def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, device, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.models import load_model
     from synthkd.pipelines.generate import generate_set
@@ -53,9 +54,9 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
     settings = settings.with_method_options(method_options)
     check_cli(settings)
     teacher = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator(mixed_precision)
-    competitor = load_model(student).to(accelerator.device) if student else None
-    manifest = generate_set(settings, teacher, out, seed, accelerator, competitor)
+    with open_accelerator(device, "generate", out, {**settings.relevant(), "seed": seed}) as accelerator:
+        competitor = load_model(student).to(accelerator.device) if student else None
+        manifest = generate_set(settings, teacher, out, seed, accelerator, competitor)
     if not accelerator.is_main_process:
         return
     if "neighbourhoods" in manifest:
@@ -74,28 +75,31 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 @settings_options(DistillSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
-@mixed_precision_option
+@accelerator_options(tracking=True)
 @synthesis_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
-def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, mixed_precision, out,
+def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, device, out,
             synthesis, inputs):
     """Distill a student from the teacher on a synthetic set."""
     from synthkd.pipelines.distill import build_student, distill as run_distill
 
-    teacher = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator(mixed_precision)
     if synthesis.enabled and settings.mode != "e2e":
         raise SynthkdError("--synthesize trains end to end; use --mode e2e with it")
     if inputs == "activations" and settings.mode != "neighbourhood":
         raise SynthkdError("--inputs activations feeds each neighbourhood its own inputs; use --mode neighbourhood")
+    teacher = open_model(model_spec, weights, input_shape, mean, std)
+    hyperparameters = {"distill": settings.to_dict(), "student": student.to_dict(), "data": data, "seed": seed}
     if synthesis.enabled:
-        from synthkd.pipelines.interleave import distill_interleaved
+        hyperparameters["synthesis"] = synthesis.to_dict()
+    with open_accelerator(device, "distill", out, hyperparameters) as accelerator:
+        if synthesis.enabled:
+            from synthkd.pipelines.interleave import distill_interleaved
 
-        student_model = build_student(student.arch, teacher, student.width, seed)
-        _, metrics = distill_interleaved(teacher, student_model, data, out, synthesis, settings, seed, eval_dataset,
-                                         accelerator)
-    else:
-        _, metrics = run_distill(teacher, student, data, out, settings, seed, eval_dataset, accelerator, inputs)
+            student_model = build_student(student.arch, teacher, student.width, seed)
+            _, metrics = distill_interleaved(teacher, student_model, data, out, synthesis, settings, seed, eval_dataset,
+                                             accelerator)
+        else:
+            _, metrics = run_distill(teacher, student, data, out, settings, seed, eval_dataset, accelerator, inputs)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
@@ -113,12 +117,14 @@ def models() -> None:
 
 
 @main.command()
-@click.option("--out", default="synthkd-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="synthkd-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the teacher, the synthetic set and the student.")
 @click.option("--dataset", type=click.Choice(["auto", "digits", "fashion-mnist"]), default="auto", show_default=True,
               help="auto: Fashion-MNIST where installed, else scikit-learn digits.")
-def demo(out, dataset):
+@accelerator_options()
+def demo(out, dataset, device):
     """The built-in default: teacher -> inversion -> student, all in minutes."""
     from synthkd.pipelines.demo import run_demo
 
-    summary = run_demo(out, dataset, accelerator=make_accelerator())
+    summary = run_demo(out, dataset, accelerator=make_accelerator(device.mixed_precision))
     click.echo(json.dumps(summary, indent=2))

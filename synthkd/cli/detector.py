@@ -11,7 +11,7 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import main, make_accelerator, model_options, open_model
+from .base import accelerator_options, main, make_accelerator, model_options, open_model
 from .options import CommaList, settings_options
 
 
@@ -22,13 +22,14 @@ from .options import CommaList, settings_options
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--batchnorm-layers", type=CommaList(str), default="",
               help="Comma-separated BatchNorm module paths for it (default: the middle half).")
+@accelerator_options()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
-def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, out):
+def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, device, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
     from synthkd.pipelines.calibrate import calibrate as run_calibrate
 
     model = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(device.mixed_precision)
     detector = run_calibrate(model, data, out, settings, seed=seed, batchnorm_layers=batchnorm_layers,
                              accelerator=accelerator)
     if accelerator.is_main_process:
@@ -43,12 +44,13 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 @click.option("--model", "model_dir", type=click.Path(), help="Check that this model directory is the one the detector was fitted on.")
 @settings_options(DetectSettings, "settings")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
-def detect(detector_dir, inputs, model_dir, settings, as_json):
+@accelerator_options()
+def detect(detector_dir, inputs, model_dir, settings, as_json, device):
     """Per input: score, conformal p-value, flag (p < alpha) and the predicted class."""
     from synthkd.models import load_model
     from synthkd.pipelines.detect import detect as run_detect
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(device.mixed_precision)
     detection = run_detect(detector_dir, inputs, settings, load_model(model_dir) if model_dir else None, accelerator)
     if not accelerator.is_main_process:
         return
@@ -72,10 +74,11 @@ def detect(detector_dir, inputs, model_dir, settings, as_json):
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
-def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out):
+@accelerator_options()
+def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out, device):
     """Accuracy of a model on a dataset; with --detector, how well the detector flags failures."""
     model = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(device.mixed_precision)
     if detector_dir is None:
         if evaluation.ood or evaluation.attacks or out:
             raise SynthkdError("--ood, --attacks and --out evaluate a detector; give it with --detector DIR")
