@@ -346,7 +346,7 @@ def generate(
             teacher, generator, plan, seed, shard if shard is not None else 0, selection, accelerator)
         if shard is not None:
             writer.write_shard(shard, images, logits, targets, report if selection.active else None)
-            log_progress(accelerator, f"generate ({generator.method})",
+            log_progress(accelerator, f"generate/{generator.method}",
                          {"round": round_index + 1, **shard_figures(logits, targets), "seconds": time.perf_counter() - started},
                          step_key="round", level=logging.DEBUG)
         if accelerator.is_main_process:

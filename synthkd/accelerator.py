@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -29,7 +30,7 @@ TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvc
 def mixed_precision_setting() -> Any:
     """The ``mixed_precision`` field, shared by the commands' options and ``synthkd run``'s YAML key."""
     return setting(None, choices=("no", "fp16", "bf16"),
-                   help="Autocast precision (fp16 needs a GPU; bf16 also runs on CPU). Default: Accelerate's, "
+                   help="Autocast precision. Default: Accelerate's, "
                         "i.e. `accelerate launch --mixed_precision` or `accelerate config` (env "
                         "ACCELERATE_MIXED_PRECISION), else no.")
 
@@ -72,7 +73,7 @@ def make_accelerator(mixed_precision: str | None = None, log_with: str | None = 
     try:
         accelerator = Accelerator(mixed_precision=mixed_precision, cpu=not has_accelerator_device(), log_with=log_with,
                                   project_dir=project_dir)
-    except ValueError as error:  # fp16 without a GPU, or another precision than this process's first Accelerator
+    except ValueError as error:  # e.g. another precision than this process's first Accelerator (a singleton state)
         raise SynthkdError(f"cannot set up Accelerate: {error}") from error
     logger.debug(f"accelerator: {accelerator.device}, {accelerator.num_processes} process(es), "
                  f"mixed precision {accelerator.mixed_precision}")
@@ -116,7 +117,8 @@ def log_progress(accelerator: Accelerator, phase: str, record: dict[str, Any], s
     process) and its other numbers as ``PHASE/KEY`` at step ``record[step_key]`` to the
     Accelerate trackers, if any: live, so a tracker shows a run while it goes."""
     numbers = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and k != step_key}
-    accelerator.log({f"{phase}/{k}": v for k, v in numbers.items()}, step=int(record[step_key]))
+    accelerator.log({re.sub(r"[^-/\w.]", "_", f"{phase}/{k}"): v for k, v in numbers.items()},  # tag characters
+                    step=int(record[step_key]))
     shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
     logger.log(level, f"{phase}: {shown}")
 

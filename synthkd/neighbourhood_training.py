@@ -302,7 +302,7 @@ class NeighbourhoodDistiller:
                     seconds[k] += time.perf_counter() - started
                 bar.update(1)
             log_progress(accelerator, self.phase,
-                         {"epoch": epoch + 1, **{f"{self.names[k]} loss": (losses[k] / max(1, len(loader))).item() for k in todo}})
+                         {"epoch": epoch + 1, **{f"{self.names[k]}/loss": (losses[k] / max(1, len(loader))).item() for k in todo}})
         bar.close()
         return self._save_trained(todo, held_out, folder, key, seconds)
 
