@@ -14,10 +14,62 @@ from ..errors import SynthkdError
 from .options import settings_options
 
 
+class SynthkdCommand(click.Command):
+    """A command whose ``-h`` lists its options under headed sections (an option's ``help_group``,
+    see :func:`tagged`; untagged ones last, under Options) and ends with the grammar of the model
+    and dataset specs its options take (an option's ``spec``: "model" or "dataset")."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "help_group", None) or "Options", []).append(record)
+        sections["Options"] = sections.pop("Options", [])
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        kinds = {getattr(param, "spec", None) for param in self.get_params(ctx)}
+        if "model" in kinds:
+            from ..models.specs import model_spec_help
+
+            with formatter.section("Model specs"):
+                formatter.write_dl(model_spec_help())
+        if "dataset" in kinds:
+            from ..data.datasets import dataset_spec_help
+
+            with formatter.section("Dataset specs"):
+                formatter.write_dl(dataset_spec_help())
+
+
+def tagged(*decorators: Callable, **attributes: Any) -> Callable:
+    """Apply click option decorators (shown in the order listed) and set ``attributes`` on the
+    options they add, where not set already: ``help_group="Teacher"`` heads their section of
+    ``-h``; ``spec="dataset"`` (or "model") appends that spec grammar to it."""
+
+    def decorate(function: Callable) -> Callable:
+        before = [id(param) for param in getattr(function, "__click_params__", [])]
+        function = add_options(function, list(decorators))
+        for param in function.__click_params__:
+            if id(param) not in before:
+                for key, value in attributes.items():
+                    if getattr(param, key, None) is None:
+                        setattr(param, key, value)
+        return function
+
+    return decorate
+
+
 class SynthkdGroup(click.Group):
     """Turns :class:`SynthkdError` into a one-line message and exit code 2, and closes the
     process group a command under ``accelerate launch`` opened (left to interpreter exit, gloo's
     threads can abort the process after the work is done)."""
+
+    command_class = SynthkdCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -94,10 +146,14 @@ def make_accelerator(mixed_precision: str | None = None, log_with: str | None = 
     return make(mixed_precision, log_with, project_dir)
 
 
+RUN_GROUP = "Run"
+
+
 def accelerator_options(tracking: bool = False) -> Callable:
     """``--mixed-precision`` (every command that runs a model) and, with ``tracking``, ``--tracker``
     (the commands that train or generate), passed as one :class:`AcceleratorSettings` ``device``."""
-    return settings_options(AcceleratorSettings, "device", only=None if tracking else ("mixed_precision",))
+    return tagged(settings_options(AcceleratorSettings, "device", only=None if tracking else ("mixed_precision",)),
+                  help_group=RUN_GROUP)
 
 
 def open_accelerator(device: AcceleratorSettings, command: str, out: str | os.PathLike,

@@ -10,18 +10,44 @@ from synthkd.pipelines.distill import DistillSettings, StudentSettings
 from synthkd.pipelines.train_teacher import TeacherSettings
 
 from ..errors import SynthkdError
+from ..generators.inversion import InversionLossSettings, InversionSettings
 from ..pipelines.generate import GenerateSettings
-from .base import accelerator_options, main, make_accelerator, model_options, open_accelerator, open_model
+from ..training import KDSettings
+from .base import RUN_GROUP, accelerator_options, main, make_accelerator, model_options, open_accelerator, open_model, tagged
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
 
+TEACHER_GROUP = "Teacher"
+
+# The sections of `generate -h`: by method, keyed by the settings class (or section) declaring an option.
+GENERATE_GROUPS: dict[type | str, str] = {
+    InversionLossSettings: "Inversion objective (--method inversion and fast)",
+    InversionSettings: "--method inversion: optimise the pixels (--iterations: also activations)",
+    GenerateSettings: "The set",
+    "fast": "--method fast: a meta-learned generator network",
+    "diffusion": "--method diffusion: sample a diffusers pipeline",
+    "activations": "--method activations: each neighbourhood's input activations",
+    "selection": "Selection by the teacher (any method)",
+}
+
+# The sections of `distill -h`: what every mode takes, then each mode's own options.
+DISTILL_GROUPS: dict[type | str, str] = {
+    KDSettings: "Distillation (both modes)",
+    DistillSettings: "Distillation (both modes)",
+    "augment": "--mode e2e",
+    "cuts": "--mode neighbourhood",
+    "finetune_epochs": "--mode neighbourhood",
+    "finetune_lr": "--mode neighbourhood",
+}
+
 
 @main.command("train-teacher")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
+@tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train."), spec="dataset")
 @settings_options(TeacherSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
-@click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
+@tagged(click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test."),
+        spec="dataset")
 @accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
@@ -36,16 +62,20 @@ def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
 
 
 @main.command()
-@model_options("teacher", "--teacher-weights")
-@settings_options(GenerateSettings, "settings")
-@click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
-              help="A setting of a registered method that has no options of its own (repeatable; the value is read "
-                   "as YAML), e.g. --method toy --method-option scale=0.5.")
-@click.option("--student", type=click.Path(exists=True, file_okay=False),
-              help="A student model directory: the competitor of the competition term (see --competition-weight).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seeds every shard's draws.")
+@tagged(model_options("teacher", "--teacher-weights"), help_group=TEACHER_GROUP, spec="model")
+@settings_options(GenerateSettings, "settings", groups=GENERATE_GROUPS)
+@tagged(click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
+                     help="A setting of a registered method that has no options of its own (repeatable; the value is "
+                          "read as YAML), e.g. --method toy --method-option scale=0.5."),
+        help_group=GENERATE_GROUPS[GenerateSettings])
+@tagged(click.option("--student", type=click.Path(exists=True, file_okay=False),
+                     help="A student model directory: the competitor of the competition term (see --competition-weight)."),
+        help_group=GENERATE_GROUPS[InversionLossSettings])
+@tagged(click.option("--seed", type=int, default=0, show_default=True, help="Seeds every shard's draws."),
+        help_group=RUN_GROUP)
 @accelerator_options(tracking=True)
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
+@tagged(click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="Synthetic set directory (resumes if it exists)."), help_group=RUN_GROUP)
 def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, device, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.models import load_model
@@ -68,16 +98,19 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 
 
 @main.command()
-@model_options("teacher", "--teacher-weights")
-@settings_options(StudentSettings, "student")
-@click.option("--data", required=True, type=click.Path(),
-              help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference).")
-@settings_options(DistillSettings, "settings")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
-@click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
-@accelerator_options(tracking=True)
+@tagged(model_options("teacher", "--teacher-weights"), help_group=TEACHER_GROUP, spec="model")
+@tagged(settings_options(StudentSettings, "student"), help_group="Student")
+@tagged(click.option("--data", required=True, type=click.Path(),
+                     help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference)."),
+        help_group="Data", spec="dataset")
+@settings_options(DistillSettings, "settings", groups=DISTILL_GROUPS)
 @synthesis_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
+@tagged(click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation."),
+        click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test."),
+        help_group=RUN_GROUP, spec="dataset")
+@accelerator_options(tracking=True)
+@tagged(click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write."),
+        help_group=RUN_GROUP)
 def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, device, out,
             synthesis, inputs):
     """Distill a student from the teacher on a synthetic set."""

@@ -11,15 +11,16 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import accelerator_options, main, make_accelerator, model_options, open_model
+from .base import accelerator_options, main, make_accelerator, model_options, open_model, tagged
 from .options import CommaList, settings_options
 
 
 @main.command()
-@model_options("model", "--weights")
-@click.option("--data", required=True, help="Synthetic set directory, image folder, or dataset spec to fit and calibrate on.")
+@tagged(model_options("model", "--weights"), spec="model")
+@tagged(click.option("--data", required=True, help="Synthetic set directory, image folder, or dataset spec to fit and calibrate on."),
+        spec="dataset")
 @settings_options(CalibrationSettings, "settings")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the density fit and the fit/calibration split.")
 @click.option("--batchnorm-layers", type=CommaList(str), default="",
               help="Comma-separated BatchNorm module paths for it (default: the middle half).")
 @accelerator_options()
@@ -40,7 +41,8 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 
 @main.command()
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory from `synthkd calibrate`.")
-@click.option("--inputs", required=True, help="Dataset spec, image folder, or synthetic set directory.")
+@tagged(click.option("--inputs", required=True, help="Dataset spec, image folder, or synthetic set directory."),
+        spec="dataset")
 @click.option("--model", "model_dir", type=click.Path(), help="Check that this model directory is the one the detector was fitted on.")
 @settings_options(DetectSettings, "settings")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
@@ -67,9 +69,9 @@ def detect(detector_dir, inputs, model_dir, settings, as_json, device):
 
 
 @main.command()
-@model_options("model", "--weights")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test.")
-@click.option("--batch-size", type=int, default=512, show_default=True)
+@tagged(model_options("model", "--weights"), spec="model")
+@tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test."), spec="dataset")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Images per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")

@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..pipelines.train_diffusion import DiffusionTrainSettings
-from .base import accelerator_options, main, open_accelerator
+from .base import accelerator_options, main, open_accelerator, tagged
 from .options import settings_options
 
 
@@ -26,7 +26,7 @@ def echo_report(manifest: dict[str, Any]) -> None:
 
 
 @main.command("train-diffusion")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
+@tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train."), spec="dataset")
 @settings_options(DiffusionTrainSettings, "settings")
 @accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline directory to write.")

@@ -6,16 +6,16 @@ import click
 
 from synthkd.pipelines.search import SearchSettings
 
-from .base import accelerator_options, main, model_options, open_accelerator, open_model
+from .base import accelerator_options, main, model_options, open_accelerator, open_model, tagged
 from .options import settings_options
 
 
 @main.command()
-@model_options("teacher", "--teacher-weights")
+@tagged(model_options("teacher", "--teacher-weights"), spec="model")
 @click.option("--data", required=True, type=click.Path(), help="Synthetic set directory from `synthkd generate`.")
 @settings_options(SearchSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
-@click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
+@tagged(click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test."), spec="dataset")
 @accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
 def search(model_spec, weights, input_shape, mean, std, data, settings, seed, eval_dataset, device, out):
