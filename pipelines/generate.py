@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from synthkd.accelerator import log_progress, make_accelerator
+from synthkd.accelerator import log_progress, make_accelerator, no_progress_bars
 from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 from synthkd.generators.activations import ActivationSettings
@@ -337,7 +337,7 @@ def generate(
     unfinished = max_rounds is not None and max_rounds < rounds
     rounds = min(rounds, max_rounds) if unfinished else rounds
     empty = torch.zeros(0, dtype=torch.long)
-    bar = tqdm(total=rounds, desc=f"generate ({generator.method})", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=rounds, desc=f"generate ({generator.method})", disable=no_progress_bars(accelerator))
     for round_index in range(rounds):
         started = time.perf_counter()
         shard = pending[round_index] if round_index < len(pending) else None

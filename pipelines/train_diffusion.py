@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from synthkd.accelerator import log_progress, make_accelerator
+from synthkd.accelerator import log_progress, make_accelerator, no_progress_bars
 from synthkd.data import load_dataset
 from synthkd.io import atomic_write_json, read_json
 from synthkd.models import InputFormat, unwrap
@@ -148,7 +148,7 @@ class DiffusionTraining:
         self.unet.train()
         started, total, batches = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False,
-                   disable=not accelerator.is_local_main_process)
+                   disable=no_progress_bars(accelerator))
         for batch in bar:
             if self.step >= self.total_steps:
                 break

@@ -150,6 +150,12 @@ class _Formatter(logging.Formatter):
         return message if record.levelno == logging.INFO else f"synthkd: {record.levelname.lower()}: {message}"
 
 
+def no_progress_bars(accelerator: Accelerator) -> bool:
+    """Whether this process draws no progress bars: only the local main process draws them, and
+    none once the log was quietened below INFO (``synthkd -q``)."""
+    return not accelerator.is_local_main_process or logging.getLogger(LOGGER_NAME).level > logging.INFO
+
+
 def show_log(level: int) -> None:
     """Send synthkd's log records of ``level`` and above to stderr (the CLI's ``-v``/``-q``)."""
     package = logging.getLogger(LOGGER_NAME)

@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .accelerator import log_progress
+from .accelerator import log_progress, no_progress_bars
 from .augment import distillation_augmentation
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
@@ -288,7 +288,7 @@ class NeighbourhoodDistiller:
         for k in todo:
             self.neighbourhoods[k].train()
         bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"neighbourhoods (rank {accelerator.process_index})",
-                   disable=not accelerator.is_local_main_process, leave=False)
+                   disable=no_progress_bars(accelerator), leave=False)
         for epoch in range(config.epochs):
             loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
                                 generator=torch.Generator().manual_seed(derive_seed(config.seed, "epoch", epoch)))

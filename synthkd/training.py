@@ -22,7 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-from .accelerator import log_progress, logger
+from .accelerator import log_progress, logger, no_progress_bars
 from .evaluation import evaluate
 from .errors import SynthkdError
 from .io import atomic_write
@@ -173,7 +173,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
     """One pass over ``loader``; the mean loss over the batches and the processes."""
     model.train()
     total, batches = 0.0, 0
-    bar = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process, leave=False)
+    bar = tqdm(loader, desc=description, disable=no_progress_bars(accelerator), leave=False)
     for batch in bar:
         with accelerator.autocast():
             loss = batch_loss(model, batch)

@@ -76,10 +76,28 @@ def test_generate_sends_each_shard_to_the_tracker_and_q_quiets_the_log(tmp_path,
         "--tracker", "tensorboard", "--out", str(out)])
     assert result.exit_code == 0, result.output
     assert "wrote 24 images in 3 shards" in result.output  # results still print under -q
+    assert "generate (inversion)" not in result.output  # no progress bar, no shard line
     events = scalars(out / "trackers" / "generate")
     assert [e.step for e in events.Scalars("generate/inversion/images")] == [1, 2, 3]
     assert all(e.value == 8 for e in events.Scalars("generate/inversion/images"))
     assert all(0 <= e.value <= 1 for e in events.Scalars("generate/inversion/agreement"))
+
+
+def test_run_sends_every_stage_live_to_one_tracker_run(tmp_path, teacher_dir):
+    from test_run import tiny_setting, write_config
+
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path / "tiny.yaml", tiny_setting(teacher_dir, run_dir, epochs=3))
+    result = CliRunner().invoke(main, ["run", str(config), "--quiet", "--tracker", "tensorboard"])
+    assert result.exit_code == 0, result.output
+    events = scalars(run_dir / "trackers" / "synthkd-run")
+    assert {"generate/inversion/images", "distill/loss"} <= set(events.Tags()["scalars"])
+    history = json.loads((run_dir / "student" / "metrics.json").read_text())["history"]
+    loss = events.Scalars("distill/loss")
+    assert [e.step for e in loss] == [1, 2, 3]
+    for earlier, later, record in zip(loss, loss[1:], history[1:]):
+        assert later.wall_time - earlier.wall_time >= record["seconds"] * 0.999
+    assert "[distill] done" in (run_dir / "run.log").read_text()  # the stage lines, logged
 
 
 def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path, teacher_dir, synthetic_dir):
