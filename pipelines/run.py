@@ -353,7 +353,7 @@ def run_stage(step: Step, ctx: RunContext) -> None:
                           seconds=earlier + time.perf_counter() - started)
             atomic_write_json(record_path(run_dir, stage.name), record)
             logger.error(f"[{stage.name}] failed after {record['seconds']:.1f} s ({record['error']}); "
-                  "the earlier stages' outputs are kept, rerun to resume")
+                         "the earlier stages' outputs are kept, rerun to resume")
         raise
     accelerator.wait_for_everyone()
     if main:

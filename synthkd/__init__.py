@@ -142,7 +142,7 @@ def _accelerated(command: str, out: str | os.PathLike, mixed_precision: str | No
                  config: dict[str, Any]):
     from .accelerator import AcceleratorSettings, accelerated
 
-    return accelerated(AcceleratorSettings(mixed_precision, tracker), command, os.path.join(out, "trackers"), config)
+    return accelerated(AcceleratorSettings(mixed_precision, tracker), command, out, config)
 
 
 class _Package(types.ModuleType):

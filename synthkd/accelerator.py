@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import sys
 from contextlib import contextmanager
@@ -20,8 +21,8 @@ from .errors import SynthkdError
 from .io import flatten
 from .settings import Settings, setting
 
-logger = get_logger("synthkd")  # logs on the main process only
 LOGGER_NAME = "synthkd"
+logger = get_logger(LOGGER_NAME)  # logs on the main process only
 
 # Accelerate's trackers (accelerate.utils.LoggerType less "all"); each needs its own package.
 TRACKERS = ("tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "trackio", "swanlab")
@@ -90,12 +91,13 @@ def check_tracker(name: str) -> None:
 
 
 @contextmanager
-def accelerated(settings: AcceleratorSettings, project: str, tracker_dir: str | None = None,
+def accelerated(settings: AcceleratorSettings, project: str, out: str | os.PathLike,
                 config: dict[str, Any] | None = None) -> Iterator[Accelerator]:
-    """An Accelerator for one command; with ``settings.tracker`` its trackers are opened under
-    ``tracker_dir`` as ``project`` (with ``config`` as hyperparameters) and closed at the end, and
-    the loops inside send their records as they go (:func:`log_progress`)."""
-    accelerator = make_accelerator(settings.mixed_precision, settings.tracker, tracker_dir)
+    """The Accelerator of one command (or API call) writing to ``out``; with ``settings.tracker``
+    its trackers are opened under ``OUT/trackers`` as ``project`` (with ``config`` as
+    hyperparameters) and closed at the end, and the loops inside send their records as they go
+    (:func:`log_progress`)."""
+    accelerator = make_accelerator(settings.mixed_precision, settings.tracker, os.path.join(out, "trackers"))
     if settings.tracker:
         accelerator.init_trackers(project, config=hyperparameters(config or {}))
     try:

@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 import logging
-import os
-from pathlib import Path
 from typing import Any, Callable
 
 import click
 
-from ..accelerator import AcceleratorSettings, accelerated, show_log
+from ..accelerator import AcceleratorSettings, make_accelerator, show_log  # noqa: F401  (make_accelerator: the commands')
 from ..errors import SynthkdError
 from .options import settings_options
 
@@ -140,12 +138,6 @@ def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
     return load_model(model_spec, weights, input_shape, mean, std)
 
 
-def make_accelerator(mixed_precision: str | None = None, log_with: str | None = None, project_dir: str | None = None):
-    from ..accelerator import make_accelerator as make
-
-    return make(mixed_precision, log_with, project_dir)
-
-
 RUN_GROUP = "Run"
 
 
@@ -154,13 +146,6 @@ def accelerator_options(tracking: bool = False) -> Callable:
     (the commands that train or generate), passed as one :class:`AcceleratorSettings` ``device``."""
     return tagged(settings_options(AcceleratorSettings, "device", only=None if tracking else ("mixed_precision",)),
                   help_group=RUN_GROUP)
-
-
-def open_accelerator(device: AcceleratorSettings, command: str, out: str | os.PathLike,
-                     config: dict[str, Any] | None = None):
-    """The command's Accelerator (a context manager); a tracker writes under OUT/trackers, as
-    ``command``, with ``config`` as its hyperparameters."""
-    return accelerated(device, command, str(Path(out) / "trackers"), config)
 
 
 @click.group(cls=SynthkdGroup, context_settings={"help_option_names": ["-h", "--help"]})

@@ -9,11 +9,12 @@ import click
 from synthkd.pipelines.distill import DistillSettings, StudentSettings
 from synthkd.pipelines.train_teacher import TeacherSettings
 
+from ..accelerator import accelerated
 from ..errors import SynthkdError
 from ..generators.inversion import InversionLossSettings, InversionSettings
 from ..pipelines.generate import GenerateSettings
 from ..training import KDSettings
-from .base import RUN_GROUP, accelerator_options, main, make_accelerator, model_options, open_accelerator, open_model, tagged
+from .base import RUN_GROUP, accelerator_options, main, make_accelerator, model_options, open_model, tagged
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
@@ -55,7 +56,7 @@ def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
     from synthkd.pipelines.train_teacher import train_teacher
 
     hyperparameters = {**settings.to_dict(), "dataset": dataset, "seed": seed}
-    with open_accelerator(device, "train-teacher", out, hyperparameters) as accelerator:
+    with accelerated(device, "train-teacher", out, hyperparameters) as accelerator:
         _, metrics = train_teacher(dataset, settings, out, seed, eval_dataset, accelerator)
     if accelerator.is_main_process and "eval" in metrics:
         click.echo(f"teacher accuracy on {eval_dataset}: {metrics['eval']['accuracy']:.4f}")
@@ -84,7 +85,7 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
     settings = settings.with_method_options(method_options)
     check_cli(settings)
     teacher = open_model(model_spec, weights, input_shape, mean, std)
-    with open_accelerator(device, "generate", out, {**settings.relevant(), "seed": seed}) as accelerator:
+    with accelerated(device, "generate", out, {**settings.relevant(), "seed": seed}) as accelerator:
         competitor = load_model(student).to(accelerator.device) if student else None
         manifest = generate_set(settings, teacher, out, seed, accelerator, competitor)
     if not accelerator.is_main_process:
@@ -124,7 +125,7 @@ def distill(model_spec, weights, input_shape, mean, std, student, data, settings
     hyperparameters = {"distill": settings.to_dict(), "student": student.to_dict(), "data": data, "seed": seed}
     if synthesis.enabled:
         hyperparameters["synthesis"] = synthesis.to_dict()
-    with open_accelerator(device, "distill", out, hyperparameters) as accelerator:
+    with accelerated(device, "distill", out, hyperparameters) as accelerator:
         if synthesis.enabled:
             from synthkd.pipelines.interleave import distill_interleaved
 

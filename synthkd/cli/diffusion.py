@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
+from ..accelerator import accelerated
 from ..pipelines.train_diffusion import DiffusionTrainSettings
-from .base import accelerator_options, main, open_accelerator, tagged
+from .base import accelerator_options, main, tagged
 from .options import settings_options
 
 
@@ -34,7 +35,7 @@ def train_diffusion_command(dataset, settings, device, out):
     """Train a small unconditional DDPM and save it as a diffusers pipeline (resumes if stopped)."""
     from synthkd.pipelines.train_diffusion import train_diffusion
 
-    with open_accelerator(device, "train-diffusion", out, {**settings.to_dict(), "dataset": dataset}) as accelerator:
+    with accelerated(device, "train-diffusion", out, {**settings.to_dict(), "dataset": dataset}) as accelerator:
         metrics = train_diffusion(dataset, out, settings, accelerator)
     if accelerator.is_main_process:
         click.echo(f"trained {metrics['steps']} steps (final loss {metrics['history'][-1]['loss']:.4f}); "

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import click
 
-from ..accelerator import AcceleratorSettings
+from ..accelerator import AcceleratorSettings, accelerated
 from ..errors import SynthkdError
-from .base import main, open_accelerator
+from .base import main
 from .options import settings_options
 
 
@@ -42,7 +42,7 @@ def run_command(config_file, overrides, dry_run, force, quiet, device):
         click.echo(f"\nstages (run directory {run_dir}):\n{describe_plan(plan(config, run_dir))}")
         return
     device = replace(device, mixed_precision=config.mixed_precision)
-    with open_accelerator(device, "synthkd-run", run_dir, config.to_dict()) as accelerator:
+    with accelerated(device, "synthkd-run", run_dir, config.to_dict()) as accelerator:
         summary = run_pipeline(config, accelerator, force=force, quiet=quiet)
     if accelerator.is_main_process and not quiet:
         click.echo(json.dumps({k: v for k, v in summary.items() if k not in ("per_class", "stages")}, indent=2))

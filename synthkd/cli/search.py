@@ -6,7 +6,8 @@ import click
 
 from synthkd.pipelines.search import SearchSettings
 
-from .base import accelerator_options, main, model_options, open_accelerator, open_model, tagged
+from ..accelerator import accelerated
+from .base import accelerator_options, main, model_options, open_model, tagged
 from .options import settings_options
 
 
@@ -24,7 +25,7 @@ def search(model_spec, weights, input_shape, mean, std, data, settings, seed, ev
 
     teacher = open_model(model_spec, weights, input_shape, mean, std)
     hyperparameters = {**settings.to_dict(), "data": data, "seed": seed}
-    with open_accelerator(device, "search", out, hyperparameters) as accelerator:
+    with accelerated(device, "search", out, hyperparameters) as accelerator:
         _, report = run_search(teacher, data, out, settings, seed, eval_dataset, accelerator)
     if accelerator.is_main_process:
         for row in report["chosen"]:
