@@ -39,6 +39,7 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
+from .accelerator import log_progress, no_progress_bars
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
@@ -145,8 +146,10 @@ class NeighbourhoodDistiller:
     CUT_LOSS = "mse"
 
     def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodSettings, accelerator: Accelerator,
-                 owned: list[int] | None = None):
+                 owned: list[int] | None = None, phase: str = "neighbourhoods"):
+        """``phase`` names the per-epoch records in the log and the trackers."""
         self.teacher = teacher.eval().requires_grad_(False)
+        self.phase = phase
         self.student = student
         # The student's starting weights, not just its config: a model directory given as the
         # student is a starting point, and another one of the same architecture must retrain.
@@ -292,7 +295,7 @@ class NeighbourhoodDistiller:
         config, device = self.config, self.accelerator.device
         results = {}
         bar = tqdm(total=len(todo) * config.epochs, desc=f"neighbourhoods (rank {self.accelerator.process_index})",
-                   disable=not self.accelerator.is_local_main_process, leave=False)
+                   disable=no_progress_bars(self.accelerator), leave=False)
         for k in todo:
             inputs, targets = activations.pair(k)
             train_rows, held_out = activations.train_rows, activations.holdout_rows
@@ -304,10 +307,12 @@ class NeighbourhoodDistiller:
             for epoch in range(config.epochs):
                 order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
                     derive_seed(config.seed, "neighbourhood", k, "epoch", epoch)))]
+                loss = torch.zeros((), device=device)
                 for step in range(steps_per_epoch):
                     rows = order[step * config.batch_size : (step + 1) * config.batch_size]
-                    self._step(k, (inputs[rows].to(device).float(), targets[rows].to(device).float()), optimizer, scheduler)
+                    loss += self._step(k, (inputs[rows].to(device).float(), targets[rows].to(device).float()), optimizer, scheduler)
                 bar.update(1)
+                log_progress(self.accelerator, self.phase, {"epoch": epoch + 1, f"{self.names[k]}/loss": (loss / steps_per_epoch).item()})
             seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
             error = self._local_error(k, inputs[held_out], targets[held_out])
             results[k] = {"relative_mse": error, "seconds": seconds, "cpu_seconds": cpu_seconds, "flops": self.flops[k],
@@ -316,8 +321,8 @@ class NeighbourhoodDistiller:
         bar.close()
         return results
 
-    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> None:
-        """One optimiser step of neighbourhood k on this rank's share of the batch."""
+    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
+        """One optimiser step of neighbourhood k on this rank's share of the batch; its loss (detached)."""
         rows = self._rows(k)
         with self.accelerator.autocast():
             output = self.neighbourhoods[k](pair[0][rows])
@@ -327,6 +332,7 @@ class NeighbourhoodDistiller:
         self._average_gradients(k)
         optimizer.step()
         scheduler.step()
+        return loss.detach().float()
 
     def _save(self, k: int, folder: Path, key: str, record: dict[str, Any]) -> None:
         """Write a trained neighbourhood's weights and record (by the rank that leads it)."""

@@ -21,6 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 from torch.utils.data import DataLoader, Dataset, Subset
 
+from .accelerator import logger
 from .augment import distillation_augmentation
 from .data.activation_cache import DTYPES, ActivationCache, ActivationCacheWriter, cache_bytes
 from .data.activations import ActivationDataset
@@ -89,10 +90,8 @@ class TeacherActivations:
         directory = Path(config.cache_dir) if config.cache_dir else Path(out) / "activation-cache"
         self.summary = {"where": where, "bytes": size, "views": self.views, "dtype": config.cache_dtype,
                         **({"directory": str(directory)} if where == "disk" else {})}
-        if accelerator.is_main_process:
-            print(f"synthkd: teacher activations: {self.num_images} images x {self.views} view(s) x {len(shapes)} "
-                  f"boundaries, {human(size)} ({config.cache_dtype}) in {where}"
-                  + (f" at {directory}" if where == "disk" else ""), flush=True)
+        logger.info(f"teacher activations: {self.num_images} images x {self.views} view(s) x {len(shapes)} boundaries, "
+                    f"{human(size)} ({config.cache_dtype}) in {where}" + (f" at {directory}" if where == "disk" else ""))
         boundaries = sorted({b for k in needed for b in (k, k + 1)})
         if where == "memory":
             stored = self._compute_in_memory(dataset, boundaries, shapes)

@@ -122,7 +122,8 @@ class Exploration:
 
     def _distiller(self, candidate: Candidate, config: NeighbourhoodSettings, owned: list[int]) -> NeighbourhoodDistiller:
         student = build_candidate(self.teacher, candidate, config.seed)
-        return NeighbourhoodDistiller(self.teacher, student, config, self.accelerator, owned=owned)
+        return NeighbourhoodDistiller(self.teacher, student, config, self.accelerator, owned=owned,
+                                      phase=f"search/{candidate.name}")
 
     def _tasks(self) -> list[_Task]:
         """Unique pieces per neighbourhood, in candidate order; pruned ones under their dense piece."""
