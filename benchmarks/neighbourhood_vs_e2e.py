@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, REPO, load_setting, print_table, standard_synthetic, standard_teacher, write_json  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
-from synthkd.models import create_model  # noqa: E402
+from synthkd.models import create_model, load_model  # noqa: E402
 from synthkd.pipelines.distill import DistillSettings, StudentSettings, distill  # noqa: E402
 
 TOLERANCE = 0.005  # ND's target: e2e KD's final accuracy minus 0.5 points
@@ -50,6 +50,8 @@ def parse_settings() -> tuple[argparse.Namespace, dict, dict]:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml; --quick: digits_quick.yaml)")
     parser.add_argument("--teacher-epochs", type=int, help="default: the config's")
+    parser.add_argument("--teacher", help="a model directory instead of the cached standard teacher")
+    parser.add_argument("--data", help="a synthetic set directory instead of the cached inverted set")
     parser.add_argument("--num-images", type=int)
     parser.add_argument("--e2e-epochs", type=int)
     parser.add_argument("--nd-epochs", type=int, help="epochs of every neighbourhood")
@@ -112,8 +114,14 @@ def main() -> None:
     accelerator = make_accelerator()
     cache = Path(args.cache)
     timings: dict[str, float] = {}
-    teacher = standard_teacher(config, settings["teacher_epochs"], cache, timings)
-    synthetic = str(standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings))
+    if args.teacher:
+        teacher = load_model(args.teacher)
+    else:
+        teacher = standard_teacher(config, settings["teacher_epochs"], cache, timings)
+    if args.data:
+        synthetic = args.data
+    else:
+        synthetic = str(standard_synthetic(config, teacher, settings["num_images"], settings["iterations"], cache, timings))
     teacher_arch, width = teacher.config.arch, teacher.config.arch_kwargs.get("width", 1.0)
     student = StudentSettings(arch=f"{teacher_arch}:inner={args.inner},width={width}")
     dist = replace(DistillSettings(**config["distill"]), cuts=args.cuts)
@@ -137,6 +145,8 @@ def main() -> None:
     report["teacher_accuracy"] = nd["teacher"]["accuracy"]
     if args.part == "all":
         for init in ("random", "teacher"):
+            if accelerator.is_main_process:
+                shutil.rmtree(scratch / f"e2e-{init}", ignore_errors=True)  # time training, not a resume
             e2e = distill(teacher, student, synthetic, scratch / f"e2e-{init}",
                           replace(dist, mode="e2e", epochs=settings["e2e_epochs"], init=init), eval_dataset=eval_spec,
                           accelerator=accelerator)[1]
@@ -189,6 +199,9 @@ def scaling(args: argparse.Namespace, settings: dict) -> list[dict[str, Any]]:
               "--inner", str(args.inner)] + (["--quick"] if args.quick else []) + (["--config", args.config] if args.config else [])
     for key in ("teacher_epochs", "num_images", "nd_epochs", "views"):
         script += [f"--{key.replace('_', '-')}", str(settings[key])]
+    for key in ("teacher", "data"):
+        if getattr(args, key):
+            script += [f"--{key}", getattr(args, key)]
     script += ["--finetune-epochs", "0"]
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
               "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29617"]

@@ -26,11 +26,11 @@ from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.losses import DISTILLATION_LOSSES
 from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistiller, NeighbourhoodSettings
-from synthkd.models import Classifier, ModelConfig, import_factory, load_model, model_source_problem
+from synthkd.models import Classifier, ModelConfig, import_factory, load_model, model_source_problem, unwrap
 from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
 from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec
-from synthkd.models.thinning import copy_from_teacher, is_thinning_of
-from synthkd.settings import Settings, setting, shared_setting
+from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
+from synthkd.settings import Settings, read_value, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, fit
 
 E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
@@ -41,7 +41,8 @@ class StudentSettings(Settings):
     """The student: a zoo architecture (with arguments), or a model directory / FILE.py:factory to start from."""
 
     arch: str = setting("resnet20", flag="--student", check=lambda spec: model_source_problem(spec, zoo=True),
-                        help=f"{ZOO_SPEC_GRAMMAR}; or a model directory / FILE.py:factory to start from.")
+                        help=f"{ZOO_SPEC_GRAMMAR}; teacher:inner=R (any traceable teacher, thinner inside each "
+                             "neighbourhood); or a model directory / FILE.py:factory to start from.")
     width: float | None = setting(None, flag="--student-width", positive=True,
                                   help="Width multiplier of a zoo student. Default: 0.5 end to end; in neighbourhood mode "
                                        "the teacher's width with inner=0.5 (thinner inside each block, so every cut "
@@ -129,11 +130,33 @@ def finetune_settings(epochs: int, batch_size: int, lr: float, seed: int) -> Tra
 
 def student_for(student: StudentSettings, settings: DistillSettings, teacher: Classifier, seed: int = 0) -> Classifier:
     """The student a distill stage in ``settings.mode`` starts from."""
-    return build_student(student.spec(settings.mode, teacher), teacher, seed=seed, from_teacher=settings.init == "teacher")
+    return build_student(student.spec(settings.mode, teacher), teacher, seed=seed, from_teacher=settings.init == "teacher",
+                         cuts=settings.cuts)
+
+
+THINNED_TEACHER = "teacher"  # the spec ``teacher[:inner=R]``: the teacher itself, thinner inside each neighbourhood
+
+
+def thinned_teacher(spec: str, teacher: Classifier, cuts: str | list[str], from_teacher: bool) -> Classifier:
+    """``teacher:inner=R``: any traceable teacher (zoo or FILE.py:factory) with every inner channel
+    group of each neighbourhood (a convolution/linear feeding exactly one other through per-channel
+    operations) cut to R of its channels, found with torch.fx; the interfaces stay the teacher's."""
+    _, _, arguments = spec.partition(":")
+    kwargs = {key.strip(): read_value(value) for key, _, value in (part.partition("=") for part in arguments.split(",") if part)}
+    unknown = set(kwargs) - {"inner"}
+    if unknown:
+        raise SynthkdError(f"{spec!r}: the thinned teacher takes inner=R only, not {', '.join(sorted(unknown))}")
+    fmt = teacher.input_format
+    probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0)))
+    net, kept = thin(unwrap(teacher.net).cpu(), float(kwargs.get("inner", 0.5)), cuts, probe=probe,
+                     teacher_weights=from_teacher)
+    config = ModelConfig(arch=THINNED_ARCH, arch_kwargs=thinned_arch_kwargs(teacher.config.arch, teacher.config.arch_kwargs, kept),
+                         input=fmt, class_names=list(teacher.config.class_names))
+    return Classifier(net, config)
 
 
 def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0,
-                  from_teacher: bool = False) -> Classifier:
+                  from_teacher: bool = False, cuts: str | list[str] = "blocks") -> Classifier:
     """A zoo architecture (``NAME[:KEY=VALUE,...]``; ``width`` unless the spec gives one) sized
     to the teacher's input and classes, or an existing model directory / FILE.py:factory used as
     the starting point; classes must match the teacher's. ``from_teacher``: a zoo student that
@@ -141,6 +164,8 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
     important channels; ``sparsity=S`` in the spec then zeroes the smallest weights."""
     fmt = teacher.input_format
     set_seed(seed)  # initial weights come from the global RNG
+    if student == THINNED_TEACHER or student.startswith(THINNED_TEACHER + ":"):
+        return thinned_teacher(student, teacher, cuts, from_teacher)
     parsed = parse_zoo_spec(student)
     if parsed is not None:
         name, kwargs = parsed

@@ -176,3 +176,40 @@ def test_nd_lands_within_two_points_of_e2e_kd_on_digits(teacher, accelerator, tm
                     eval_dataset="digits:test", accelerator=accelerator)
     assert not nd["student"].get("cut_adapters")
     assert nd["student"]["accuracy"] >= e2e["student"]["accuracy"] - 0.02, (nd["student"], e2e["student"])
+
+
+def test_a_user_teacher_thinned_by_fx_distils_and_reloads(tmp_path, accelerator):
+    """``--student teacher:inner=0.5`` for a teacher given as FILE.py:factory: the plain CNN is
+    thinned inside each neighbourhood, keeps its interfaces, trains from cached activations and
+    its model directory loads back (naming the same factory)."""
+    import textwrap
+
+    from synthkd.data import load_dataset
+    from synthkd.models import Classifier, InputFormat, ModelConfig, import_factory
+    from synthkd.pipelines.distill import distill
+
+    factory = tmp_path / "plain.py"
+    factory.write_text(textwrap.dedent("""
+        from torch import nn
+
+        def cnn():
+            return nn.Sequential(
+                nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                              nn.Conv2d(16, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU()),
+                nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU(), nn.Conv2d(32, 32, 3, padding=1), nn.ReLU()),
+                nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(32, 10)))
+    """))
+    spec = f"{factory}:cnn"
+    teacher = Classifier(import_factory(spec)(), ModelConfig(arch=spec, input=InputFormat(1, 8, 8),
+                                                             class_names=[str(i) for i in range(10)])).eval()
+    data = load_dataset("digits:train[:64]")
+    student, metrics = distill(teacher, StudentSettings(arch="teacher:inner=0.5"), "digits:train[:64]", tmp_path / "s",
+                               DistillSettings(mode="neighbourhood", cuts="0,1", epochs=1, batch_size=16),
+                               accelerator=accelerator)
+    assert student.config.arch == "thinned" and student.config.arch_kwargs["kept"] == {"0.0": 8, "1.0": 16}
+    assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
+    assert set(metrics["neighbourhoods"]) == {"0", "1", "head"}
+    loaded = Classifier.from_pretrained(tmp_path / "s").eval()
+    images = torch.stack([data[i].images for i in range(8)])
+    with torch.no_grad():
+        assert torch.allclose(loaded(images), student.eval()(images), atol=1e-6)

@@ -7,7 +7,11 @@ from __future__ import annotations
 MODEL_SPEC_FORMS: tuple[tuple[str, str], ...] = (
     ("DIR", "a model directory written by synthkd (config.json + model.safetensors): carries its weights, "
             "input format and class names"),
-    ("ARCH", "a zoo architecture (see `synthkd models`), for a student: --student resnet8"),
+    ("ARCH[:KEY=VALUE,...]", "a zoo architecture (see `synthkd models`) with its arguments, for a student: "
+                             "--student resnet20:inner=0.5 (thinner inside each block, the teacher's width at every "
+                             "cut), resnet20:blocks=1,width=0.5, resnet20:sparsity=0.5"),
+    ("teacher[:inner=R]", "for a student: the teacher itself with every inner channel group of each neighbourhood "
+                          "thinned to R (any traceable network, found with torch.fx)"),
     ("FILE.py:FACTORY", "a function in a Python file returning an nn.Module, with --weights / --teacher-weights "
                         "FILE and --input-shape C,H,W (--mean, --std)"),
     ("package.module:FACTORY", "the same, from an importable module"),
