@@ -151,7 +151,8 @@ def test_cache_bigger_than_the_free_disk_is_refused_before_writing(teacher_dir, 
         "--cache-dir", str(tmp_path / "cache"), "--out", str(tmp_path / "s")])
     assert result.exit_code == 2, result.output
     assert "the activation cache needs" in result.stderr and "free" in result.stderr
-    assert len(result.stderr.strip().splitlines()) == 1
+    lines = result.stderr.strip().splitlines()  # the size announced on the log, then one error line
+    assert len(lines) == 2 and "teacher activations:" in lines[0] and lines[1].startswith("error: the activation cache needs")
     assert not (tmp_path / "cache").exists()
 
 
