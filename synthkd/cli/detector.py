@@ -11,7 +11,7 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import main, make_accelerator, model_options, open_model
+from .base import main, make_accelerator, model_options, open_model, trust_code_option
 from .options import CommaList, settings_options
 
 
@@ -43,6 +43,7 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 @click.option("--model", "model_dir", type=click.Path(), help="Check that this model directory is the one the detector was fitted on.")
 @settings_options(DetectSettings, "settings")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
+@trust_code_option
 def detect(detector_dir, inputs, model_dir, settings, as_json):
     """Per input: score, conformal p-value, flag (p < alpha) and the predicted class."""
     from synthkd.models import load_model

@@ -8,7 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import SynthkdError
-from .base import main, make_accelerator
+from .base import main, make_accelerator, trust_code_option
 
 
 @main.command("run")
@@ -19,6 +19,7 @@ from .base import main, make_accelerator
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines on the terminal (the log file keeps them).")
 @click.option("--tracker", type=click.Choice(["tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive"]),
               help="Also send the training curves to this Accelerate tracker (under RUN_DIR/trackers).")
+@trust_code_option
 def run_command(config_file, overrides, dry_run, force, quiet, tracker):
     """Run the stages CONFIG asks for; a rerun skips finished ones and resumes interrupted ones.
 
