@@ -213,8 +213,10 @@ def distill_e2e(
     teacher.to(accelerator.device)
     objective = KDObjective(teacher, settings, stored_targets=not settings.augment).to(accelerator.device)
     started = time.perf_counter()
+    resumable = {"settings": settings.to_dict(), "data": data_fingerprint(data, training_data),
+                 "teacher": teacher.fingerprint(), "student": student.fingerprint()}
     history = fit(student, training_data, objective, train, accelerator, evaluation, description="distill",
-                  checkpoint_dir=out)
+                  checkpoint_dir=out, checkpoint_inputs=resumable)
     metrics: dict[str, Any] = {
         "mode": "e2e",
         "data": str(data),
@@ -237,7 +239,7 @@ def data_fingerprint(data: str | os.PathLike, dataset: Dataset) -> str:
         return "-".join(shard["sha256"][:8] for shard in dataset.manifest["shards"])
     if isinstance(dataset, ActivationDataset):
         return dataset.fingerprint()
-    return f"{data}:{len(dataset)}"
+    return f"{data}:{len(dataset)}"  # a dataset spec (its files are the installed data set's)
 
 
 def kd_finetune(

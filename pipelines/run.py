@@ -31,7 +31,7 @@ from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.detector.settings import CALIBRATION_KEYS
 from synthkd.errors import SynthkdError
 from synthkd.generators.registry import GENERATORS
-from synthkd.io import atomic_write, atomic_write_json, differences, flatten, sha256_file
+from synthkd.io import LOCK_NAME, atomic_write, atomic_write_json, differences, flatten, sha256_file
 from synthkd.models import Classifier
 
 from .run_records import RunContext, Stage, Step, read_record, record_path, training_curves
@@ -72,7 +72,7 @@ def generate_inputs(config: RunConfig) -> dict[str, str]:
     found = {}
     for name in GENERATORS.get(section.method).files(section.section()):
         root = Path(name)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME) if root.is_dir() else [root]
         digest = hashlib.sha256()
         for path in files:
             digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}:{sha256_file(path)}".encode())

@@ -12,7 +12,8 @@ from torch import nn
 
 from synthkd.errors import SynthkdError
 from synthkd.models import (
-    MODELS, Classifier, InputFormat, ModelConfig, create_model, is_registered, list_models, load_model, register_model, unwrap,
+    MODELS, Classifier, InputFormat, ModelConfig, create_model, is_registered, list_models, load_model, register_model,
+    trusting_code, unwrap,
 )
 
 ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34"]
@@ -237,9 +238,12 @@ def test_load_user_model_from_file(tmp_path, format):
     with torch.no_grad():
         assert torch.allclose(model.eval()(images), net((images - 0.5) / 0.25))
 
-    # A model given as code can be saved and reopened as a directory.
+    # A model given as code can be saved and reopened as a directory, by a caller who trusts its code.
     model.save_pretrained(tmp_path / "dir")
-    again = load_model(tmp_path / "dir")
+    with pytest.raises(SynthkdError, match="names code"):
+        load_model(tmp_path / "dir")
+    with trusting_code():
+        again = load_model(tmp_path / "dir")
     with torch.no_grad():
         assert torch.equal(again.eval()(images), model(images))
 

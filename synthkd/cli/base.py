@@ -76,6 +76,22 @@ def trust_code_option(function: Callable) -> Callable:
                              "run it; only for directories you wrote.")(command)
 
 
+def one_writer(function: Callable) -> Callable:
+    """The command is the only writer of its ``--out`` directory while it runs (see
+    :func:`synthkd.io.exclusive_directory`); a second one is refused with exit code 2."""
+
+    @functools.wraps(function)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        from ..io import exclusive_directory
+
+        if kwargs.get("out") is None:
+            return function(*args, **kwargs)
+        with exclusive_directory(kwargs["out"]):
+            return function(*args, **kwargs)
+
+    return command
+
+
 def model_options(name: str, weights_flag: str) -> Callable:
     """--NAME plus the flags that describe a model given as code: weights and input format."""
 

@@ -11,7 +11,7 @@ from synthkd.pipelines.train_teacher import TeacherSettings
 
 from ..errors import SynthkdError
 from ..pipelines.generate import GenerateSettings
-from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .base import main, make_accelerator, mixed_precision_option, model_options, one_writer, open_model
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
@@ -24,6 +24,7 @@ from .options import check_cli, settings_options
 @click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@one_writer
 def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision, out):
     """Train a teacher on a real dataset and save it as a model directory."""
     from synthkd.pipelines.train_teacher import train_teacher
@@ -45,6 +46,7 @@ def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision
 @click.option("--seed", type=int, default=0, show_default=True)
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
+@one_writer
 def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, mixed_precision, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.models import load_model
@@ -77,6 +79,7 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 @mixed_precision_option
 @synthesis_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
+@one_writer
 def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, mixed_precision, out,
             synthesis, inputs):
     """Distill a student from the teacher on a synthetic set."""
@@ -116,6 +119,7 @@ def models() -> None:
 @click.option("--out", default="synthkd-demo", show_default=True, type=click.Path(file_okay=False))
 @click.option("--dataset", type=click.Choice(["auto", "digits", "fashion-mnist"]), default="auto", show_default=True,
               help="auto: Fashion-MNIST where installed, else scikit-learn digits.")
+@one_writer
 def demo(out, dataset):
     """The built-in default: teacher -> inversion -> student, all in minutes."""
     from synthkd.pipelines.demo import run_demo

@@ -11,7 +11,7 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import main, make_accelerator, model_options, open_model, trust_code_option
+from .base import main, make_accelerator, model_options, one_writer, open_model, trust_code_option
 from .options import CommaList, settings_options
 
 
@@ -23,6 +23,7 @@ from .options import CommaList, settings_options
 @click.option("--batchnorm-layers", type=CommaList(str), default="",
               help="Comma-separated BatchNorm module paths for it (default: the middle half).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
+@one_writer
 def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
     from synthkd.pipelines.calibrate import calibrate as run_calibrate
@@ -68,19 +69,20 @@ def detect(detector_dir, inputs, model_dir, settings, as_json):
 @main.command()
 @model_options("model", "--weights")
 @click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test.")
-@click.option("--batch-size", type=int, default=512, show_default=True)
+@settings_options(DetectSettings, "batching", only=("batch_size",))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
-def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out):
+@one_writer
+def evaluate(model_spec, weights, input_shape, mean, std, dataset, batching, as_json, detector_dir, evaluation, out):
     """Accuracy of a model on a dataset; with --detector, how well the detector flags failures."""
     model = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator()
     if detector_dir is None:
         if evaluation.ood or evaluation.attacks or out:
             raise SynthkdError("--ood, --attacks and --out evaluate a detector; give it with --detector DIR")
-        _evaluate_accuracy(model, dataset, batch_size, as_json, accelerator)
+        _evaluate_accuracy(model, dataset, batching.batch_size, as_json, accelerator)
         return
     if out is None:
         raise SynthkdError("--detector writes metrics.json and plots; give the directory with --out DIR")

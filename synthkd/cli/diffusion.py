@@ -8,7 +8,7 @@ from typing import Any
 import click
 
 from ..pipelines.train_diffusion import DiffusionTrainSettings
-from .base import main, make_accelerator, mixed_precision_option
+from .base import main, make_accelerator, mixed_precision_option, one_writer
 from .options import settings_options
 
 
@@ -30,6 +30,7 @@ def echo_report(manifest: dict[str, Any]) -> None:
 @settings_options(DiffusionTrainSettings, "settings")
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline directory to write.")
+@one_writer
 def train_diffusion_command(dataset, settings, mixed_precision, out):
     """Train a small unconditional DDPM and save it as a diffusers pipeline (resumes if stopped)."""
     from synthkd.pipelines.train_diffusion import train_diffusion

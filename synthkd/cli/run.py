@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ..errors import SynthkdError
+from ..io import exclusive_directory
 from .base import main, make_accelerator, trust_code_option
 
 
@@ -39,7 +40,8 @@ def run_command(config_file, overrides, dry_run, force, quiet, tracker):
             click.echo(f"\nthe run would be refused: {refusal}\nwith --force:", nl=False)
         click.echo(f"\nstages (run directory {run_dir}):\n{describe_plan(plan(config, run_dir))}")
         return
-    accelerator = make_accelerator(config.mixed_precision, tracker, str(run_dir / "trackers") if tracker else None)
-    summary = run_pipeline(config, accelerator, force=force, quiet=quiet, tracker=tracker)
+    with exclusive_directory(run_dir):
+        accelerator = make_accelerator(config.mixed_precision, tracker, str(run_dir / "trackers") if tracker else None)
+        summary = run_pipeline(config, accelerator, force=force, quiet=quiet, tracker=tracker)
     if accelerator.is_main_process and not quiet:
         click.echo(json.dumps({k: v for k, v in summary.items() if k not in ("per_class", "stages")}, indent=2))

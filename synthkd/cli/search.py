@@ -6,7 +6,7 @@ import click
 
 from synthkd.pipelines.search import SearchSettings
 
-from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .base import main, make_accelerator, mixed_precision_option, model_options, one_writer, open_model
 from .options import settings_options
 
 
@@ -18,6 +18,7 @@ from .options import settings_options
 @click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
 @mixed_precision_option
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
+@one_writer
 def search(model_spec, weights, input_shape, mean, std, data, settings, seed, eval_dataset, mixed_precision, out):
     """Find the student with the least error under a budget (Student Search)."""
     from synthkd.pipelines.search import search as run_search

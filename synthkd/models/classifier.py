@@ -22,11 +22,11 @@ from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
 from ..errors import SynthkdError, one_line
-from ..io import atomic_write, atomic_write_json, read_json
+from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
 
 CONFIG_NAME = "config.json"
@@ -298,11 +298,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise SynthkdError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        try:
-            state = load_file(str(path))
-        except Exception as error:  # safetensors raises its own SafetensorError (and OSError)
-            raise SynthkdError(f"{path} is not a readable safetensors file ({one_line(error)}); "
-                               "save the weights again") from error
+        state = read_safetensors(path, "save the weights again")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
