@@ -313,6 +313,11 @@ def distill(
     """The distill stage (``synthkd distill`` and ``synthkd run``): build the student, distill it in
     ``settings.mode``, save it to ``out``. ``inputs``: see :func:`distill_neighbourhood`."""
     student_model = build_student(student.arch, teacher, student.width, seed)
+    if settings.mode == "neighbourhood" and student_model.input_format.shape != teacher.input_format.shape:
+        raise SynthkdError(
+            f"the student {student.arch} takes inputs of shape {student_model.input_format.shape} and the teacher "
+            f"{teacher.input_format.shape}; neighbourhood mode feeds the student's pieces the teacher's activations, so "
+            "give a student with the teacher's input format, or use --mode e2e")
     if settings.mode == "e2e":
         return distill_e2e(teacher, student_model, data, out, settings, seed, eval_dataset, accelerator)
     return distill_neighbourhood(teacher, student_model, data, out, settings.neighbourhoods(seed), settings.finetune(seed),

@@ -302,6 +302,9 @@ def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = Fals
     run_dir = Path(config.out)
     check_run_dir(config, run_dir, force)
     steps = plan(config, run_dir)
+    ctx = RunContext(config, run_dir, accelerator)
+    if config.teacher.model is not None:
+        ctx.teacher()  # a given teacher that cannot be loaded is refused before anything is written
     accelerator.wait_for_everyone()  # every rank has read the records before the main process writes
     main = accelerator.is_main_process
     if main:
@@ -310,7 +313,6 @@ def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = Fals
         atomic_write(run_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
     if tracker:
         accelerator.init_trackers("synthkd-run", config=tracker_config(config))
-    ctx = RunContext(config, run_dir, accelerator)
     with run_log(run_dir / LOG_NAME, quiet, main):
         if main:
             print(f"synthkd run -> {run_dir}\n{describe_plan(steps)}")
