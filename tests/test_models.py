@@ -297,3 +297,13 @@ def test_unwrap():
 
     assert unwrap(Wrapper(Wrapper(net))) is net
     assert unwrap(net) is net
+
+
+def test_input_format_names_the_channel_counts_it_converts():
+    assert InputFormat(1, 8, 8).convertible_channels == [1, 3]
+    assert InputFormat(3, 8, 8).convertible_channels == [1, 3]
+    assert InputFormat(4, 8, 8).convertible_channels == [1, 4]
+    with pytest.raises(SynthkdError, match="cannot convert 2-channel images to the model's 1 channels"):
+        InputFormat(1, 8, 8).adapt(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(SynthkdError, match="three positive integers"):
+        InputFormat(1, 0, 8)

@@ -61,19 +61,24 @@ class InputFormat:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
+    @property
+    def convertible_channels(self) -> list[int]:
+        """Channel counts :meth:`adapt` takes: this format's, grey (expanded) and RGB to grey."""
+        return sorted({self.channels, 1} | ({3} if self.channels == 1 else set()))
+
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         """Resize and convert channels of [0,1] images to this format (no-op when they match)."""
         channels = images.shape[1]
         if channels != self.channels:
-            if channels == 1:
-                images = images.expand(-1, self.channels, -1, -1)
-            elif channels == 3 and self.channels == 1:
-                weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-                images = (images * weights).sum(1, keepdim=True)
-            else:
+            if channels not in self.convertible_channels:
                 raise SynthkdError(
                     f"cannot convert {channels}-channel images to the model's {self.channels} channels"
                 )
+            if channels == 1:
+                images = images.expand(-1, self.channels, -1, -1)
+            else:
+                weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                images = (images * weights).sum(1, keepdim=True)
         if images.shape[-2:] != (self.height, self.width):
             images = F.interpolate(
                 images, size=(self.height, self.width), mode="bilinear", align_corners=False,
