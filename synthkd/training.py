@@ -24,7 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .evaluation import evaluate
-from .errors import SynthkdError, one_line
+from .errors import SynthkdError, one_line, warn
 from .io import atomic_write, refuse_changed_settings
 from .models import Classifier, unwrap
 from .settings import Settings, setting
@@ -80,7 +80,12 @@ class Checkpoint:
             return []  # not every rank sees it (no shared disk): start afresh everywhere
         try:
             state = torch.load(self.path, map_location="cpu", weights_only=True)
-            recorded = json.loads(state["record"])
+            if "record" not in state and isinstance(state.get("config"), dict):  # written before inputs were recorded
+                recorded = {**self.record, "config": json.loads(json.dumps(state["config"], default=str))}
+                if self.accelerator.is_main_process:
+                    warn(f"{self.path} records only its training settings; resuming without checking its data and models")
+            else:
+                recorded = json.loads(state["record"])
         except Exception as error:  # an unpickler refusal, a truncated file, an older format
             raise SynthkdError(f"{self.path} is not a training state of this synthkd ({one_line(error)}); "
                                "delete it to start again") from error
