@@ -162,10 +162,26 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
         errors.append(f"teacher.model: {teacher.model!r} is not a model directory; a teacher given as code needs "
                       "teacher.weights and teacher.input_shape (and mean/std)")
     _check_generate(config, errors)
+    _check_cuts(config, errors)
     if config.detector.enabled and config.eval_dataset is None:
         errors.append("detector: its evaluation needs eval_dataset (the in-distribution test set)")
     if teacher.input_shape is not None and len(teacher.input_shape) != 3:
         errors.append(f"teacher.input_shape: expected [C, H, W], got {show(teacher.input_shape)}")
+
+
+def _check_cuts(config: RunConfig, errors: list[str]) -> None:
+    """Neighbourhood mode's cuts name modules of a zoo student (checked on the bare network, before
+    any training; a student given as a directory or code is checked when it is loaded)."""
+    from synthkd.models import create_model, is_registered
+    from synthkd.models.neighbourhoods import resolve_cuts
+
+    student = config.student
+    if config.distill.mode != "neighbourhood" or config.search.enabled or not is_registered(student.arch):
+        return
+    try:
+        resolve_cuts(create_model(student.arch, width=student.width), config.distill.cuts)
+    except SynthkdError as error:
+        errors.append(f"distill.cuts: {error}")
 
 
 def _check_generate(config: RunConfig, errors: list[str]) -> None:

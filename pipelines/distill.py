@@ -291,8 +291,10 @@ def distill_e2e(
     teacher.to(accelerator.device)
     objective = KDObjective(teacher, settings, stored_targets=not settings.augment).to(accelerator.device)
     started = time.perf_counter()
+    resumable = {"settings": settings.to_dict(), "data": data_fingerprint(data, training_data),
+                 "teacher": teacher.fingerprint(), "student": student.fingerprint()}
     history = fit(student, training_data, objective, train, accelerator, evaluation, description="distill",
-                  checkpoint_dir=out)
+                  checkpoint_dir=out, checkpoint_inputs=resumable)
     metrics: dict[str, Any] = {
         "mode": "e2e",
         "data": str(data),
@@ -315,7 +317,7 @@ def data_fingerprint(data: str | os.PathLike, dataset: Dataset) -> str:
         return "-".join(shard["sha256"][:8] for shard in dataset.manifest["shards"])
     if isinstance(dataset, ActivationDataset):
         return dataset.fingerprint()
-    return f"{data}:{len(dataset)}"
+    return f"{data}:{len(dataset)}"  # a dataset spec (its files are the installed data set's)
 
 
 def kd_finetune(
@@ -393,6 +395,11 @@ def distill(
     """The distill stage (``synthkd distill`` and ``synthkd run``): build the student, distill it in
     ``settings.mode``, save it to ``out``. ``inputs``: see :func:`distill_neighbourhood`."""
     student_model = student_for(student, settings, teacher, seed)
+    if settings.mode == "neighbourhood" and student_model.input_format.shape != teacher.input_format.shape:
+        raise SynthkdError(
+            f"the student {student.arch} takes inputs of shape {student_model.input_format.shape} and the teacher "
+            f"{teacher.input_format.shape}; neighbourhood mode feeds the student's pieces the teacher's activations, so "
+            "give a student with the teacher's input format, or use --mode e2e")
     if settings.mode == "e2e":
         return distill_e2e(teacher, student_model, data, out, settings, seed, eval_dataset, accelerator)
     return distill_neighbourhood(teacher, student_model, data, out, settings.neighbourhoods(seed), settings.finetune(seed),

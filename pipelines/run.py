@@ -33,7 +33,7 @@ from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.detector.settings import CALIBRATION_KEYS
 from synthkd.errors import SynthkdError
 from synthkd.generators.registry import GENERATORS
-from synthkd.io import atomic_write, atomic_write_json, differences, sha256_file
+from synthkd.io import LOCK_NAME, atomic_write, atomic_write_json, differences, sha256_file
 from synthkd.models import Classifier
 
 from .run_records import RunContext, Stage, Step, read_record, record_path
@@ -74,7 +74,7 @@ def generate_inputs(config: RunConfig) -> dict[str, str]:
     found = {}
     for name in GENERATORS.get(section.method).files(section.section()):
         root = Path(name)
-        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        files = sorted(p for p in root.rglob("*") if p.is_file() and p.name != LOCK_NAME) if root.is_dir() else [root]
         digest = hashlib.sha256()
         for path in files:
             digest.update(f"{path.relative_to(root) if root.is_dir() else path.name}:{sha256_file(path)}".encode())
@@ -304,6 +304,9 @@ def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = Fals
     run_dir = Path(config.out)
     check_run_dir(config, run_dir, force)
     steps = plan(config, run_dir)
+    ctx = RunContext(config, run_dir, accelerator)
+    if config.teacher.model is not None:
+        ctx.teacher()  # a given teacher that cannot be loaded is refused before anything is written
     accelerator.wait_for_everyone()  # every rank has read the records before the main process writes
     main = accelerator.is_main_process
     if main:

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from accelerate import Accelerator
 
 from synthkd.io import read_json
-from synthkd.models import Classifier, load_model
+from synthkd.models import Classifier, load_model, trusting_code
 
 from .config import RunConfig
 
@@ -29,10 +29,16 @@ class RunContext:
         spec = self.config.teacher
         if spec.model is not None:
             return load_model(spec.model, spec.weights, spec.input_shape, spec.mean, spec.std).eval()
-        return Classifier.from_pretrained(self.run_dir / "teacher").eval()
+        return self._own_model("teacher")
 
     def student(self) -> Classifier:
-        return Classifier.from_pretrained(self.run_dir / "student").eval()
+        return self._own_model("student")
+
+    def _own_model(self, name: str) -> Classifier:
+        """A model this run saved: code it names is trusted where the config names that code."""
+        named = {self.config.student.arch, self.config.teacher.model or ""}
+        with trusting_code(False, archs=named):
+            return Classifier.from_pretrained(self.run_dir / name).eval()
 
 
 @dataclass(frozen=True)

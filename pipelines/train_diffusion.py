@@ -29,6 +29,8 @@ from synthkd.seeds import derive_seed
 from synthkd.settings import Settings, setting
 from synthkd.training import Checkpoint
 
+from .distill import data_fingerprint
+
 if TYPE_CHECKING:  # diffusers is imported where a model is built: it takes a second to import
     from diffusers import DDPMScheduler, UNet2DModel
 
@@ -120,7 +122,7 @@ def train_diffusion(
         optimizer, min(config.warmup_steps, total_steps // 4) * accelerator.num_processes,
         total_steps * accelerator.num_processes,
     )
-    checkpoint = Checkpoint(out, config, accelerator)
+    checkpoint = Checkpoint(out, config, accelerator, {"data": data_fingerprint(dataset, data)})
     history = checkpoint.restore(unet, optimizer, lr_scheduler)
     unet, optimizer, loader, lr_scheduler = accelerator.prepare(unet, optimizer, loader, lr_scheduler)
 

@@ -21,6 +21,8 @@ from synthkd.models import MODELS, Classifier, InputFormat, ModelConfig
 from synthkd.settings import Settings, setting
 from synthkd.training import TrainSettings, fit
 
+from .distill import data_fingerprint
+
 
 @dataclass
 class TeacherSettings(Settings):
@@ -68,8 +70,9 @@ def train_teacher(
     def batch_loss(net, batch):
         return F.cross_entropy(net(augment(batch.images)), batch.targets)
 
+    resumable = {"settings": settings.to_dict(), "data": data_fingerprint(dataset, data), "model": config.to_dict()}
     history = fit(model, data, batch_loss, settings.training(seed), accelerator, evaluation, description="teacher",
-                  checkpoint_dir=out)
+                  checkpoint_dir=out, checkpoint_inputs=resumable)
     metrics: dict[str, Any] = {"dataset": dataset, "history": history, "train_seconds": sum(h["seconds"] for h in history)}
     if evaluation is not None:
         metrics["eval"] = evaluate(model, evaluation, accelerator)

@@ -11,3 +11,9 @@ class SynthkdError(Exception):
 def warn(message: str) -> None:
     """Tell the user about something recovered from (a corrupt file redone, a mismatch tolerated)."""
     print(f"synthkd: warning: {message}", file=sys.stderr, flush=True)
+
+
+def one_line(error: BaseException | str, limit: int = 240) -> str:
+    """A library's message (often several lines of PyTorch text) as one short line to quote in ours."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= limit else text[: limit - 3] + "..."

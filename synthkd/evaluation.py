@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from .errors import SynthkdError
 from .models import Classifier
 
 
@@ -28,6 +29,9 @@ def predict(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    if logits.shape[1] != len(class_names):
+        raise SynthkdError(f"the model predicts {logits.shape[1]} classes but its config names {len(class_names)} class "
+                           "names; fix class_names in its config.json")
     predictions = logits.argmax(1)
     correct = predictions == labels
     per_class = {}

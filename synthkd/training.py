@@ -7,6 +7,7 @@ teacher and distilling a student is only the loss of a batch, passed in as a fun
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import time
@@ -24,8 +25,8 @@ from tqdm.auto import tqdm
 
 from .accelerator import log_progress, logger, no_progress_bars
 from .evaluation import evaluate
-from .errors import SynthkdError
-from .io import atomic_write
+from .errors import SynthkdError, one_line, warn
+from .io import atomic_write, refuse_changed_settings
 from .models import Classifier, unwrap
 from .settings import Settings, setting
 
@@ -54,7 +55,7 @@ class KDSettings(Settings):
     neighbourhood distillation, fine-tunes)."""
 
     temperature: float = setting(4.0, help="KD temperature.", positive=True)
-    mixup: float = setting(1.0, help="MixUp Beta alpha on the synthetic images (0: off).")
+    mixup: float = setting(1.0, help="MixUp Beta alpha on the synthetic images (0: off).", at_least=0)
     flip: bool = setting(True, help="Random horizontal flips of the synthetic images.")
 
 
@@ -64,23 +65,32 @@ class Checkpoint:
 
     NAME = "training_state.pt"
 
-    def __init__(self, directory: str | os.PathLike, config: Any, accelerator: Accelerator):
-        """``config``: the run's settings as a dataclass (TrainSettings, DiffusionTrainSettings, ...)."""
+    def __init__(self, directory: str | os.PathLike, config: Any, accelerator: Accelerator,
+                 inputs: dict[str, Any] | None = None):
+        """``config``: the loop's settings as a dataclass (TrainSettings, DiffusionTrainSettings, ...);
+        ``inputs``: everything else the state depends on (the stage's settings, the data's and the
+        teacher's fingerprints, the model's config). A resume with any of them changed is refused."""
         self.path = Path(directory) / self.NAME
-        self.config = asdict(config)
+        self.record = {"config": json.loads(json.dumps(asdict(config), default=str)),
+                       **json.loads(json.dumps(inputs or {}, default=str))}
         self.accelerator = accelerator
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> list[dict[str, Any]]:
         found = torch.tensor([float(self.path.is_file())], device=self.accelerator.device)
         if self.accelerator.gather(found).min().item() < 1:
             return []  # not every rank sees it (no shared disk): start afresh everywhere
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state["config"] != self.config:
-            changed = sorted(k for k in self.config if state["config"].get(k) != self.config[k])
-            raise SynthkdError(
-                f"{self.path} was written with other training settings ({', '.join(changed)}); "
-                "use another output directory or delete the checkpoint to start again"
-            )
+        try:
+            state = torch.load(self.path, map_location="cpu", weights_only=True)
+            if "record" not in state and isinstance(state.get("config"), dict):  # written before inputs were recorded
+                recorded = {**self.record, "config": json.loads(json.dumps(state["config"], default=str))}
+                if self.accelerator.is_main_process:
+                    warn(f"{self.path} records only its training settings; resuming without checking its data and models")
+            else:
+                recorded = json.loads(state["record"])
+        except Exception as error:  # an unpickler refusal, a truncated file, an older format
+            raise SynthkdError(f"{self.path} is not a training state of this synthkd ({one_line(error)}); "
+                               "delete it to start again") from error
+        refuse_changed_settings(f"{self.path} was written", recorded, self.record)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -92,7 +102,7 @@ class Checkpoint:
             state = {
                 "model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(),
-                "history": history, "config": self.config,
+                "history": history, "record": json.dumps(self.record, sort_keys=True),
             }
             atomic_write(self.path, lambda tmp: torch.save(state, tmp))
         self.accelerator.wait_for_everyone()
@@ -121,11 +131,13 @@ def fit(
     description: str = "train",
     checkpoint_dir: str | os.PathLike | None = None,
     on_epoch_start: Callable[[int], None] | None = None,
+    checkpoint_inputs: dict[str, Any] | None = None,
 ) -> list[dict[str, Any]]:
     """Train ``model`` in place with SGD + warmup/cosine; returns one record per epoch.
 
     With ``checkpoint_dir`` the state is saved after every epoch and a rerun resumes after the
-    last finished epoch (a checkpoint of different settings is refused). ``on_epoch_start(epoch)``
+    last finished epoch (a checkpoint of different settings, or of other ``checkpoint_inputs``, is
+    refused). ``on_epoch_start(epoch)``
     runs before each epoch, e.g. to add data to ``dataset`` (whose length must not change)."""
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -137,7 +149,7 @@ def fit(
     # Accelerate steps a prepared scheduler once per process for every optimiser step, so the
     # schedule counts the batches of the whole (unsharded) loader.
     scheduler = warmup_cosine(optimizer, config, max(1, len(loader)))
-    checkpoint = Checkpoint(checkpoint_dir, config, accelerator) if checkpoint_dir else None
+    checkpoint = Checkpoint(checkpoint_dir, config, accelerator, checkpoint_inputs) if checkpoint_dir else None
     history = checkpoint.restore(model, optimizer, scheduler) if checkpoint else []
     prepared_model, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     for epoch in range(len(history), config.epochs):

@@ -18,6 +18,7 @@ from synthkd.cli import main
 from synthkd.data import load_dataset
 from synthkd.data.format import shard_name
 from synthkd.data.reader import SyntheticDataset
+from synthkd.io import LOCK_NAME
 from synthkd.models import Classifier, InputFormat, ModelConfig
 
 from conftest import REPO, subprocess_env
@@ -47,10 +48,11 @@ def error_line(result) -> str:
 
 
 def files_state(directory: Path) -> dict[str, tuple[bytes, int, int]]:
-    """Content, inode and mtime of every file under ``directory``: any rewrite changes it."""
+    """Content, inode and mtime of every file under ``directory`` (but the writers' lock file):
+    any rewrite changes it."""
     return {
         str(p.relative_to(directory)): (p.read_bytes(), p.stat().st_ino, p.stat().st_mtime_ns)
-        for p in sorted(directory.rglob("*")) if p.is_file()
+        for p in sorted(directory.rglob("*")) if p.is_file() and p.name != LOCK_NAME
     }
 
 
@@ -75,7 +77,8 @@ def flow(tmp_path_factory):
 
 def test_train_teacher(flow):
     teacher = flow["teacher"]
-    assert sorted(p.name for p in teacher.iterdir()) == ["config.json", "metrics.json", "model.safetensors", "training_state.pt"]
+    assert sorted(p.name for p in teacher.iterdir()) == [".synthkd.lock", "config.json", "metrics.json", "model.safetensors",
+                                                         "training_state.pt"]
     config = json.loads((teacher / "config.json").read_text())
     assert config["arch"] == "resnet8"
     assert config["arch_kwargs"] == {"width": 0.25, "in_channels": 1, "num_classes": 10}

@@ -265,8 +265,8 @@ def test_folder_of_grayscale_pngs(tmp_path):
     assert data.class_names == ["ant", "cat"]  # sorted folder names
     assert len(data) == 5 and data.image_shape == (1, 6, 5)
     assert data.labels.tolist() == [0, 0, 0, 1, 1]
-    assert np.array_equal(data.images[0, 0].numpy(), written[("ant", 0)])
-    assert np.array_equal(data.images[4, 0].numpy(), written[("cat", 1)])
+    assert np.array_equal((data[0].images[0] * 255).round().byte().numpy(), written[("ant", 0)])
+    assert np.array_equal((data[4].images[0] * 255).round().byte().numpy(), written[("cat", 1)])
     assert len(load_dataset(f"folder:{tmp_path}[1:3]")) == 2
 
 
@@ -280,7 +280,7 @@ def test_folder_of_colour_images(tmp_path):
     Image.new("L", (4, 4), 128).save(tmp_path / "red" / "b.png")  # mixed modes become RGB
     data = load_dataset(f"folder:{tmp_path}")
     assert data.image_shape == (3, 4, 4) and len(data) == 3
-    assert data.images[:, :, 0, 0].tolist() == [[0, 0, 255], [255, 0, 0], [128, 128, 128]]
+    assert [(data[i].images[:, 0, 0] * 255).round().int().tolist() for i in range(3)] == [[0, 0, 255], [255, 0, 0], [128, 128, 128]]
 
 
 @pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc to count open files")
@@ -297,10 +297,30 @@ def test_folder_larger_than_the_open_file_limit(tmp_path):
     resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
     try:
         data = load_dataset(f"folder:{tmp_path}")
+        # Read on access: every item opens (and closes) its own file.
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert len(data) == 120
-    assert data.images[:, 0, 0, 0].tolist() == list(range(60)) * 2
+        assert len(data) == 120
+        assert [round(data[i].images[0, 0, 0].item() * 255) for i in range(120)] == list(range(60)) * 2
+
+
+def test_folder_reads_lazily_resizes_each_image_and_refuses_huge_or_fake_ones(tmp_path, monkeypatch):
+    from PIL import Image
+
+    for i in range(3):
+        Image.new("L", (6, 4), 10 * i).save(tmp_path / f"small-{i}.png")
+    Image.new("L", (600, 400), 200).save(tmp_path / "big.png")  # not the common size: resized, not followed
+    data = load_dataset(f"folder:{tmp_path}")
+    assert data.image_shape == (1, 4, 6) and len(data) == 4 and data.class_names == []
+    assert tuple(data[0].images.shape) == (1, 4, 6) and data[0].targets == -1
+    assert load_dataset(f"folder:{tmp_path}:8x8")[0].images.shape == (1, 8, 8)  # a requested size
+    monkeypatch.setenv("SYNTHKD_MAX_IMAGE_PIXELS", "1000")
+    with pytest.raises(SynthkdError, match=r"big.png has 600x400 pixels, over the limit of 1000"):
+        load_dataset(f"folder:{tmp_path}")
+    monkeypatch.delenv("SYNTHKD_MAX_IMAGE_PIXELS")
+    (tmp_path / "x.png").write_text("a text file")
+    with pytest.raises(SynthkdError, match=r"x.png is not an image PIL can read"):
+        load_dataset(f"folder:{tmp_path}")
 
 
 def test_folder_errors(tmp_path):

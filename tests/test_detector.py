@@ -284,7 +284,7 @@ def test_detector_refuses_bad_inputs(detector_dir):
     detector = Detector.from_pretrained(detector_dir)
     with pytest.raises(SynthkdError, match="N x C x H x W"):
         detector.score(torch.rand(8, 8))
-    with pytest.raises(SynthkdError, match="2 channels but the model takes 1"):
+    with pytest.raises(SynthkdError, match="2 channels but the model takes 1; give 1 or 3-channel images"):
         detector.score(torch.rand(2, 2, 8, 8))
     images = torch.rand(3, 1, 8, 8)
     images[1, 0, 2, 2] = float("nan")

@@ -12,7 +12,8 @@ from torch import nn
 
 from synthkd.errors import SynthkdError
 from synthkd.models import (
-    MODELS, Classifier, InputFormat, ModelConfig, create_model, is_registered, list_models, load_model, register_model, unwrap,
+    MODELS, Classifier, InputFormat, ModelConfig, create_model, is_registered, list_models, load_model, register_model,
+    trusting_code, unwrap,
 )
 
 ZOO = ["resnet8", "resnet14", "resnet20", "resnet32", "resnet56", "resnet18", "resnet34"]
@@ -237,9 +238,12 @@ def test_load_user_model_from_file(tmp_path, format):
     with torch.no_grad():
         assert torch.allclose(model.eval()(images), net((images - 0.5) / 0.25))
 
-    # A model given as code can be saved and reopened as a directory.
+    # A model given as code can be saved and reopened as a directory, by a caller who trusts its code.
     model.save_pretrained(tmp_path / "dir")
-    again = load_model(tmp_path / "dir")
+    with pytest.raises(SynthkdError, match="names code"):
+        load_model(tmp_path / "dir")
+    with trusting_code():
+        again = load_model(tmp_path / "dir")
     with torch.no_grad():
         assert torch.equal(again.eval()(images), model(images))
 
@@ -293,3 +297,13 @@ def test_unwrap():
 
     assert unwrap(Wrapper(Wrapper(net))) is net
     assert unwrap(net) is net
+
+
+def test_input_format_names_the_channel_counts_it_converts():
+    assert InputFormat(1, 8, 8).convertible_channels == [1, 3]
+    assert InputFormat(3, 8, 8).convertible_channels == [1, 3]
+    assert InputFormat(4, 8, 8).convertible_channels == [1, 4]
+    with pytest.raises(SynthkdError, match="cannot convert 2-channel images to the model's 1 channels"):
+        InputFormat(1, 8, 8).adapt(torch.zeros(1, 2, 8, 8))
+    with pytest.raises(SynthkdError, match="three positive integers"):
+        InputFormat(1, 0, 8)

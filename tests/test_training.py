@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -95,6 +97,34 @@ def test_a_checkpoint_of_other_settings_is_refused(tmp_path, accelerator):
     with pytest.raises(SynthkdError, match="lr"):
         fit(_model(), data, _cross_entropy, TrainSettings(epochs=1, batch_size=32, lr=0.5), accelerator, checkpoint_dir=tmp_path)
     assert (tmp_path / "training_state.pt").read_bytes() == before
+
+
+def test_a_checkpoint_of_other_inputs_is_refused_naming_them(tmp_path, accelerator):
+    data = load_dataset("digits:train[:64]")
+    config = TrainSettings(epochs=1, batch_size=32)
+    fit(_model(), data, _cross_entropy, config, accelerator, checkpoint_dir=tmp_path,
+        checkpoint_inputs={"data": "a", "teacher": "t1", "settings": {"flip": True}})
+    with pytest.raises(SynthkdError) as refusal:
+        fit(_model(), data, _cross_entropy, config, accelerator, checkpoint_dir=tmp_path,
+            checkpoint_inputs={"data": "b", "teacher": "t1", "settings": {"flip": False}})
+    assert 'data: "a" -> "b"; settings.flip: true -> false)' in str(refusal.value)
+    history = fit(_model(), data, _cross_entropy, config, accelerator, checkpoint_dir=tmp_path,
+                  checkpoint_inputs={"data": "a", "teacher": "t1", "settings": {"flip": True}})
+    assert len(history) == 1  # the same inputs resume (here: nothing left to train)
+
+
+def test_a_checkpoint_from_before_inputs_were_recorded_resumes_on_its_settings(tmp_path, accelerator, capsys):
+    data = load_dataset("digits:train[:64]")
+    config = TrainSettings(epochs=1, batch_size=32)
+    fit(_model(), data, _cross_entropy, config, accelerator, checkpoint_dir=tmp_path)
+    state = torch.load(tmp_path / "training_state.pt", weights_only=True)
+    state["config"] = json.loads(state.pop("record"))["config"]  # the earlier layout
+    torch.save(state, tmp_path / "training_state.pt")
+    assert len(fit(_model(), data, _cross_entropy, config, accelerator, checkpoint_dir=tmp_path,
+                   checkpoint_inputs={"data": "x"})) == 1
+    assert "records only its training settings" in capsys.readouterr().err
+    with pytest.raises(SynthkdError, match="config.lr"):
+        fit(_model(), data, _cross_entropy, TrainSettings(epochs=1, batch_size=32, lr=0.5), accelerator, checkpoint_dir=tmp_path)
 
 
 def test_predict_and_accuracy_report(accelerator):

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Any, Callable
 
 import click
 
 from ..accelerator import AcceleratorSettings, make_accelerator, show_log  # noqa: F401  (make_accelerator: the commands')
-from ..errors import SynthkdError
+from ..errors import SynthkdError, one_line
 from .options import settings_options
 
 
@@ -73,7 +74,7 @@ class SynthkdGroup(click.Group):
         try:
             return super().invoke(ctx)
         except SynthkdError as error:
-            click.echo(f"error: {error}", err=True)
+            click.echo(f"error: {one_line(error, limit=2000)}", err=True)
             ctx.exit(2)
         finally:
             close_process_group()
@@ -114,6 +115,38 @@ def add_options(function: Callable, options: list[Callable]) -> Callable:
     return function
 
 
+def trust_code_option(function: Callable) -> Callable:
+    """--trust-code: model directories this command loads may name code (FILE.py:factory,
+    module:factory) in their config.json; without it only zoo architectures are built from one."""
+
+    @functools.wraps(function)
+    def command(*args: Any, trust_code: bool, **kwargs: Any) -> Any:
+        from ..models import trusting_code
+
+        with trusting_code(trust_code):
+            return function(*args, **kwargs)
+
+    return click.option("--trust-code", is_flag=True,
+                        help="Let model directories whose config.json names code (FILE.py:factory, module:factory) "
+                             "run it; only for directories you wrote.")(command)
+
+
+def one_writer(function: Callable) -> Callable:
+    """The command is the only writer of its ``--out`` directory while it runs (see
+    :func:`synthkd.io.exclusive_directory`); a second one is refused with exit code 2."""
+
+    @functools.wraps(function)
+    def command(*args: Any, **kwargs: Any) -> Any:
+        from ..io import exclusive_directory
+
+        if kwargs.get("out") is None:
+            return function(*args, **kwargs)
+        with exclusive_directory(kwargs["out"]):
+            return function(*args, **kwargs)
+
+    return command
+
+
 def model_options(name: str, weights_flag: str) -> Callable:
     """--NAME plus the flags that describe a model given as code: weights and input format."""
 
@@ -127,7 +160,7 @@ def model_options(name: str, weights_flag: str) -> Callable:
             click.option("--mean", callback=lambda c, p, v: parse_floats(v), help="Normalisation mean (one or per channel)."),
             click.option("--std", callback=lambda c, p, v: parse_floats(v), help="Normalisation std (one or per channel)."),
         ]
-        return add_options(function, options)
+        return add_options(trust_code_option(function), options)
 
     return decorate
 

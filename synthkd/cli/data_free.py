@@ -14,7 +14,7 @@ from ..errors import SynthkdError
 from ..generators.inversion import InversionLossSettings, InversionSettings
 from ..pipelines.generate import GenerateSettings
 from ..training import KDSettings
-from .base import RUN_GROUP, accelerator_options, main, make_accelerator, model_options, open_model, tagged
+from .base import RUN_GROUP, accelerator_options, main, make_accelerator, model_options, one_writer, open_model, tagged
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
@@ -51,6 +51,7 @@ DISTILL_GROUPS: dict[type | str, str] = {
         spec="dataset")
 @accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
+@one_writer
 def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
     """Train a teacher on a real dataset and save it as a model directory."""
     from synthkd.pipelines.train_teacher import train_teacher
@@ -77,6 +78,7 @@ def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
 @accelerator_options(tracking=True)
 @tagged(click.option("--out", required=True, type=click.Path(file_okay=False),
                      help="Synthetic set directory (resumes if it exists)."), help_group=RUN_GROUP)
+@one_writer
 def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, device, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.models import load_model
@@ -112,6 +114,7 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 @accelerator_options(tracking=True)
 @tagged(click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write."),
         help_group=RUN_GROUP)
+@one_writer
 def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, device, out,
             synthesis, inputs):
     """Distill a student from the teacher on a synthetic set."""
@@ -156,6 +159,7 @@ def models() -> None:
 @click.option("--dataset", type=click.Choice(["auto", "digits", "fashion-mnist"]), default="auto", show_default=True,
               help="auto: Fashion-MNIST where installed, else scikit-learn digits.")
 @accelerator_options()
+@one_writer
 def demo(out, dataset, device):
     """The built-in default: teacher -> inversion -> student, all in minutes."""
     from synthkd.pipelines.demo import run_demo

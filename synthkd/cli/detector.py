@@ -11,7 +11,7 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import accelerator_options, main, make_accelerator, model_options, open_model, tagged
+from .base import accelerator_options, main, make_accelerator, model_options, one_writer, open_model, tagged, trust_code_option
 from .options import CommaList, settings_options
 
 
@@ -25,6 +25,7 @@ from .options import CommaList, settings_options
               help="Comma-separated BatchNorm module paths for it (default: the middle half).")
 @accelerator_options()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
+@one_writer
 def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, device, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
     from synthkd.pipelines.calibrate import calibrate as run_calibrate
@@ -47,6 +48,7 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 @settings_options(DetectSettings, "settings")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
 @accelerator_options()
+@trust_code_option
 def detect(detector_dir, inputs, model_dir, settings, as_json, device):
     """Per input: score, conformal p-value, flag (p < alpha) and the predicted class."""
     from synthkd.models import load_model
@@ -71,20 +73,21 @@ def detect(detector_dir, inputs, model_dir, settings, as_json, device):
 @main.command()
 @tagged(model_options("model", "--weights"), spec="model")
 @tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test."), spec="dataset")
-@click.option("--batch-size", type=int, default=512, show_default=True, help="Images per forward pass.")
+@settings_options(DetectSettings, "batching", only=("batch_size",))
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
 @accelerator_options()
-def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out, device):
+@one_writer
+def evaluate(model_spec, weights, input_shape, mean, std, dataset, batching, as_json, detector_dir, evaluation, out, device):
     """Accuracy of a model on a dataset; with --detector, how well the detector flags failures."""
     model = open_model(model_spec, weights, input_shape, mean, std)
     accelerator = make_accelerator(device.mixed_precision)
     if detector_dir is None:
         if evaluation.ood or evaluation.attacks or out:
             raise SynthkdError("--ood, --attacks and --out evaluate a detector; give it with --detector DIR")
-        _evaluate_accuracy(model, dataset, batch_size, as_json, accelerator)
+        _evaluate_accuracy(model, dataset, batching.batch_size, as_json, accelerator)
         return
     if out is None:
         raise SynthkdError("--detector writes metrics.json and plots; give the directory with --out DIR")

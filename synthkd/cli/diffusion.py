@@ -9,7 +9,7 @@ import click
 
 from ..accelerator import accelerated
 from ..pipelines.train_diffusion import DiffusionTrainSettings
-from .base import accelerator_options, main, tagged
+from .base import accelerator_options, main, one_writer, tagged
 from .options import settings_options
 
 
@@ -31,6 +31,7 @@ def echo_report(manifest: dict[str, Any]) -> None:
 @settings_options(DiffusionTrainSettings, "settings")
 @accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline directory to write.")
+@one_writer
 def train_diffusion_command(dataset, settings, device, out):
     """Train a small unconditional DDPM and save it as a diffusers pipeline (resumes if stopped)."""
     from synthkd.pipelines.train_diffusion import train_diffusion

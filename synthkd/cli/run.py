@@ -10,7 +10,8 @@ import click
 
 from ..accelerator import AcceleratorSettings, accelerated
 from ..errors import SynthkdError
-from .base import main
+from ..io import exclusive_directory
+from .base import main, trust_code_option
 from .options import settings_options
 
 
@@ -21,6 +22,7 @@ from .options import settings_options
 @click.option("--force", is_flag=True, help="Reuse a run directory made by another config (changed stages rerun).")
 @click.option("--quiet", is_flag=True, help="No progress bars or stage lines on the terminal (the log file keeps them).")
 @settings_options(AcceleratorSettings, "device", only=("tracker",))
+@trust_code_option
 def run_command(config_file, overrides, dry_run, force, quiet, device):
     """Run the stages CONFIG asks for; a rerun skips finished ones and resumes interrupted ones.
 
@@ -42,7 +44,7 @@ def run_command(config_file, overrides, dry_run, force, quiet, device):
         click.echo(f"\nstages (run directory {run_dir}):\n{describe_plan(plan(config, run_dir))}")
         return
     device = replace(device, mixed_precision=config.mixed_precision)
-    with accelerated(device, "synthkd-run", run_dir, config.to_dict()) as accelerator:
+    with exclusive_directory(run_dir), accelerated(device, "synthkd-run", run_dir, config.to_dict()) as accelerator:
         summary = run_pipeline(config, accelerator, force=force, quiet=quiet)
     if accelerator.is_main_process and not quiet:
         click.echo(json.dumps({k: v for k, v in summary.items() if k not in ("per_class", "stages")}, indent=2))

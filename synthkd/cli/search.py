@@ -7,7 +7,7 @@ import click
 from synthkd.pipelines.search import SearchSettings
 
 from ..accelerator import accelerated
-from .base import accelerator_options, main, model_options, open_model, tagged
+from .base import accelerator_options, main, model_options, one_writer, open_model, tagged
 from .options import settings_options
 
 
@@ -19,6 +19,7 @@ from .options import settings_options
 @tagged(click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test."), spec="dataset")
 @accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
+@one_writer
 def search(model_spec, weights, input_shape, mean, std, data, settings, seed, eval_dataset, device, out):
     """Find the student with the least error under a budget (Student Search)."""
     from synthkd.pipelines.search import search as run_search

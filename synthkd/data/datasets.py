@@ -163,8 +163,12 @@ def load_dataset(spec: str) -> Dataset:
     parsed = _parse(spec)
     dataset = _kind(parsed, spec).read(parsed.args)
     if parsed.index is not None:
-        dataset = dataset.subset(parsed.index) if isinstance(dataset, ImageDataset) else torch.utils.data.Subset(
+        total = len(dataset)
+        dataset = dataset.subset(parsed.index) if hasattr(dataset, "subset") else torch.utils.data.Subset(
             dataset, range(len(dataset))[parsed.index])
+        if len(dataset) == 0:
+            raise SynthkdError(f"{spec} is empty: the slice keeps none of the {total} images; "
+                               "give [START:STOP] with START before STOP")
     return TransformedDataset(dataset, transforms) if transforms else dataset
 
 

@@ -50,8 +50,8 @@ IMAGE_TENSORS = ("images", "logits", "targets")
 ACTIVATION_TENSORS = ("inputs",)
 CACHE_TENSORS = ("activations",)
 SHARD_PATTERN = r"shard-(\d{5,})\.safetensors"
-_SHARD_RE = re.compile(f"^{SHARD_PATTERN}$")
-_PROGRESS_RE = re.compile(r"^rank-(\d+)\.json$")
+_SHARD_RE = re.compile(SHARD_PATTERN)
+_PROGRESS_RE = re.compile(r"rank-(\d+)\.json")
 
 
 def shard_name(shard_id: int) -> str:
@@ -61,7 +61,7 @@ def shard_name(shard_id: int) -> str:
 
 def shard_id(name: str) -> int | None:
     """The shard id a file name carries, or None for any other file."""
-    match = _SHARD_RE.match(name)
+    match = _SHARD_RE.fullmatch(name)  # not match(... $): $ also matches before a trailing newline
     return int(match.group(1)) if match else None
 
 
@@ -76,7 +76,7 @@ def progress_name(rank: int) -> str:
 
 def progress_rank(name: str) -> int | None:
     """The rank a progress file belongs to, or None for any other file."""
-    match = _PROGRESS_RE.match(name)
+    match = _PROGRESS_RE.fullmatch(name)
     return int(match.group(1)) if match else None
 
 

@@ -11,7 +11,7 @@ import torch
 from torch.utils.data import Dataset
 
 from synthkd.errors import SynthkdError
-from synthkd.io import read_json, sha256_file
+from synthkd.io import inside, read_json, sha256_file
 
 from .batches import SyntheticBatch
 from .format import (
@@ -50,7 +50,7 @@ def open_manifest(path: Path, kind: SetFormat) -> dict:
 def read_listed_shard(path: Path, shard: dict, keys: tuple[str, ...], verify: bool, kind: SetFormat) -> dict[str, torch.Tensor]:
     """The tensors of a shard a manifest lists, after checking it exists and (``verify``) its sha256."""
     name = shard["file"]
-    file = path / name
+    file = inside(path, name, MANIFEST_NAME)
     fix = f"delete {file} and rerun the same `{kind.command}` command to regenerate just that shard"
     if not file.is_file():
         raise SynthkdError(f"shard {name} of {path} is missing; rerun the same `{kind.command}` command to regenerate it")

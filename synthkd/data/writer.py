@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any, Iterable
 
 import torch
 
-from synthkd.errors import SynthkdError, warn
-from synthkd.io import atomic_write_json, differences, read_json, sha256_file
+from synthkd.errors import SynthkdError, one_line, warn
+from synthkd.io import atomic_write_json, changed_settings, read_json, refuse_changed_settings, sha256_file
 
 from .format import (
     IMAGE_TENSORS, MANIFEST_NAME, PROGRESS_DIR, RUN_NAME, SHARD_PATTERN, SYNTHETIC, SetFormat,
@@ -182,13 +182,7 @@ class ShardStore(ABC):
                 f"but no {RUN_NAME}, so its settings cannot be checked; "
                 "use a new --out directory or delete this one"
             )
-        mismatches = self._mismatches()
-        if mismatches:
-            raise SynthkdError(
-                f"{self.out_dir} holds a {self.FORMAT.noun} with other settings (existing run -> now: "
-                + "; ".join(mismatches)
-                + "); use a new --out directory or delete it (nothing was overwritten)"
-            )
+        refuse_changed_settings(f"{self.out_dir} holds a {self.FORMAT.noun}", self._recorded(), self.record)
 
     def plan_unit(self, job: int) -> int:
         """Jobs of one unit are made together by one rank (e.g. the shards one computation writes)."""
@@ -257,12 +251,15 @@ class ShardStore(ABC):
         own = [p.name for p in self.out_dir.iterdir() if p.name in (MANIFEST_NAME, PROGRESS_DIR)]
         return sorted(own + self._shard_files())
 
-    def _mismatches(self) -> list[str]:
+    def _recorded(self) -> Any:
+        """The settings recorded in run.json, or why they cannot be read."""
         try:
-            existing = read_json(self._run_path)
+            return read_json(self._run_path)
         except (OSError, json.JSONDecodeError) as error:
-            return [f"{RUN_NAME} is unreadable ({error})"]
-        return differences(existing, self.record)
+            return f"{RUN_NAME} is unreadable ({one_line(error)})"
+
+    def _mismatches(self) -> list[str]:
+        return changed_settings(self._recorded(), self.record)
 
     def _remove_stale_temp_files(self) -> None:
         """Temp files of writes killed before their rename; nobody else is writing now."""

@@ -17,12 +17,12 @@ from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 from torch.utils.data import Dataset
 
 from ..errors import SynthkdError
-from ..io import atomic_write, atomic_write_json, read_json
+from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from ..models import Classifier
 from ..registry import Registry
 from .features import check_finite, extract, features_of_batch, resolve_layer
@@ -106,5 +106,5 @@ class FeatureScorer(nn.Module, ABC):
         if kind not in SCORERS:
             raise SynthkdError(f"{directory / CONFIG_NAME} names an unknown scorer {kind!r}; known: {', '.join(SCORERS)}")
         scorer = SCORERS.get(kind)(**config)
-        scorer.load_tensors(load_file(str(directory / WEIGHTS_NAME)))
+        scorer.load_tensors(read_safetensors(directory / WEIGHTS_NAME, "re-run `synthkd calibrate`"))
         return scorer

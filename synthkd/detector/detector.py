@@ -24,10 +24,10 @@ from typing import Any, Sequence
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from ..errors import SynthkdError
-from ..io import atomic_write, atomic_write_json, read_json
+from ..io import atomic_write, atomic_write_json, inside, read_json, read_safetensors
 from ..models import Classifier
 from .conformal import check_alpha, conformal_p_values
 from .density import FeatureScorer
@@ -199,10 +199,11 @@ class Detector:
         config = dict(read_json(directory / CONFIG_NAME))
         if config.get("format") != FORMAT or config.get("version") != VERSION:
             raise SynthkdError(f"{directory / CONFIG_NAME} is not a version-{VERSION} synthkd detector; re-run `synthkd calibrate`")
-        tensors = load_file(str(directory / TENSORS_NAME))
+        tensors = read_safetensors(directory / TENSORS_NAME, "re-run `synthkd calibrate`")
         stored = Classifier.from_pretrained(directory / "model")
         arguments = {name: config.pop(name) for name in ("layer", "alpha", "normalize", "model_fingerprint")}
-        baselines = {name: FeatureScorer.from_pretrained(directory / "baselines" / name) for name in config.pop("baselines", [])}
+        baselines = {name: FeatureScorer.from_pretrained(inside(directory / "baselines", name, f"{CONFIG_NAME}'s baselines"))
+                     for name in config.pop("baselines", [])}
         detector = cls(
             model=stored,
             density=FeatureScorer.from_pretrained(directory / "density"),

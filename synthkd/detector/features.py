@@ -175,15 +175,15 @@ class DeviationHooks:
 
 def check_images(model: Classifier, images: torch.Tensor) -> None:
     """A batch the classifier can take: N x C x H x W with C convertible to the model's channels."""
-    channels = model.input_format.channels
+    channels, accepted = model.input_format.channels, model.input_format.convertible_channels
     if images.ndim != 4:
         raise SynthkdError(
             f"inputs must be a batch of images N x C x H x W, got a tensor of shape {tuple(images.shape)}"
         )
-    if images.shape[1] != channels and not (images.shape[1] == 1 or (images.shape[1] == 3 and channels == 1)):
+    if images.shape[1] not in accepted:
         raise SynthkdError(
-            f"inputs have {images.shape[1]} channels but the model takes {channels}; give 1-, 3- or "
-            f"{channels}-channel images"
+            f"inputs have {images.shape[1]} channels but the model takes {channels}; give "
+            f"{' or '.join(map(str, accepted))}-channel images"
         )
 
 

@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, fields
 
-from ..settings import Settings, setting
+from ..data import check_dataset
+from ..settings import Settings, refusal, setting
 from .attacks import ATTACKS
 from .conformal import alpha_problem
 from .densities import DENSITIES
@@ -52,12 +53,21 @@ class CalibrationSettings(Settings):
              "about 0.1 for synthetic data, whose features spread less than real ones (README).")
 
 
+def _ood_problem(names: list[str]) -> str | None:
+    """Why an ``ood`` entry names no dataset (checked before anything runs), or None."""
+    for spec in (spec for name in names for spec in OOD_ALIASES.get(name, (name,))):
+        problem = refusal(check_dataset)(spec)
+        if problem:
+            return problem
+    return None
+
+
 @dataclass
 class DetectorEvaluationSettings(Settings):
     """Which failure sources ``synthkd evaluate --detector`` scores the detector on."""
 
     ood: list[str] = setting(
-        default_factory=list,
+        default_factory=list, check=_ood_problem,
         help=f"Out-of-distribution dataset specs ({', '.join(OOD_ALIASES)} are short names).")
     attacks: list[str] = setting(default_factory=list, help="Attacks on the dataset.", choices=ATTACKS.names)
     epsilon: float = setting(0.1, help="L-inf attack budget in [0,1] pixel units.", positive=True)

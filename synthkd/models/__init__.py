@@ -10,13 +10,14 @@ import torch
 
 from ..errors import SynthkdError
 from . import chain, resnet, thinning  # noqa: F401  (registers the zoo)
-from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap, weights_fingerprint
+from .classifier import (Classifier, InputFormat, ModelConfig, arch_needs_trust, build_network, import_factory, load_weights,
+                         trusting_code, unwrap, weights_fingerprint)
 from .registry import MODELS, create_model, is_registered, list_models, parse_zoo_spec, register_model
 
 __all__ = [
-    "MODELS", "Classifier", "InputFormat", "ModelConfig", "create_model", "import_factory", "is_registered",
+    "MODELS", "Classifier", "InputFormat", "ModelConfig", "arch_needs_trust", "create_model", "import_factory", "is_registered",
     "list_models", "load_model", "model_source_problem",
-    "register_model", "unwrap", "weights_fingerprint",
+    "register_model", "trusting_code", "unwrap", "weights_fingerprint",
 ]
 
 

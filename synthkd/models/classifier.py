@@ -14,17 +14,19 @@ import importlib.util
 import json
 import os
 import sys
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import SynthkdError
-from ..io import atomic_write, atomic_write_json, read_json
+from ..errors import SynthkdError, one_line
+from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
 
 CONFIG_NAME = "config.json"
@@ -50,6 +52,8 @@ class InputFormat:
                     f"{name} has {len(values)} values but the input has {self.channels} channels; "
                     f"give one value or one per channel"
                 )
+        if any(isinstance(n, bool) or not isinstance(n, int) or n <= 0 for n in self.shape):
+            raise SynthkdError(f"the input shape must be three positive integers C, H, W, got {list(self.shape)}")
         if any(s <= 0 for s in self.std):
             raise SynthkdError(f"std must be positive, got {self.std}")
 
@@ -57,19 +61,24 @@ class InputFormat:
     def shape(self) -> tuple[int, int, int]:
         return (self.channels, self.height, self.width)
 
+    @property
+    def convertible_channels(self) -> list[int]:
+        """Channel counts :meth:`adapt` takes: this format's, grey (expanded) and RGB to grey."""
+        return sorted({self.channels, 1} | ({3} if self.channels == 1 else set()))
+
     def adapt(self, images: torch.Tensor) -> torch.Tensor:
         """Resize and convert channels of [0,1] images to this format (no-op when they match)."""
         channels = images.shape[1]
         if channels != self.channels:
-            if channels == 1:
-                images = images.expand(-1, self.channels, -1, -1)
-            elif channels == 3 and self.channels == 1:
-                weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-                images = (images * weights).sum(1, keepdim=True)
-            else:
+            if channels not in self.convertible_channels:
                 raise SynthkdError(
                     f"cannot convert {channels}-channel images to the model's {self.channels} channels"
                 )
+            if channels == 1:
+                images = images.expand(-1, self.channels, -1, -1)
+            else:
+                weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+                images = (images * weights).sum(1, keepdim=True)
         if images.shape[-2:] != (self.height, self.width):
             images = F.interpolate(
                 images, size=(self.height, self.width), mode="bilinear", align_corners=False,
@@ -154,10 +163,56 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     return factory
 
 
+# The model directory being loaded without the user's trust: code its config names is refused,
+# except the architectures the user named (True: every one, what --trust-code says).
+_UNTRUSTED_DIRECTORY: ContextVar[Path | None] = ContextVar("synthkd_untrusted_directory", default=None)
+_TRUSTED_ARCHS: ContextVar[bool | frozenset[str]] = ContextVar("synthkd_trusted_archs", default=frozenset())
+
+
+def arch_needs_trust(arch: str) -> bool:
+    """Whether building ``arch`` runs code the user has to opt into when a model directory (a data
+    file someone may have handed over) names it: everything but a zoo name."""
+    return not is_registered(arch)
+
+
+@contextmanager
+def trusting_code(trusted: bool = True, archs: Iterable[str] = ()) -> Iterator[None]:
+    """Within: model directories may name code (FILE.py:factory, module:factory) that their loading
+    imports and calls: any (``trusted``, what ``--trust-code`` says for directories the user wrote),
+    or the architectures in ``archs`` (ones the user named, e.g. in a run config)."""
+    before = _TRUSTED_ARCHS.get()
+    token = _TRUSTED_ARCHS.set(True if trusted or before is True else before | frozenset(archs))
+    try:
+        yield
+    finally:
+        _TRUSTED_ARCHS.reset(token)
+
+
+@contextmanager
+def _loading_directory(directory: Path) -> Iterator[None]:
+    token = _UNTRUSTED_DIRECTORY.set(directory)
+    try:
+        yield
+    finally:
+        _UNTRUSTED_DIRECTORY.reset(token)
+
+
 def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
+    """The network ``arch`` names; refused where a model directory loaded without trust names code
+    (nested architectures, such as a chain's sources, pass through here too)."""
+    directory, trusted = _UNTRUSTED_DIRECTORY.get(), _TRUSTED_ARCHS.get()
+    if directory is not None and arch_needs_trust(arch) and trusted is not True and arch not in trusted:
+        raise SynthkdError(
+            f"{directory / CONFIG_NAME} names code (arch {arch!r}); loading a model directory never runs code: "
+            f"pass --trust-code if you wrote it, or name the factory yourself as the model, with "
+            f"{directory / WEIGHTS_NAME} as its weights and --input-shape"
+        )
     if is_registered(arch):
         return create_model(arch, **arch_kwargs)
-    return import_factory(arch)(**arch_kwargs)
+    net = import_factory(arch)(**arch_kwargs)
+    if not isinstance(net, nn.Module):
+        raise SynthkdError(f"{arch} returned a {type(net).__name__}, not a torch.nn.Module; a factory returns the network")
+    return net
 
 
 class Classifier(nn.Module):
@@ -198,6 +253,8 @@ class Classifier(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | os.PathLike) -> "Classifier":
+        """Rebuild a saved model. A config naming code (not a zoo architecture) is refused unless
+        the caller trusts it: ``with trusting_code(): Classifier.from_pretrained(d)``."""
         directory = Path(directory)
         if not (directory / CONFIG_NAME).is_file() or not (directory / WEIGHTS_NAME).is_file():
             raise SynthkdError(
@@ -208,7 +265,12 @@ class Classifier(nn.Module):
             config = ModelConfig.from_dict(read_json(directory / CONFIG_NAME))
         except (json.JSONDecodeError, TypeError, ValueError) as error:
             raise SynthkdError(f"{directory / CONFIG_NAME} is not a valid model config: {error}") from error
-        model = cls.from_config(config)
+        try:
+            with _loading_directory(directory):
+                model = cls.from_config(config)
+        except (TypeError, ValueError, KeyError) as error:
+            raise SynthkdError(f"{directory / CONFIG_NAME}: cannot build {config.arch!r} with arch_kwargs "
+                               f"{json.dumps(config.arch_kwargs, default=str)} ({one_line(error)})") from error
         load_weights(model.net, directory / WEIGHTS_NAME)
         return model
 
@@ -241,13 +303,13 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     if not path.is_file():
         raise SynthkdError(f"weights file {path} does not exist")
     if path.suffix == ".safetensors":
-        state = load_file(str(path))
+        state = read_safetensors(path, "save the weights again")
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise SynthkdError(
-                f"cannot load {path} as a state dict with weights_only=True ({error}); "
+                f"cannot load {path} as a state dict with weights_only=True ({one_line(error)}); "
                 "save it as safetensors or as model.state_dict()"
             ) from error
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
@@ -255,4 +317,5 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
     try:
         net.load_state_dict(state)
     except RuntimeError as error:
-        raise SynthkdError(f"weights in {path} do not fit the architecture: {error}") from error
+        raise SynthkdError(f"weights in {path} do not fit the architecture ({one_line(error)}); "
+                           "give the weights saved with this architecture and arch_kwargs") from error

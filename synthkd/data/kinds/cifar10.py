@@ -63,8 +63,14 @@ def cifar10(args: list[str]) -> ImageDataset:
     images, labels = [], []
     for file in files:
         batch = _load_cifar_batch(file)
-        images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
-        labels.extend(batch[b"labels"])
+        try:
+            images.append(np.asarray(batch[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32))
+            labels.extend(int(label) for label in batch[b"labels"])
+        except (KeyError, TypeError, ValueError) as error:
+            raise SynthkdError(f"{file} is not a CIFAR-10 python batch (expected b'data' of N x 3072 bytes and "
+                               f"b'labels': {error})") from error
+        if len(labels) != sum(len(i) for i in images):
+            raise SynthkdError(f"{file} is not a CIFAR-10 python batch: {len(images[-1])} images but other label counts")
     return ImageDataset(
         torch.from_numpy(np.concatenate(images)), torch.tensor(labels), list(CIFAR10_CLASSES), f"cifar10:{split}"
     )

@@ -1,23 +1,54 @@
-"""``folder:PATH``: image files, one sub-folder per class, or a flat folder of unlabelled images."""
+"""``folder:PATH[:HxW]``: image files, one sub-folder per class, or a flat folder of unlabelled images.
+
+Images are read when an item is asked for, one at a time, and each is resized to ``HxW`` (default:
+the size most of the images have), so one huge file neither sets every image's size nor fills the
+memory. Only the headers are read up front: a file over :data:`MAX_IMAGE_PIXELS` pixels, or one
+with an image extension that is no image, is named before any work starts.
+"""
 
 from __future__ import annotations
 
+import os
+import re
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.data import Dataset
 
 from ...errors import SynthkdError
-from ..datasets import ImageDataset, register_dataset
+from ..batches import LabelledBatch
+from ..datasets import register_dataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# Largest image (width x height) a folder may hold, like PIL's Image.MAX_IMAGE_PIXELS;
+# $SYNTHKD_MAX_IMAGE_PIXELS overrides it.
+MAX_IMAGE_PIXELS = 50_000_000
+_SIZE = re.compile(r"(\d+)x(\d+)")
 
 
-def folder_root(args: list[str]) -> Path:
+def max_image_pixels() -> int:
+    value = os.environ.get("SYNTHKD_MAX_IMAGE_PIXELS")
+    if value is None:
+        return MAX_IMAGE_PIXELS
+    if not value.isdigit() or int(value) <= 0:
+        raise SynthkdError(f"SYNTHKD_MAX_IMAGE_PIXELS must be a positive whole number, got {value!r}")
+    return int(value)
+
+
+def folder_args(args: list[str]) -> tuple[Path, tuple[int, int] | None]:
+    """(folder, requested height x width or None) of ``folder:PATH[:HxW]``."""
+    size = None
+    if len(args) > 1 and (match := _SIZE.fullmatch(args[-1])):
+        size = (int(match.group(1)), int(match.group(2)))
+        args = args[:-1]
+        if min(size) <= 0:
+            raise SynthkdError(f"folder: the image size must be positive, got {size[0]}x{size[1]}")
     root = Path(":".join(args))
     if not root.is_dir():
         raise SynthkdError(f"image folder {root} does not exist (expected folder:/path with one sub-folder per class)")
-    return root
+    return root, size
 
 
 def _entries(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
@@ -33,24 +64,74 @@ def _entries(root: Path) -> tuple[list[str], list[tuple[Path, int]]]:
     return classes, entries
 
 
-@register_dataset("folder", usage="folder:PATH", check=folder_root,
-                  description="image files in PATH/CLASS/ (or PATH/ unlabelled), resized to the first one's size")
-def folder(args: list[str]) -> ImageDataset:
-    from PIL import Image
+def _header(path: Path, limit: int) -> tuple[str, tuple[int, int]]:
+    """(mode, (width, height)) of an image file, from its header only."""
+    from PIL import Image, UnidentifiedImageError
 
-    root = folder_root(args)
+    try:
+        with Image.open(path) as image:
+            mode, size = image.mode, image.size
+    except (UnidentifiedImageError, OSError, ValueError) as error:
+        raise SynthkdError(f"{path} is not an image PIL can read ({type(error).__name__}); remove it or "
+                           "give it its real extension") from error
+    if size[0] * size[1] > limit:
+        raise SynthkdError(f"{path} has {size[0]}x{size[1]} pixels, over the limit of {limit}; shrink it, or raise "
+                           "SYNTHKD_MAX_IMAGE_PIXELS if you mean it")
+    return mode, size
+
+
+class ImageFolder(Dataset):
+    """The images of a folder, decoded and resized (to ``size``, height x width) on access."""
+
+    def __init__(self, files: list[Path], labels: list[int], class_names: list[str], mode: str,
+                 size: tuple[int, int], name: str):
+        self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
+        self.class_names, self.mode, self.size, self.name = class_names, mode, size, name
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> LabelledBatch:
+        from PIL import Image
+
+        path = self.files[index]
+        try:
+            with Image.open(path) as image:
+                array = np.asarray(image.convert(self.mode).resize(self.size[::-1], Image.BILINEAR))
+        except OSError as error:
+            raise SynthkdError(f"{path} cannot be decoded ({error}); remove or replace it") from error
+        pixels = torch.from_numpy(array.copy())
+        pixels = pixels.unsqueeze(0) if self.mode == "L" else pixels.permute(2, 0, 1)
+        return LabelledBatch(pixels.float().div_(255), int(self.labels[index]))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1 if self.mode == "L" else 3, *self.size)
+
+    def subset(self, index: slice) -> "ImageFolder":
+        return ImageFolder(self.files[index], self.labels[index].tolist(), self.class_names, self.mode, self.size, self.name)
+
+    def channel_stats(self, max_images: int = 2000) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of [0,1] pixels over (at most) the first ``max_images``."""
+        images = torch.stack([self[i].images for i in range(min(len(self), max_images))])
+        return images.mean((0, 2, 3)).tolist(), images.std((0, 2, 3)).tolist()
+
+
+@register_dataset("folder", usage="folder:PATH[:HxW]", check=folder_args,
+                  description="image files in PATH/CLASS/ (or PATH/ unlabelled), read on access and resized to HxW "
+                              "(default: the most common size)")
+def folder(args: list[str]) -> ImageFolder:
+    root, size = folder_args(args)
     classes, entries = _entries(root)
-    # Open one file at a time: holding every image open runs out of file descriptors.
-    modes, size = [], None
-    for f, _ in entries:
-        with Image.open(f) as im:
-            modes.append(im.mode)
-            size = size or im.size  # every image is resized to the first one's size
-    mode = "L" if all(m in ("L", "1", "I;16") for m in modes) else "RGB"
-    arrays = []
-    for f, _ in entries:
-        with Image.open(f) as im:
-            arrays.append(np.asarray(im.convert(mode).resize(size, Image.BILINEAR)))
-    images = torch.from_numpy(np.stack(arrays))
-    images = images.unsqueeze(1) if mode == "L" else images.permute(0, 3, 1, 2)
-    return ImageDataset(images.contiguous(), torch.tensor([l for _, l in entries]), classes, f"folder:{root}")
+    limit = max_image_pixels()
+    headers = [_header(f, limit) for f, _ in entries]
+    mode = "L" if all(m in ("L", "1", "I;16") for m, _ in headers) else "RGB"
+    if size is None:
+        width, height = Counter(s for _, s in headers).most_common(1)[0][0]
+        size = (height, width)
+    suffix = f":{size[0]}x{size[1]}"
+    return ImageFolder([f for f, _ in entries], [label for _, label in entries], classes, mode, size, f"folder:{root}{suffix}")
