@@ -172,14 +172,17 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
 def _check_cuts(config: RunConfig, errors: list[str]) -> None:
     """Neighbourhood mode's cuts name modules of a zoo student (checked on the bare network, before
     any training; a student given as a directory or code is checked when it is loaded)."""
-    from synthkd.models import create_model, is_registered
+    from synthkd.models import create_model, parse_zoo_spec
     from synthkd.models.neighbourhoods import resolve_cuts
 
     student = config.student
-    if config.distill.mode != "neighbourhood" or config.search.enabled or not is_registered(student.arch):
+    parsed = parse_zoo_spec(student.arch)
+    if config.distill.mode != "neighbourhood" or config.search.enabled or parsed is None:
         return
-    try:
-        resolve_cuts(create_model(student.arch, width=student.width), config.distill.cuts)
+    name, kwargs = parsed
+    kwargs.pop("sparsity", None)  # applied to the built student, not an argument of its architecture
+    try:  # module paths depend on the structure only, not on the widths
+        resolve_cuts(create_model(name, **{"width": student.width or 1.0, **kwargs}), config.distill.cuts)
     except SynthkdError as error:
         errors.append(f"distill.cuts: {error}")
 

@@ -182,11 +182,11 @@ def test_nd_lands_within_two_points_of_e2e_kd_on_digits(teacher, accelerator, tm
 def test_a_user_teacher_thinned_by_fx_distils_and_reloads(tmp_path, accelerator):
     """``--student teacher:inner=0.5`` for a teacher given as FILE.py:factory: the plain CNN is
     thinned inside each neighbourhood, keeps its interfaces, trains from cached activations and
-    its model directory loads back (naming the same factory)."""
+    its model directory loads back once the user trusts the code it names."""
     import textwrap
 
     from synthkd.data import load_dataset
-    from synthkd.models import Classifier, InputFormat, ModelConfig, import_factory
+    from synthkd.models import Classifier, InputFormat, ModelConfig, import_factory, trusting_code
     from synthkd.pipelines.distill import distill
 
     factory = tmp_path / "plain.py"
@@ -210,7 +210,10 @@ def test_a_user_teacher_thinned_by_fx_distils_and_reloads(tmp_path, accelerator)
     assert student.config.arch == "thinned" and student.config.arch_kwargs["kept"] == {"0.0": 8, "1.0": 16}
     assert sum(p.numel() for p in student.parameters()) < sum(p.numel() for p in teacher.parameters())
     assert set(metrics["neighbourhoods"]) == {"0", "1", "head"}
-    loaded = Classifier.from_pretrained(tmp_path / "s").eval()
+    with pytest.raises(SynthkdError, match="trust-code"):  # its base names code: loading it needs the user's opt-in
+        Classifier.from_pretrained(tmp_path / "s")
+    with trusting_code():
+        loaded = Classifier.from_pretrained(tmp_path / "s").eval()
     images = torch.stack([data[i].images for i in range(8)])
     with torch.no_grad():
         assert torch.allclose(loaded(images), student.eval()(images), atol=1e-6)

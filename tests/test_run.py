@@ -256,6 +256,7 @@ def test_a_failed_stage_keeps_earlier_artefacts_and_resumes(tmp_path, teacher_di
 def test_report_references_only_files_that_exist(tmp_path, teacher_dir, accelerator):
     run_dir = tmp_path / "run"
     setting = tiny_setting(teacher_dir, run_dir, mode="neighbourhood", finetune_epochs=1)
+    setting["student"] = {"arch": "resnet8"}  # the neighbourhood default: the teacher's width, thinner inside each block
     setting["detector"] = {"enabled": True, "density": "gmm-diag", "components": 2, "ood": ["noise:gaussian"], "limit": 60}
     path = write_config(tmp_path / "tiny.yaml", setting)
     run_pipeline(load_config(path), accelerator, quiet=True)
