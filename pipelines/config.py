@@ -41,7 +41,8 @@ class TeacherSection(TeacherSettings):
     (with the settings of ``synthkd train-teacher``)."""
 
     model: str | None = setting(None, check=model_problem,
-                                help="An existing teacher: a model directory, or FILE.py:factory / module:factory.")
+                                help="An existing teacher: a model directory, a model source (torchvision:NAME, timm:NAME, hf:DIR, "
+                                     "hub:DIR:ENTRY, with ?KEY=VALUE arguments), or FILE.py:factory / module:factory.")
     weights: str | None = setting(None, check=file_problem,
                                   help="Weights of a teacher given as code (safetensors or a state dict).")
     input_shape: list[int] | None = setting(None, help="C, H, W of a teacher given as code.")

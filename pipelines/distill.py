@@ -25,7 +25,9 @@ from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.losses import DISTILLATION_LOSSES
 from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistiller, NeighbourhoodSettings
-from synthkd.models import Classifier, ModelConfig, import_factory, is_registered, load_model, model_source_problem
+from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_factory, is_registered, is_source_spec, load_model,
+                            model_source_problem, open_source)
+from synthkd.models.sources import parse_source
 from synthkd.settings import Settings, setting
 from synthkd.training import KDSettings, TrainSettings, fit
 
@@ -34,9 +36,10 @@ E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from
 
 @dataclass
 class StudentSettings(Settings):
-    """The student: a zoo architecture at ``width``, or a model directory / FILE.py:factory to start from."""
+    """The student: a zoo architecture at ``width``, a model source, or a model directory / FILE.py:factory to start from."""
 
-    arch: str = setting("resnet20", flag="--student", help="Zoo architecture, or a model directory / FILE.py:factory to start from.",
+    arch: str = setting("resnet20", flag="--student", help="Zoo architecture, a model source (torchvision:NAME, timm:NAME, "
+                        "hf:DIR, hub:DIR:ENTRY, each with ?KEY=VALUE arguments), or a model directory / FILE.py:factory to start from.",
                         check=lambda spec: model_source_problem(spec, zoo=True))
     width: float = setting(0.5, flag="--student-width", help="Width multiplier of a zoo student.", positive=True)
 
@@ -97,8 +100,9 @@ def finetune_settings(epochs: int, batch_size: int, lr: float, seed: int) -> Tra
 
 
 def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0) -> Classifier:
-    """A zoo architecture sized to the teacher's input and classes, or an existing model
-    directory / FILE.py:factory used as the starting point; classes must match the teacher's."""
+    """A zoo architecture sized to the teacher's input and classes, a model source (given the
+    teacher's number of classes unless its spec sets them), or an existing model directory /
+    FILE.py:factory used as the starting point; classes must match the teacher's."""
     fmt = teacher.input_format
     set_seed(seed)  # initial weights come from the global RNG
     if is_registered(student):
@@ -111,6 +115,11 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
         return Classifier.from_config(config)
     if Path(student).is_dir():
         model = load_model(student)
+    elif is_source_spec(student):
+        key = classes_kwarg(student)
+        made = open_source(student, {key: teacher.num_classes} if key and key not in parse_source(student)[2] else {})
+        model = Classifier(made.net, ModelConfig(arch=made.arch, arch_kwargs=made.arch_kwargs, input=fmt,
+                                                 class_names=list(teacher.config.class_names)))
     else:
         net = import_factory(student)()
         model = Classifier(net, ModelConfig(arch=student, input=fmt, class_names=list(teacher.config.class_names)))

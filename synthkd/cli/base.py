@@ -65,12 +65,17 @@ def model_options(name: str, weights_flag: str) -> Callable:
     def decorate(function: Callable) -> Callable:
         options = [
             click.option(f"--{name}", "model_spec", required=True,
-                         help="Model directory, or FILE.py:factory / package.module:factory."),
+                         help="Model directory; a model source: torchvision:NAME, timm:NAME, hf:DIR_OR_ID, hub:DIR:ENTRY, "
+                              "each with builder arguments after ?, e.g. 'torchvision:resnet18?weights=DEFAULT'; "
+                              "or FILE.py:factory / package.module:factory."),
             click.option(weights_flag, "weights", type=click.Path(dir_okay=False),
-                         help="Weights for a model given as code (safetensors or a state dict)."),
-            click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), help="C,H,W of a model given as code."),
-            click.option("--mean", callback=lambda c, p, v: parse_floats(v), help="Normalisation mean (one or per channel)."),
-            click.option("--std", callback=lambda c, p, v: parse_floats(v), help="Normalisation std (one or per channel)."),
+                         help="Weights for a model given as code or source (safetensors or a weights-only state dict)."),
+            click.option("--input-shape", callback=lambda c, p, v: parse_shape(v),
+                         help="C,H,W of a model given as code (overrides what a model source says)."),
+            click.option("--mean", callback=lambda c, p, v: parse_floats(v),
+                         help="Normalisation mean, one or per channel (overrides a model source's)."),
+            click.option("--std", callback=lambda c, p, v: parse_floats(v),
+                         help="Normalisation std, one or per channel (overrides a model source's)."),
         ]
         return add_options(function, options)
 

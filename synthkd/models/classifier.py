@@ -26,6 +26,7 @@ from torch import nn
 from ..errors import SynthkdError
 from ..io import atomic_write, atomic_write_json, read_json
 from .registry import create_model, is_registered, list_models
+from .sources import is_source_spec, open_source, source_usages
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -130,8 +131,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to a callable."""
     if ":" not in spec:
         raise SynthkdError(
-            f"{spec!r} is neither a zoo architecture ({', '.join(list_models())}) "
-            "nor FILE.py:factory / module:factory"
+            f"{spec!r} is neither a zoo architecture ({', '.join(list_models())}), "
+            f"a model source ({source_usages()}) nor FILE.py:factory / module:factory"
         )
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
@@ -157,6 +158,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
 def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
     if is_registered(arch):
         return create_model(arch, **arch_kwargs)
+    if is_source_spec(arch):
+        return open_source(arch, arch_kwargs).net
     return import_factory(arch)(**arch_kwargs)
 
 
