@@ -29,7 +29,7 @@ from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_facto
                             model_source_problem, open_source)
 from synthkd.models.sources import parse_source
 from synthkd.settings import Settings, setting
-from synthkd.training import KDSettings, TrainSettings, fit
+from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
 E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
 
@@ -187,7 +187,7 @@ def finish(
     teacher: Classifier, student: Classifier, metrics: dict[str, Any], out: str | os.PathLike,
     evaluation: Dataset | None, eval_dataset: str | None, accelerator: Accelerator,
 ) -> tuple[Classifier, dict[str, Any]]:
-    """Evaluate teacher and student, save the student with its ``metrics.json``."""
+    """Evaluate teacher and student, save the student with its ``metrics.json`` (and drop the training state)."""
     if evaluation is not None:
         metrics["eval_dataset"] = eval_dataset
         metrics["student"] = evaluate(student, evaluation, accelerator)
@@ -196,6 +196,7 @@ def finish(
     if accelerator.is_main_process:
         student.save_pretrained(out)
         atomic_write_json(Path(out) / "metrics.json", metrics)
+        discard_training_state(out)
     accelerator.wait_for_everyone()
     return student, metrics
 

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import click
 
+from ..data.loading import LoaderSettings, use_loader_settings
 from ..errors import SynthkdError
+from .options import settings_options
 
 
 class SynthkdGroup(click.Group):
@@ -80,6 +83,17 @@ def model_options(name: str, weights_flag: str) -> Callable:
         return add_options(function, options)
 
     return decorate
+
+
+def loader_options(function: Callable) -> Callable:
+    """``--num-workers`` (:class:`LoaderSettings`), applied before the command runs."""
+    @settings_options(LoaderSettings, "loader")
+    @functools.wraps(function)
+    def command(*args: Any, loader: Any, **kwargs: Any) -> Any:
+        use_loader_settings(loader)
+        return function(*args, **kwargs)
+
+    return command
 
 
 def open_model(model_spec: str, weights: str | None, input_shape, mean, std):

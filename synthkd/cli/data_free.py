@@ -11,7 +11,7 @@ from synthkd.pipelines.train_teacher import TeacherSettings
 
 from ..errors import SynthkdError
 from ..pipelines.generate import GenerateSettings
-from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .base import loader_options, main, make_accelerator, mixed_precision_option, model_options, open_model
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
@@ -23,6 +23,7 @@ from .options import check_cli, settings_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
 @mixed_precision_option
+@loader_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision, out):
     """Train a teacher on a real dataset and save it as a model directory."""
@@ -76,6 +77,7 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 @click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
 @mixed_precision_option
 @synthesis_options
+@loader_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
 def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, mixed_precision, out,
             synthesis, inputs):

@@ -11,7 +11,7 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import main, make_accelerator, model_options, open_model
+from .base import loader_options, main, make_accelerator, model_options, open_model
 from .options import CommaList, settings_options
 
 
@@ -71,6 +71,7 @@ def detect(detector_dir, inputs, model_dir, settings, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")
+@loader_options
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
 def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out):
     """Accuracy of a model on a dataset; with --detector, how well the detector flags failures."""

@@ -6,7 +6,7 @@ import click
 
 from synthkd.pipelines.search import SearchSettings
 
-from .base import main, make_accelerator, mixed_precision_option, model_options, open_model
+from .base import loader_options, main, make_accelerator, mixed_precision_option, model_options, open_model
 from .options import settings_options
 
 
@@ -17,6 +17,7 @@ from .options import settings_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
 @mixed_precision_option
+@loader_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
 def search(model_spec, weights, input_shape, mean, std, data, settings, seed, eval_dataset, mixed_precision, out):
     """Find the student with the least error under a budget (Student Search)."""

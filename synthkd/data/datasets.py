@@ -163,7 +163,7 @@ def load_dataset(spec: str) -> Dataset:
     parsed = _parse(spec)
     dataset = _kind(parsed, spec).read(parsed.args)
     if parsed.index is not None:
-        dataset = dataset.subset(parsed.index) if isinstance(dataset, ImageDataset) else torch.utils.data.Subset(
+        dataset = dataset.subset(parsed.index) if hasattr(dataset, "subset") else torch.utils.data.Subset(
             dataset, range(len(dataset))[parsed.index])
     return TransformedDataset(dataset, transforms) if transforms else dataset
 
