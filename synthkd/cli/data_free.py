@@ -107,11 +107,13 @@ def distill(model_spec, weights, input_shape, mean, std, student, data, settings
 
 @main.command()
 def models() -> None:
-    """List the zoo architectures."""
-    from ..models import MODELS
+    """List the zoo architectures, then the model sources (--teacher/--student SOURCE:NAME)."""
+    from ..models import MODELS, SOURCES
 
     for name in MODELS.names():
         click.echo(name)
+    for name in SOURCES.names():
+        click.echo(SOURCES.get(name).usage)
 
 
 @main.command()
