@@ -253,3 +253,42 @@ def test_generate_distill_evaluate_with_every_source(tmp_path, hf_dir, hub_dir):
         assert config["arch"].split(":")[0] == student.split(":")[0]
         again = Classifier.from_pretrained(work / "student")
         assert len(again.config.class_names) == 10 and again.eval()(PROBE).shape == (3, 10)
+
+
+def test_a_run_config_names_sources_for_teacher_and_student(tmp_path, hub_dir):
+    import yaml
+
+    from synthkd.pipelines.config import load_config
+
+    def config(teacher: str, student: str) -> Path:
+        path = tmp_path / "run.yaml"
+        path.write_text(yaml.safe_dump({
+            "out": str(tmp_path / "run"), "teacher": {"model": teacher, "input_shape": [3, 16, 16]},
+            "student": {"arch": student}, "generate": {"num_images": 8, "batch_size": 8, "iterations": 2},
+            "distill": {"epochs": 1, "batch_size": 8}, "eval_dataset": "digits:test[:16]"}))
+        return path
+
+    loaded = load_config(config(f"hub:{hub_dir}:tiny?pretrained=true", "timm:test_resnet"))
+    assert loaded.teacher.model.startswith("hub:") and loaded.student.arch == "timm:test_resnet"
+    with pytest.raises(SynthkdError) as error:
+        load_config(config("hub:/nowhere:tiny", "torchvision:resnet18?num_classes"))
+    assert "teacher.model" in str(error.value) and "hubconf.py" in str(error.value)
+    assert "student.arch" in str(error.value) and "KEY=VALUE" in str(error.value)
+
+
+@pytest.mark.slow
+def test_synthkd_run_with_a_hub_teacher_and_a_timm_student(tmp_path, hub_dir, accelerator):
+    import yaml
+
+    from synthkd.pipelines.config import load_config
+    from synthkd.pipelines.run import run_pipeline
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({
+        "out": str(tmp_path / "run"), "teacher": {"model": f"hub:{hub_dir}:tiny?pretrained=true", "input_shape": [3, 16, 16]},
+        "student": {"arch": "timm:test_resnet"}, "generate": {"num_images": 8, "batch_size": 8, "iterations": 2},
+        "distill": {"epochs": 1, "batch_size": 8}, "eval_dataset": "digits:test[:16]"}))
+    summary = run_pipeline(load_config(path), accelerator, quiet=True)
+    student = Classifier.from_pretrained(tmp_path / "run" / "student")
+    assert student.config.arch == "timm:test_resnet" and student.config.arch_kwargs == {"num_classes": 10}
+    assert summary is not None
