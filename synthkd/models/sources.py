@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+import torch
 from torch import nn
 
 from ..errors import SynthkdError
@@ -98,8 +99,7 @@ def is_source_spec(spec: str) -> bool:
 def is_library_source(arch: str) -> bool:
     """Whether ``arch`` (a config's architecture) is built by installed library code only
     (torchvision, timm, transformers), so a model directory naming it runs no foreign code."""
-    parsed = parse_source(arch) if is_source_spec(arch) else None
-    return parsed is not None and not SOURCES.get(parsed[0]).runs_code
+    return is_source_spec(arch) and not SOURCES.get(str(arch).partition(":")[0]).runs_code
 
 
 def source_problem(spec: str) -> str | None:
@@ -232,7 +232,7 @@ class LogitsOf(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, images):
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(pixel_values=images).logits
 
 
@@ -244,6 +244,9 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     config (``preprocessor_config.json``), else ``image_size`` of the model config."""
     transformers = _library("transformers", "hf", "transformers", "pip install transformers")
     kwargs = dict(kwargs)
+    if kwargs.get("trust_remote_code"):
+        raise SynthkdError(f"hf:{name}: models with remote code are not loaded; a repository's own code goes through "
+                           "hub:DIR:ENTRY (a hubconf.py you have read)")
     recorded = kwargs.pop("config", None)
     try:
         if recorded is not None:
@@ -266,7 +269,7 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     if labels:
         made.class_names = [str(labels[i]) for i in sorted(labels)]
     channels = int(getattr(config, "num_channels", 3))
-    processor = _hf_processor_config(transformers, name) if recorded is None else {}
+    processor = _hf_processor_config(name) if recorded is None else {}
     size = _hf_input_size(processor) or getattr(config, "image_size", None)
     if isinstance(size, int):
         size = (size, size)
@@ -277,7 +280,7 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     return made
 
 
-def _hf_processor_config(transformers: Any, name: str) -> dict[str, Any]:
+def _hf_processor_config(name: str) -> dict[str, Any]:
     """``preprocessor_config.json`` of a directory or a fetched id, or {} where there is none."""
     from transformers.utils import cached_file
 
@@ -321,8 +324,6 @@ def _hub_problem(name: str) -> str | None:
 def hub_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``torch.hub.load(DIR, ENTRY, source="local", **kwargs)``: runs the repository's hubconf.py
     (the directory is recorded as an absolute path, so a saved model loads from anywhere)."""
-    import torch
-
     directory, entry = _hub_parts(name)
     directory = directory.resolve()
     try:
