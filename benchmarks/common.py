@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import platform
 import time
@@ -11,8 +12,11 @@ from typing import Any, Iterator
 
 import torch
 
+from synthkd.accelerator import show_log
+
 REPO = Path(__file__).resolve().parent.parent
 CACHE = Path(os.environ.get("SYNTHKD_BENCH_CACHE", REPO / ".cache" / "benchmarks"))
+show_log(logging.INFO)  # the stages' progress lines (one per epoch), as the command line shows them
 
 
 def load_setting(path: str | os.PathLike | None = None) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Student Search against the uniform-width student on the standard Fashion-MNIST setting.
+"""Student Search against the uniform student on the standard Fashion-MNIST setting.
 
 One run: every candidate piece of the space is distilled once (stage-level neighbourhoods, the
-6,144 inverted images), then two searches with different budgets read them from the cache (their
-time is the cost of a search once the candidates exist). Each budget is the cost of a uniform
-student (one candidate everywhere, the teacher's depth); the searched student (cost within the
-budget) and that uniform student (cost at or above it), both merged from the same distilled
-pieces and fine-tuned with the same end-to-end KD epochs, are compared on the real test set.
+6,144 inverted images; by default students that keep the teacher's interfaces, ``inner=``), then
+two searches with different budgets read them from the cache (their time is the cost of a search
+once the candidates exist). Each budget is the cost of a uniform student (one candidate
+everywhere, the teacher's depth); the searched student (cost within the budget) and that uniform
+student (cost at or above it), both merged from the same distilled pieces and fine-tuned with the
+same end-to-end KD epochs, are compared on the real test set, and so is end-to-end KD of the
+uniform student (same parameters, same images, ``--e2e-epochs``).
 
     python benchmarks/student_search.py [--quick] [--out results.json]
 """
@@ -25,13 +27,14 @@ from common import CACHE, load_setting, print_table, standard_synthetic, standar
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
-from synthkd.pipelines.distill import open_training_data  # noqa: E402
+from synthkd.pipelines.distill import DistillSettings, distill_e2e, open_training_data  # noqa: E402
+from synthkd.search.explore import build_candidate  # noqa: E402
 from synthkd.pipelines.search import SearchSettings, explore, finetune_merged, search  # noqa: E402
 
-FULL = {"candidates": "width=0.25,0.5,1.0;depth=1,3;sparsity=0.5", "epochs": 5, "finetune_epochs": 3,
-        "budgets": [("params", "w0.5-d3"), ("flops", "w0.25-d3")]}
-QUICK = {"candidates": "width=0.25,0.5;depth=1,3;sparsity=0.5", "epochs": 1, "finetune_epochs": 1,
-         "budgets": [("params", "w0.5-d3"), ("flops", "w0.25-d3")]}
+FULL = {"candidates": "inner=0.25,0.5,1.0;depth=1,3;sparsity=0.5", "epochs": 5, "finetune_epochs": 3, "e2e_epochs": 20,
+        "budgets": [("params", "i0.5-d3"), ("flops", "i0.25-d3")]}
+QUICK = {"candidates": "inner=0.25,0.5;depth=1,3;sparsity=0.5", "epochs": 1, "finetune_epochs": 1, "e2e_epochs": 3,
+         "budgets": [("params", "i0.5-d3"), ("flops", "i0.25-d3")]}
 
 
 def searched_vs_uniform(exploration, report: dict, uniform: dict, finetune, evaluation, training_data, accelerator,
@@ -57,19 +60,32 @@ def searched_vs_uniform(exploration, report: dict, uniform: dict, finetune, eval
     return entry
 
 
+def uniform_e2e(teacher, exploration, uniform: dict, synthetic, out: Path, epochs: int, dist: dict, eval_spec: str,
+                accelerator) -> dict:
+    """End-to-end KD of the uniform student (its candidate network, same start as its pieces)."""
+    name = uniform["name"].split()[-1]
+    candidate = next(c for c in exploration.space if c.name == name)
+    student = build_candidate(teacher, candidate, seed=0)
+    started = time.perf_counter()
+    _, metrics = distill_e2e(teacher, student, synthetic, out, DistillSettings(epochs=epochs, batch_size=dist["batch_size"]),
+                             eval_dataset=eval_spec, accelerator=accelerator)
+    return {"accuracy": metrics["student"]["accuracy"], "seconds": time.perf_counter() - started, "epochs": epochs}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--candidates", help="candidate space (default: %s)" % FULL["candidates"])
     parser.add_argument("--epochs", type=int, help="distillation epochs of every candidate piece")
     parser.add_argument("--finetune-epochs", type=int)
+    parser.add_argument("--e2e-epochs", type=int, help="end-to-end KD epochs of the uniform student")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
     args = parser.parse_args()
     config = load_setting(args.config)
     settings = dict(QUICK if args.quick else FULL)
-    for key in ("candidates", "epochs", "finetune_epochs"):
+    for key in ("candidates", "epochs", "finetune_epochs", "e2e_epochs"):
         if getattr(args, key) is not None:
             settings[key] = getattr(args, key)
     accelerator = make_accelerator()
@@ -104,6 +120,11 @@ def main() -> None:
         entry.update(searched_vs_uniform(exploration, report, uniform, finetune, evaluation, training_data, accelerator, rows,
                                          settings["finetune_epochs"]))
         entry["accuracy_difference_points"] = 100 * (entry["searched"]["accuracy"] - entry["uniform"]["accuracy"])
+        entry["e2e"] = uniform_e2e(teacher, exploration, entry["uniform"], synthetic, out / f"e2e-{kind}", settings["e2e_epochs"],
+                                   dist, eval_spec, accelerator)
+        rows.append({"budget": budget, "student": f"{entry['uniform']['name']}, e2e KD", "params": entry["uniform"]["costs"]["params"],
+                     "MFLOPs": entry["uniform"]["costs"]["flops"] / 1e6, f"+{settings['finetune_epochs']} ep FT acc":
+                     entry["e2e"]["accuracy"], "seconds": entry["e2e"]["seconds"]})
         results.append(entry)
     if accelerator.is_main_process:
         print_table(rows, f"{eval_spec} accuracy, {settings}")

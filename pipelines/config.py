@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from synthkd.accelerator import accelerate_precision, mixed_precision_setting
 from synthkd.data import check_dataset
 from synthkd.errors import SynthkdError
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
@@ -88,7 +89,7 @@ class RunConfig(Settings):
                                        help="The real test set every stage is evaluated on.")
     out: str | None = setting(None, help="The run directory; null: runs/<config file name>.")
     seed: int = setting(0, help="Seed of every stage.")
-    mixed_precision: Literal["no", "fp16", "bf16"] = setting("no", help="Autocast on GPU.")
+    mixed_precision: Literal["no", "fp16", "bf16"] | None = mixed_precision_setting()
     reference_epochs: int | None = setting(None, help="KD on real data, read by the benchmarks only.")
 
 
@@ -116,6 +117,9 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
         raise SynthkdError(f"{path}: {len(errors)} problem{'s' if len(errors) > 1 else ''}:\n  {listed}")
     if config.out is None:
         config.out = str(Path("runs") / path.stem)
+    # null: what Accelerate will run at, so the records and fingerprints say what ran (a run under
+    # `accelerate launch --mixed_precision bf16` is not the one without)
+    config.mixed_precision = accelerate_precision(config.mixed_precision)
     return config
 
 

@@ -4,6 +4,7 @@ neighbourhood by neighbourhood."""
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,10 +26,13 @@ from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.losses import DISTILLATION_LOSSES
 from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistiller, NeighbourhoodSettings
-from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_factory, is_registered, is_source_spec, load_model,
+from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_factory, is_source_spec, load_model,
                             model_source_problem, open_source)
+from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
+from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec
 from synthkd.models.sources import parse_source
-from synthkd.settings import Settings, setting
+from synthkd.models.thinning import copy_from_teacher, is_thinning_of
+from synthkd.settings import Settings, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
 E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
@@ -36,12 +40,28 @@ E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from
 
 @dataclass
 class StudentSettings(Settings):
-    """The student: a zoo architecture at ``width``, a model source, or a model directory / FILE.py:factory to start from."""
+    """The student: a zoo architecture (with arguments), a model source, or a model directory / FILE.py:factory to start from."""
 
-    arch: str = setting("resnet20", flag="--student", help="Zoo architecture, a model source (torchvision:NAME, timm:NAME, "
-                        "hf:DIR, hub:DIR:ENTRY, each with ?KEY=VALUE arguments), or a model directory / FILE.py:factory to start from.",
-                        check=lambda spec: model_source_problem(spec, zoo=True))
-    width: float = setting(0.5, flag="--student-width", help="Width multiplier of a zoo student.", positive=True)
+    arch: str = setting("resnet20", flag="--student", check=lambda spec: model_source_problem(spec, zoo=True),
+                        help=f"{ZOO_SPEC_GRAMMAR}; or a model source (torchvision:NAME, timm:NAME, hf:DIR, hub:DIR:ENTRY, "
+                             "each with ?KEY=VALUE arguments), or a model directory / FILE.py:factory to start from.")
+    width: float | None = setting(None, flag="--student-width", positive=True,
+                                  help="Width multiplier of a zoo student. Default: 0.5 end to end; in neighbourhood mode "
+                                       "the teacher's width with inner=0.5 (thinner inside each block, so every cut "
+                                       "keeps the teacher's activation shape).")
+
+    def spec(self, mode: str, teacher: Classifier) -> str:
+        """The student spec with the mode's default arguments filled in: the one place they live."""
+        parsed = parse_zoo_spec(self.arch)
+        if parsed is None:
+            return self.arch
+        name, kwargs = parsed
+        if mode == "neighbourhood" and self.width is None and not {"width", "inner"} & set(kwargs):
+            same = teacher.config.arch == name
+            kwargs = {"width": teacher.config.arch_kwargs.get("width", 1.0) if same else 1.0, "inner": 0.5, **kwargs}
+        elif "width" not in kwargs:
+            kwargs["width"] = 0.5 if self.width is None else self.width
+        return f"{name}:" + ",".join(f"{key}={value}" for key, value in kwargs.items())
 
 
 @dataclass
@@ -62,6 +82,15 @@ class DistillSettings(KDSettings):
     finetune_epochs: int = setting(0, help="Neighbourhood mode: end-to-end KD epochs after the merge.", at_least=0)
     finetune_lr: float = setting(0.01, help="Neighbourhood mode: SGD learning rate of the fine-tune.", positive=True)
     eval_every_epoch: bool = setting(True, cli=False, help="Evaluate on eval_dataset after every epoch (synthkd run).")
+    init: Literal["teacher", "random"] = setting(
+        "teacher", help="teacher: a student that is the teacher's zoo architecture thinner inside its blocks (e.g. "
+                        "inner=0.5) starts from the teacher's most important channels; random: fresh weights. "
+                        "Other students always start from their own weights.")
+    adapters: bool = shared_setting(NeighbourhoodSettings, "adapters")
+    cache: Literal["auto", "memory", "disk"] = shared_setting(NeighbourhoodSettings, "cache")
+    cache_dir: str | None = shared_setting(NeighbourhoodSettings, "cache_dir")
+    cache_views: int = shared_setting(NeighbourhoodSettings, "cache_views")
+    cache_dtype: Literal["float32", "float16"] = shared_setting(NeighbourhoodSettings, "cache_dtype")
     augment: bool = setting(True, help="e2e: KD on pad-and-crop views the teacher labels; --no-augment (with --no-flip "
                                        "and --mixup 0) trains on the images as made, against the teacher's logits "
                                        "stored with the set: no teacher forward pass.")
@@ -88,7 +117,9 @@ class DistillSettings(KDSettings):
 
     def neighbourhoods(self, seed: int) -> NeighbourhoodSettings:
         return NeighbourhoodSettings(cuts=self.cuts, epochs=self.epochs, batch_size=self.batch_size, lr=self.learning_rate(),
-                                     temperature=self.temperature, mixup=self.mixup, flip=self.flip, seed=seed)
+                                     temperature=self.temperature, mixup=self.mixup, flip=self.flip, seed=seed,
+                                     adapters=self.adapters, cache=self.cache, cache_dir=self.cache_dir,
+                                     cache_views=self.cache_views, cache_dtype=self.cache_dtype)
 
     def finetune(self, seed: int) -> TrainSettings:
         return finetune_settings(self.finetune_epochs, self.batch_size, self.finetune_lr, seed)
@@ -99,20 +130,42 @@ def finetune_settings(epochs: int, batch_size: int, lr: float, seed: int) -> Tra
     return TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup_epochs=0.0)
 
 
-def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0) -> Classifier:
-    """A zoo architecture sized to the teacher's input and classes, a model source (given the
-    teacher's number of classes unless its spec sets them), or an existing model directory /
-    FILE.py:factory used as the starting point; classes must match the teacher's."""
+def student_for(student: StudentSettings, settings: DistillSettings, teacher: Classifier, seed: int = 0) -> Classifier:
+    """The student a distill stage in ``settings.mode`` starts from."""
+    return build_student(student.spec(settings.mode, teacher), teacher, seed=seed, from_teacher=settings.init == "teacher")
+
+
+def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0,
+                  from_teacher: bool = False) -> Classifier:
+    """A zoo architecture (``NAME[:KEY=VALUE,...]``; ``width`` unless the spec gives one) sized
+    to the teacher's input and classes, a model source (given the teacher's number of classes
+    unless its spec sets them), or an existing model directory / FILE.py:factory used as the
+    starting point; classes must match the teacher's. ``from_teacher``: a zoo student that
+    is the teacher's architecture thinner inside its blocks starts from the teacher's most
+    important channels; ``sparsity=S`` in the spec then zeroes the smallest weights."""
     fmt = teacher.input_format
     set_seed(seed)  # initial weights come from the global RNG
-    if is_registered(student):
+    parsed = parse_zoo_spec(student)
+    if parsed is not None:
+        name, kwargs = parsed
+        sparsity = float(kwargs.pop("sparsity", 0.0))
         config = ModelConfig(
-            arch=student,
-            arch_kwargs={"width": width, "in_channels": fmt.channels, "num_classes": teacher.num_classes},
+            arch=name,
+            arch_kwargs={"width": width, **kwargs, "in_channels": fmt.channels, "num_classes": teacher.num_classes},
             input=fmt,
             class_names=list(teacher.config.class_names),
         )
-        return Classifier.from_config(config)
+        try:
+            model = Classifier.from_config(config)
+        except TypeError as error:
+            raise SynthkdError(f"{student!r}: {error}; write {ZOO_SPEC_GRAMMAR}") from error
+        if from_teacher and is_thinning_of(model, teacher):
+            copy_from_teacher(model.net, teacher.net)
+        if sparsity:
+            if not 0 < sparsity < 1:
+                raise SynthkdError(f"sparsity must be in (0, 1) in {student!r}")
+            hold_at_zero(prune_by_magnitude(model.net, sparsity))  # the gradient hooks last as long as the model
+        return model
     if Path(student).is_dir():
         model = load_model(student)
     elif is_source_spec(student):
@@ -290,7 +343,7 @@ def distill_neighbourhood(
         raise SynthkdError(f"unknown --inputs {inputs!r}; use images or activations")
     out = Path(out)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
-    started = time.perf_counter()
+    started, cpu_started = time.perf_counter(), time.process_time()
     distiller = NeighbourhoodDistiller(teacher, student, config, accelerator)
     report = distiller.train(training_data, out, data_fingerprint(data, training_data))
     student = distiller.merge()
@@ -298,13 +351,17 @@ def distill_neighbourhood(
         "mode": "neighbourhood", "inputs": inputs, "data": str(data), "num_training_images": len(training_data),
         "config": asdict(config), "cuts": distiller.cuts, **report,
         "neighbourhood_seconds": time.perf_counter() - started, "num_processes": accelerator.num_processes,
+        "neighbourhood_cpu_seconds": time.process_time() - cpu_started,  # this process's
     }
     if evaluation is not None:
         metrics["merged"] = evaluate(student, evaluation, accelerator)
     if finetune is not None and finetune.epochs > 0:
         metrics.update(kd_finetune(teacher, student, training_data, config, finetune, accelerator, evaluation))
     metrics["distill_seconds"] = metrics["neighbourhood_seconds"] + metrics.get("finetune_seconds", 0.0)
-    return finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
+    result = finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
+    if config.cache_dir is None and accelerator.is_main_process:
+        shutil.rmtree(out / "activation-cache", ignore_errors=True)  # the default cache is scratch space
+    return result
 
 
 def distill(
@@ -320,7 +377,7 @@ def distill(
 ) -> tuple[Classifier, dict[str, Any]]:
     """The distill stage (``synthkd distill`` and ``synthkd run``): build the student, distill it in
     ``settings.mode``, save it to ``out``. ``inputs``: see :func:`distill_neighbourhood`."""
-    student_model = build_student(student.arch, teacher, student.width, seed)
+    student_model = student_for(student, settings, teacher, seed)
     if settings.mode == "e2e":
         return distill_e2e(teacher, student_model, data, out, settings, seed, eval_dataset, accelerator)
     return distill_neighbourhood(teacher, student_model, data, out, settings.neighbourhoods(seed), settings.finetune(seed),

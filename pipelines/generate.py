@@ -13,8 +13,10 @@ at every step; the others go at their own pace.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
+import time
 from dataclasses import asdict, dataclass, fields, make_dataclass
 from typing import Any
 
@@ -22,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
 
-from synthkd.accelerator import make_accelerator
+from synthkd.accelerator import log_progress, make_accelerator, no_progress_bars
 from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 from synthkd.generators.activations import ActivationSettings
@@ -262,6 +264,14 @@ class ShardDraws:
         self.pool_images, self.pool_logits = self.pool_images[best], self.pool_logits[best]
 
 
+def shard_figures(logits: torch.Tensor, targets: torch.Tensor) -> dict[str, Any]:
+    """What a tracker plots per shard: its size, the teacher's mean confidence, and how often the
+    teacher's class is the one the image was made for."""
+    logits = logits.float()
+    return {"images": len(targets), "confidence": logits.softmax(1).amax(1).mean().item() if len(targets) else 0.0,
+            "agreement": (logits.argmax(1) == targets).float().mean().item() if len(targets) else 0.0}
+
+
 def fill_shard(
     teacher: Classifier,
     generator: SyntheticImageGenerator,
@@ -327,14 +337,18 @@ def generate(
     unfinished = max_rounds is not None and max_rounds < rounds
     rounds = min(rounds, max_rounds) if unfinished else rounds
     empty = torch.zeros(0, dtype=torch.long)
-    bar = tqdm(total=rounds, desc=f"generate ({generator.method})", disable=not accelerator.is_local_main_process)
+    bar = tqdm(total=rounds, desc=f"generate ({generator.method})", disable=no_progress_bars(accelerator))
     for round_index in range(rounds):
+        started = time.perf_counter()
         shard = pending[round_index] if round_index < len(pending) else None
         plan = writer.shard_targets(shard) if shard is not None else empty
         images, logits, targets, report = fill_shard(
             teacher, generator, plan, seed, shard if shard is not None else 0, selection, accelerator)
         if shard is not None:
             writer.write_shard(shard, images, logits, targets, report if selection.active else None)
+            log_progress(accelerator, f"generate/{generator.method}",
+                         {"round": round_index + 1, **shard_figures(logits, targets), "seconds": time.perf_counter() - started},
+                         step_key="round", level=logging.DEBUG)
         if accelerator.is_main_process:
             generator.save_state(writer.out_dir)
         bar.update(1)

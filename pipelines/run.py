@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sys
@@ -25,16 +26,17 @@ from typing import Any, Iterator, TextIO
 
 from accelerate import Accelerator
 
+from synthkd.accelerator import log_shown_from, logger
 from synthkd.pipelines.config import RunConfig, validate
 from synthkd.data.reader import is_synthetic_dir
 from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.detector.settings import CALIBRATION_KEYS
 from synthkd.errors import SynthkdError
 from synthkd.generators.registry import GENERATORS
-from synthkd.io import atomic_write, atomic_write_json, differences, flatten, sha256_file
+from synthkd.io import atomic_write, atomic_write_json, differences, sha256_file
 from synthkd.models import Classifier
 
-from .run_records import RunContext, Stage, Step, read_record, record_path, training_curves
+from .run_records import RunContext, Stage, Step, read_record, record_path
 
 CONFIG_NAME = "config.yaml"
 LOG_NAME = "run.log"
@@ -294,9 +296,9 @@ def check_run_dir(config: RunConfig, run_dir: Path, force: bool) -> None:
 # Running
 
 
-def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = False, quiet: bool = False,
-                 tracker: str | None = None) -> dict[str, Any]:
-    """Run every enabled stage that is not up to date, then write the report; returns the summary."""
+def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = False, quiet: bool = False) -> dict[str, Any]:
+    """Run every enabled stage that is not up to date, then write the report; returns the summary.
+    With trackers opened on ``accelerator``, the loops send their curves live."""
     from .report import write_report
 
     run_dir = Path(config.out)
@@ -308,25 +310,19 @@ def run_pipeline(config: RunConfig, accelerator: Accelerator, force: bool = Fals
         import yaml
 
         atomic_write(run_dir / CONFIG_NAME, lambda tmp: Path(tmp).write_text(yaml.safe_dump(config.to_dict(), sort_keys=False)))
-    if tracker:
-        accelerator.init_trackers("synthkd-run", config=tracker_config(config))
     ctx = RunContext(config, run_dir, accelerator)
     with run_log(run_dir / LOG_NAME, quiet, main):
         if main:
-            print(f"synthkd run -> {run_dir}\n{describe_plan(steps)}")
+            logger.info(f"synthkd run -> {run_dir}\n{describe_plan(steps)}")
         for step in steps:
             if step.action in ("skip", "off"):
                 continue
             run_stage(step, ctx)
-            if tracker:
-                log_curves(accelerator, step.stage.name, run_dir)
         accelerator.wait_for_everyone()
         summary = write_report(run_dir, config, steps) if main else {}
         if main:
-            print(f"report: {run_dir / 'report.html'}")
+            logger.info(f"report: {run_dir / 'report.html'}")
     accelerator.wait_for_everyone()
-    if tracker:
-        accelerator.end_training()  # closes the trackers (and the process group: last)
     return summary
 
 
@@ -346,7 +342,7 @@ def run_stage(step: Step, ctx: RunContext) -> None:
                   "upstream": step.upstream, "inputs": step.inputs, "action": step.action, "reason": step.reason,
                   "started": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": earlier}
         atomic_write_json(record_path(run_dir, stage.name), record)
-        print(f"[{stage.name}] {step.action}: {step.reason}")
+        logger.info(f"[{stage.name}] {step.action}: {step.reason}")
     accelerator.wait_for_everyone()
     started = time.perf_counter()
     try:
@@ -356,28 +352,15 @@ def run_stage(step: Step, ctx: RunContext) -> None:
             record.update(status="failed", error=f"{type(error).__name__}: {error}",
                           seconds=earlier + time.perf_counter() - started)
             atomic_write_json(record_path(run_dir, stage.name), record)
-            print(f"[{stage.name}] failed after {record['seconds']:.1f} s ({record['error']}); "
-                  "the earlier stages' outputs are kept, rerun to resume")
+            logger.error(f"[{stage.name}] failed after {record['seconds']:.1f} s ({record['error']}); "
+                         "the earlier stages' outputs are kept, rerun to resume")
         raise
     accelerator.wait_for_everyone()
     if main:
         record.update(status="done", results=results, seconds=earlier + time.perf_counter() - started,
                       finished=time.strftime("%Y-%m-%dT%H:%M:%S"), num_processes=accelerator.num_processes)
         atomic_write_json(record_path(run_dir, stage.name), record)
-        print(f"[{stage.name}] done in {record['seconds']:.1f} s")
-
-
-def log_curves(accelerator: Accelerator, stage: str, run_dir: Path) -> None:
-    """Send a stage's training curves to the Accelerate trackers (main process only)."""
-    for phase, history in training_curves(run_dir, stage).items():
-        for record in history:
-            values = {f"{phase}/{k}": v for k, v in record.items() if k != "epoch" and isinstance(v, (int, float))}
-            accelerator.log(values, step=record["epoch"])
-
-
-def tracker_config(config: RunConfig) -> dict[str, Any]:
-    """Flat scalar hyperparameters, as TensorBoard's hparams want them."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else json.dumps(v) for k, v in flatten(config.to_dict()).items()}
+        logger.info(f"[{stage.name}] done in {record['seconds']:.1f} s")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -414,8 +397,8 @@ class _LogStream:
 
 @contextmanager
 def run_log(path: Path, quiet: bool, main: bool) -> Iterator[None]:
-    """On the main process, stdout and stderr go to ``path`` (and to the terminal unless quiet);
-    other ranks print nothing under quiet."""
+    """On the main process, stdout and stderr go to ``path`` (and to the terminal unless quiet),
+    with synthkd's progress log at INFO at least; other ranks print nothing under quiet."""
     if not main and not quiet:
         yield
         return
@@ -424,7 +407,8 @@ def run_log(path: Path, quiet: bool, main: bool) -> Iterator[None]:
     try:
         sys.stdout = _LogStream(log, None if quiet else saved[0])
         sys.stderr = _LogStream(log, None if quiet else saved[1])
-        yield
+        with log_shown_from(logging.INFO):
+            yield
     finally:
         sys.stdout, sys.stderr = saved
         log.close()

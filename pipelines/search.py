@@ -21,7 +21,7 @@ from synthkd.models import Classifier
 from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodSettings
 from synthkd.search import DEFAULT_CANDIDATES, Budget, Exploration, candidate_space, parse_budget, select
 from synthkd.search.costs import describe, measure_latency
-from synthkd.search.explore import hold_at_zero
+from synthkd.models.pruning import hold_at_zero
 from synthkd.search.knapsack import Solution, no_student_fits
 from synthkd.search.report import plot_frontier
 from synthkd.settings import Settings, refusal, setting
@@ -39,7 +39,8 @@ class SearchSettings(Settings):
                           help="params|flops|latency=VALUE: a fraction of the teacher's cost (params=0.3, flops=25%) or "
                                "absolute (params=50000, flops=2e6, latency=1.5ms).")
     candidates: str = setting(DEFAULT_CANDIDATES,
-                              help="Grid 'width=...;depth=...;sparsity=...' over the teacher's architecture, or FILE.py:factory.")
+                              help="Grid 'inner=...;width=...;depth=...;sparsity=...' over the teacher's architecture (inner: thinner "
+                                   "inside each block, the teacher's interfaces kept), or FILE.py:factory.")
     cuts: str = setting("stages", help="Where to cut into neighbourhoods: stages (needed for depth candidates), blocks, "
                                        "or module paths.")
     epochs: int = setting(5, help="Distillation epochs of every candidate piece.", positive=True)
@@ -55,7 +56,9 @@ class SearchSettings(Settings):
 
     def pieces(self, seed: int) -> NeighbourhoodSettings:
         """How every candidate piece is distilled."""
-        return NeighbourhoodSettings(cuts=self.cuts, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed)
+        # adapters: candidates of other widths are joined by 1x1 convolutions where a choice mixes them.
+        return NeighbourhoodSettings(cuts=self.cuts, epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=seed,
+                                     adapters=True)
 
     def pruned_epochs(self) -> int:
         return max(1, self.epochs // 2) if self.sparsity_epochs is None else self.sparsity_epochs

@@ -21,7 +21,7 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from synthkd.accelerator import make_accelerator
+from synthkd.accelerator import log_progress, make_accelerator, no_progress_bars
 from synthkd.data import load_dataset
 from synthkd.io import atomic_write_json, read_json
 from synthkd.models import InputFormat, unwrap
@@ -148,7 +148,7 @@ class DiffusionTraining:
         self.unet.train()
         started, total, batches = time.perf_counter(), 0.0, 0
         bar = tqdm(loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False,
-                   disable=not accelerator.is_local_main_process)
+                   disable=no_progress_bars(accelerator))
         for batch in bar:
             if self.step >= self.total_steps:
                 break
@@ -157,9 +157,7 @@ class DiffusionTraining:
             bar.set_postfix(loss=f"{loss:.4f}")
         mean = accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()
         record = {"epoch": epoch + 1, "steps": batches, "loss": mean, "seconds": time.perf_counter() - started}
-        if accelerator.is_main_process:
-            tqdm.write(f"train-diffusion: epoch {record['epoch']}, {batches} steps, loss {record['loss']:.4f}, "
-                       f"{record['seconds']:.1f} s")
+        log_progress(accelerator, "train-diffusion", record)
         return record
 
     def train_step(self, images: torch.Tensor) -> float:

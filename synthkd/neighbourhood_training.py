@@ -1,18 +1,24 @@
 """Neighbourhood distillation: every student neighbourhood learns its teacher neighbourhood
-independently, from the teacher's activation at the cut before it.
+independently, from the teacher's activation at the cut before it to the one after it.
 
-Each rank owns a set of neighbourhoods (balanced by counted FLOPs); with more ranks than
-neighbourhoods the extra ranks train the costliest ones data-parallel (each replica takes its
-share of every batch; gradients are averaged in a process group). All ranks read the whole
-training set in the same order with the same augmentations (seeded per batch), so a
-neighbourhood trains identically whichever rank owns it: the same seed gives the same student
-for any number of processes. The teacher runs once per batch, only as deep as the deepest
-neighbourhood the rank owns, and its activations are shared by all of them. Finished
-neighbourhoods are written to ``out/neighbourhoods/`` so a rerun trains only the missing ones.
+The teacher runs once: its activation at every cut, for every image and ``cache_views`` views
+of it, is computed up front (in memory, or as a checksummed, resumable cache on disk,
+:mod:`synthkd.data.activation_cache`), and each neighbourhood then trains on (input, target)
+pairs read from it, with no teacher forward pass. A student keeps the teacher's activation
+shape at every cut (e.g. ``resnet20:inner=0.5``: thinner inside each block, same residual
+width), so the pieces chain without adapters and the merged student is the student network
+itself; ``adapters`` allows narrower interfaces with learned 1x1 convolutions between them.
+
+Each rank owns a set of neighbourhoods (balanced by counted FLOPs) and reads only their
+activations; with more ranks than neighbourhoods the extra ranks train the costliest ones
+data-parallel (each replica takes its share of every batch; gradients are averaged in a
+process group). A neighbourhood's batches depend only on the seed and its index, so the same
+seed gives the same student for any number of processes. Finished neighbourhoods are written
+to ``out/neighbourhoods/`` so a rerun trains only the missing ones.
 
 Trained on an :class:`~synthkd.data.activations.ActivationDataset` instead of images, each
-neighbourhood reads its own synthetic input activations (no augmentation) and its target is
-the teacher neighbourhood's output on them (teacher logits for the head).
+neighbourhood reads its own synthetic input activations and its target is the teacher
+neighbourhood's output on them (teacher logits for the head).
 """
 
 from __future__ import annotations
@@ -29,11 +35,11 @@ from accelerate import Accelerator
 from accelerate.utils import gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .augment import distillation_augmentation
+from .accelerator import log_progress, no_progress_bars
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
@@ -42,7 +48,9 @@ from .models import Classifier, unwrap
 from .seeds import derive_seed
 from .settings import setting
 from .training import KDSettings, TrainSettings, warmup_cosine
-from .models.neighbourhoods import CutAdapter, attach_cut_adapters, adapter_key, cut_channel_pairs, fuse_adapters, resolve_cuts, split_network
+from .models.neighbourhoods import (CutAdapter, activation_shapes, adapter_key, attach_cut_adapters, cut_channel_pairs,
+                                    fuse_adapters, resolve_cuts, split_network)
+from .teacher_activations import TeacherActivations
 
 
 NEIGHBOURHOOD_LR = 0.01
@@ -60,6 +68,21 @@ class NeighbourhoodSettings(TrainSettings, KDSettings):
     lr: float = setting(NEIGHBOURHOOD_LR, help="Learning rate of every neighbourhood.", positive=True)
     holdout: int = setting(512, help="Training images kept aside to measure each neighbourhood's local error.",
                            at_least=0)
+    adapters: bool = setting(False, help="Allow a student with fewer channels than the teacher at a cut: learned 1x1 "
+                                         "convolutions map between them (less accurate than a student that keeps "
+                                         "the teacher's interfaces, e.g. resnet20:inner=0.5).")
+    cache: Literal["auto", "memory", "disk"] = setting(
+        "auto", help="Where the teacher's activations live: memory, disk (a resumable cache directory), or auto "
+                     "(memory when they take under a quarter of the free memory).")
+    cache_dir: str | None = setting(None, help="Disk cache directory (default: OUT/activation-cache); a cache of another "
+                                               "teacher, set, cut list or views is refused.")
+    cache_views: int = setting(1, positive=True, help="Views of every image in the cache: the image as made, then "
+                                                      "views-1 augmented ones (pad-and-crop, --flip, --mixup).")
+    cache_dtype: Literal["float32", "float16"] = setting("float32", help="Precision of the stored activations.")
+
+    def key(self) -> dict[str, Any]:
+        """The settings that decide a trained neighbourhood (not where its inputs are kept)."""
+        return {name: value for name, value in asdict(self).items() if name not in ("cache", "cache_dir")}
 
 
 class StudentNeighbourhood(nn.Module):
@@ -123,8 +146,10 @@ class NeighbourhoodDistiller:
     CUT_LOSS = "mse"
 
     def __init__(self, teacher: Classifier, student: Classifier, config: NeighbourhoodSettings, accelerator: Accelerator,
-                 owned: list[int] | None = None):
+                 owned: list[int] | None = None, phase: str = "neighbourhoods"):
+        """``phase`` names the per-epoch records in the log and the trackers."""
         self.teacher = teacher.eval().requires_grad_(False)
+        self.phase = phase
         self.student = student
         # The student's starting weights, not just its config: a model directory given as the
         # student is a starting point, and another one of the same architecture must retrain.
@@ -142,6 +167,8 @@ class NeighbourhoodDistiller:
         probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0))).to(device)
         student.to(device).eval()
         self.channel_pairs = cut_channel_pairs(self.teacher_split, self.student_split, probe)
+        if not config.adapters:
+            self._require_same_interfaces(probe)
         self.neighbourhoods = nn.ModuleList()
         for k, piece in enumerate(self.student_split.pieces):
             torch.manual_seed(derive_seed(config.seed, "adapters", k))  # the same on every rank
@@ -157,7 +184,6 @@ class NeighbourhoodDistiller:
             with torch.no_grad():
                 inputs.append(piece(inputs[-1]))
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
-        self.activation_inputs = False  # set by train() for an ActivationDataset
         self.local = owned is not None
         if self.local:
             self.owned = sorted(owned)
@@ -175,32 +201,38 @@ class NeighbourhoodDistiller:
     def names(self) -> list[str]:
         return self.student_split.names
 
+    def _require_same_interfaces(self, probe: torch.Tensor) -> None:
+        """Without adapters every cut must carry the teacher's activation shape."""
+        for name, pair, t, s in zip(self.names, self.channel_pairs, activation_shapes(self.teacher_split, probe),
+                                    activation_shapes(self.student_split, probe)):
+            if pair is not None:
+                raise SynthkdError(
+                    f"the student's activation at cut {name!r} is {s}, the teacher's {t}; a neighbourhood student keeps "
+                    "the teacher's interfaces (e.g. --student resnet20:inner=0.5), or pass --adapters to learn 1x1 "
+                    "convolutions between them")
+
     def fingerprint(self, data_fingerprint: str) -> str:
         """Key of a finished neighbourhood file: teacher, student, cuts, data and settings."""
         payload = json.dumps({
             "teacher": self.teacher.fingerprint(), "student": self.student_fingerprint,
-            "config": asdict(self.config), "cuts": self.cuts, "data": data_fingerprint,
+            "config": self.config.key(), "cuts": self.cuts, "data": data_fingerprint,
         }, sort_keys=True)
         return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
-    def train(self, dataset: Dataset, out: Path, data_fingerprint: str) -> dict[str, Any]:
+    def train(self, dataset: Dataset, out: Path, data_fingerprint: str,
+              activations: TeacherActivations | None = None) -> dict[str, Any]:
         """Train the owned neighbourhoods (or load finished ones) and gather all of them on every
-        rank; :meth:`merge` then makes the student."""
-        accelerator, config = self.accelerator, self.config
-        device = accelerator.device
-        self.activation_inputs = isinstance(dataset, ActivationDataset)
-        if self.activation_inputs and dataset.cuts != self.cuts:
+        rank; :meth:`merge` then makes the student. ``activations``: the teacher's, when the
+        caller shares them between several students (Student Search)."""
+        accelerator = self.accelerator
+        if isinstance(dataset, ActivationDataset) and dataset.cuts != self.cuts:
             raise SynthkdError(
                 f"the activation set was made for cuts {dataset.cuts}, this run cuts at {self.cuts}; "
                 "pass the same --cuts to `synthkd distill` as to `synthkd generate --method activations`"
             )
-        self.teacher.to(device)
-        self.neighbourhoods.to(device)
+        self.neighbourhoods.to(accelerator.device)
         key = self.fingerprint(data_fingerprint)
         folder = out / "neighbourhoods"
-        holdout = min(config.holdout, len(dataset) // 5)
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed)).tolist()
-        train_set, held_out = Subset(dataset, order[holdout:]), Subset(dataset, order[:holdout])
         todo, results = [], {}
         for k in self.owned:
             finished = self._load_finished(folder, k, key)
@@ -208,8 +240,13 @@ class NeighbourhoodDistiller:
                 results[k] = finished
             else:
                 todo.append(k)
+        started, cpu_started = time.perf_counter(), time.process_time()
+        if activations is None and (todo or not self.local):  # the cache build is collective
+            activations = TeacherActivations(self.teacher, self.teacher_split, dataset, self.config, data_fingerprint,
+                                              accelerator, out, needed=todo, local=self.local)
+        cache_seconds, cache_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if todo:
-            results.update(self._train(todo, train_set, held_out, folder, key))
+            results.update(self._train(todo, activations, folder, key))
         if self.local:
             gathered = [(k, None, results[k]) for k in self.owned]  # the weights are in place already
         else:
@@ -223,9 +260,11 @@ class NeighbourhoodDistiller:
             metrics[self.names[k]] = record
         self.neighbourhoods.cpu()
         processes = [self.accelerator.process_index] if self.local else range(self.accelerator.num_processes)
-        return {"neighbourhoods": metrics, "assignment": {str(r): [self.names[k] for k, ranks in enumerate(self.ranks) if r in ranks]
-                                                          for r in processes},
-                "flops": dict(zip(self.names, self.flops))}
+        report = {"neighbourhoods": metrics, "flops": dict(zip(self.names, self.flops)),
+                  "assignment": {str(r): [self.names[k] for k, ranks in enumerate(self.ranks) if r in ranks] for r in processes}}
+        if activations is not None:
+            report["activation_cache"] = {**activations.summary, "seconds": cache_seconds, "cpu_seconds": cache_cpu_seconds}
+        return report
 
     def _load_finished(self, folder: Path, k: int, key: str) -> dict[str, Any] | None:
         weights, record = folder / f"{k:02d}.safetensors", folder / f"{k:02d}.json"
@@ -245,63 +284,45 @@ class NeighbourhoodDistiller:
         self.neighbourhoods[k].load_state_dict(state)
         return {**meta["metrics"], "resumed": True}
 
-    def _teacher_activations(self, images: torch.Tensor, depth: int) -> list[torch.Tensor]:
-        """Input and outputs of the teacher's neighbourhoods 0..depth (shared by owned pieces)."""
-        fmt = self.teacher.input_format
-        activations = [fmt.normalize(fmt.adapt(images))]
-        with torch.no_grad():
-            for piece in self.teacher_split.pieces[: depth + 1]:
-                # A piece may start with an in-place op (a ReLU(inplace=True) after a cut at a
-                # BatchNorm): on a clone, so it cannot overwrite the previous piece's target,
-                # which would then depend on how deep this rank runs the teacher.
-                activations.append(piece(activations[-1].clone()))
-        return activations
-
-    @torch.no_grad()
-    def _pairs(self, batch, indices: list[int], augment: nn.Module | None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """(input, teacher target) of each neighbourhood in ``indices`` for one batch: from the
-        teacher run on the (augmented) images, or from each neighbourhood's own activations."""
-        device = self.accelerator.device
-        if self.activation_inputs:
-            inputs = {k: batch[k].to(device) for k in indices}
-            return {k: (x, self.teacher_split.pieces[k](x.clone())) for k, x in inputs.items()}
-        images = batch.images.to(device)
-        activations = self._teacher_activations(augment(images) if augment is not None else images, max(indices))
-        return {k: (activations[k], activations[k + 1]) for k in indices}
-
     def _loss(self, k: int, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         """KD on the head's logits, a regression onto the teacher's activation at every other cut."""
         name = self.HEAD_LOSS if k == len(self.neighbourhoods) - 1 else self.CUT_LOSS
         return DISTILLATION_LOSSES.get(name)(output.float(), target.float(), self.config.temperature)
 
-    def _train(self, todo: list[int], train_set: Dataset, held_out: Dataset, folder: Path, key: str) -> dict[int, dict]:
-        config, accelerator = self.config, self.accelerator
-        fmt = self.teacher.input_format
-        augment = distillation_augmentation(fmt.height, fmt.width, config.flip, config.mixup).to(accelerator.device)
-        steps_per_epoch = len(train_set) // config.batch_size or 1
-        optimizers = {k: self._optimizer(self.neighbourhoods[k]) for k in todo}
-        schedulers = {k: warmup_cosine(optimizers[k], config, steps_per_epoch) for k in todo}
-        seconds = {k: 0.0 for k in todo}
+    def _train(self, todo: list[int], activations: TeacherActivations, folder: Path, key: str) -> dict[int, dict]:
+        """Each neighbourhood in turn, on its own (input, target) pairs: its batches depend only
+        on the seed and its index, never on which rank trains it or what else that rank owns."""
+        config, device = self.config, self.accelerator.device
+        results = {}
+        bar = tqdm(total=len(todo) * config.epochs, desc=f"neighbourhoods (rank {self.accelerator.process_index})",
+                   disable=no_progress_bars(self.accelerator), leave=False)
         for k in todo:
-            self.neighbourhoods[k].train()
-        bar = tqdm(total=config.epochs * steps_per_epoch, desc=f"neighbourhoods (rank {accelerator.process_index})",
-                   disable=not accelerator.is_local_main_process, leave=False)
-        for epoch in range(config.epochs):
-            loader = DataLoader(train_set, batch_size=config.batch_size, shuffle=True, drop_last=len(train_set) > config.batch_size,
-                                generator=torch.Generator().manual_seed(derive_seed(config.seed, "epoch", epoch)))
-            for step, batch in enumerate(loader):
-                torch.manual_seed(derive_seed(config.seed, "epoch", epoch, "step", step))  # same views on every rank
-                pairs = self._pairs(batch, todo, augment)
-                for k in todo:
-                    started = time.perf_counter()
-                    self._step(k, pairs[k], optimizers[k], schedulers[k])
-                    seconds[k] += time.perf_counter() - started
+            inputs, targets = activations.pair(k)
+            train_rows, held_out = activations.train_rows, activations.holdout_rows
+            neighbourhood = self.neighbourhoods[k].train()
+            optimizer = self._optimizer(neighbourhood)
+            steps_per_epoch = max(1, len(train_rows) // config.batch_size)
+            scheduler = warmup_cosine(optimizer, config, steps_per_epoch)
+            started, cpu_started = time.perf_counter(), time.process_time()
+            for epoch in range(config.epochs):
+                order = train_rows[torch.randperm(len(train_rows), generator=torch.Generator().manual_seed(
+                    derive_seed(config.seed, "neighbourhood", k, "epoch", epoch)))]
+                loss = torch.zeros((), device=device)
+                for step in range(steps_per_epoch):
+                    rows = order[step * config.batch_size : (step + 1) * config.batch_size]
+                    loss += self._step(k, (inputs[rows].to(device).float(), targets[rows].to(device).float()), optimizer, scheduler)
                 bar.update(1)
+                log_progress(self.accelerator, self.phase, {"epoch": epoch + 1, f"{self.names[k]}/loss": (loss / steps_per_epoch).item()})
+            seconds, cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
+            error = self._local_error(k, inputs[held_out], targets[held_out])
+            results[k] = {"relative_mse": error, "seconds": seconds, "cpu_seconds": cpu_seconds, "flops": self.flops[k],
+                          "rank": self.accelerator.process_index, "ranks": self.ranks[k], "epochs": config.epochs}
+            self._save(k, folder, key, results[k])
         bar.close()
-        return self._save_trained(todo, held_out, folder, key, seconds)
+        return results
 
-    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> None:
-        """One optimiser step of neighbourhood k on this rank's share of the batch."""
+    def _step(self, k: int, pair: tuple[torch.Tensor, torch.Tensor], optimizer: torch.optim.Optimizer, scheduler) -> torch.Tensor:
+        """One optimiser step of neighbourhood k on this rank's share of the batch; its loss (detached)."""
         rows = self._rows(k)
         with self.accelerator.autocast():
             output = self.neighbourhoods[k](pair[0][rows])
@@ -311,23 +332,15 @@ class NeighbourhoodDistiller:
         self._average_gradients(k)
         optimizer.step()
         scheduler.step()
+        return loss.detach().float()
 
-    def _save_trained(self, todo: list[int], held_out: Dataset, folder: Path, key: str,
-                      seconds: dict[int, float]) -> dict[int, dict]:
-        """The records of the trained neighbourhoods (local error on ``held_out``), each written
-        with its weights by the rank that leads it."""
-        accelerator = self.accelerator
-        results = {}
-        errors = self.local_errors(todo, held_out)
-        for k in todo:
-            results[k] = {"relative_mse": errors[k], "seconds": seconds[k], "flops": self.flops[k],
-                          "rank": accelerator.process_index, "ranks": self.ranks[k], "epochs": self.config.epochs}
-            if self.ranks[k][0] != accelerator.process_index:
-                continue  # a data-parallel replica: its leader writes the files
-            state = {n: t.detach().cpu().contiguous() for n, t in self.neighbourhoods[k].state_dict().items()}
-            atomic_write(folder / f"{k:02d}.safetensors", lambda tmp, state=state: save_file(state, tmp))
-            atomic_write_json(folder / f"{k:02d}.json", {"key": key, "name": self.names[k], "metrics": results[k]})
-        return results
+    def _save(self, k: int, folder: Path, key: str, record: dict[str, Any]) -> None:
+        """Write a trained neighbourhood's weights and record (by the rank that leads it)."""
+        if self.ranks[k][0] != self.accelerator.process_index:
+            return  # a data-parallel replica: its leader writes the files
+        state = {n: t.detach().cpu().contiguous() for n, t in self.neighbourhoods[k].state_dict().items()}
+        atomic_write(folder / f"{k:02d}.safetensors", lambda tmp: save_file(state, tmp))
+        atomic_write_json(folder / f"{k:02d}.json", {"key": key, "name": self.names[k], "metrics": record})
 
     def _optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
         config = self.config
@@ -353,20 +366,18 @@ class NeighbourhoodDistiller:
                 parameter.grad.div_(size)
 
     @torch.no_grad()
-    def local_errors(self, indices: list[int], held_out: Dataset) -> dict[int, float]:
-        """Relative MSE ||s_k - t_k||^2 / ||t_k||^2 of each neighbourhood on held-out inputs
-        (for the head: on logits)."""
-        error = {k: 0.0 for k in indices}
-        norm = {k: 0.0 for k in indices}
-        for k in indices:
-            self.neighbourhoods[k].eval()
-        for batch in DataLoader(held_out, batch_size=256):
-            pairs = self._pairs(batch, indices, augment=None)
-            for k in indices:
-                squared_error, squared_norm = relative_squared_error(self.neighbourhoods[k](pairs[k][0]).float(), pairs[k][1])
-                error[k] += squared_error
-                norm[k] += squared_norm
-        return {k: error[k] / max(norm[k], 1e-12) for k in indices}
+    def _local_error(self, k: int, inputs: torch.Tensor, targets: torch.Tensor) -> float:
+        """Relative MSE ||s_k - t_k||^2 / ||t_k||^2 of neighbourhood k on held-out pairs (for the
+        head: on logits)."""
+        neighbourhood = self.neighbourhoods[k].eval()
+        device = self.accelerator.device
+        error = norm = 0.0
+        for start in range(0, len(inputs), 256):
+            target = targets[start : start + 256].to(device).float()
+            squared_error, squared_norm = relative_squared_error(
+                neighbourhood(inputs[start : start + 256].to(device).float()).float(), target)
+            error, norm = error + squared_error, norm + squared_norm
+        return error / max(norm, 1e-12)
 
     def merge(self) -> Classifier:
         """The student made of the trained neighbourhoods. The pieces hold the student's own

@@ -49,6 +49,13 @@ def setting(
     return dataclasses.field(default=default, default_factory=default_factory, metadata=metadata)
 
 
+def shared_setting(owner: type, name: str) -> Any:
+    """The field ``name`` of the settings class ``owner`` again, for a class that passes it on
+    (default, bounds and help stay written once, where the setting is used)."""
+    spec = owner.__dataclass_fields__[name]
+    return dataclasses.field(default=spec.default, default_factory=spec.default_factory, metadata=spec.metadata)
+
+
 def refusal(read: Callable[[Any], Any]) -> Check:
     """A field check from a function that reads a value and raises :class:`SynthkdError` where it
     cannot (a dataset spec, a budget, a class table): its message is the problem."""

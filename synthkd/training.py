@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
+from .accelerator import log_progress, logger, no_progress_bars
 from .data.loading import loader_options
 from .evaluation import evaluate
 from .errors import SynthkdError
@@ -84,8 +85,7 @@ class Checkpoint:
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        if self.accelerator.is_main_process:
-            tqdm.write(f"resuming after epoch {len(state['history'])} from {self.path}")
+        logger.info(f"resuming after epoch {len(state['history'])} from {self.path}")
         return list(state["history"])
 
     def save(self, model: nn.Module, optimizer, scheduler, history: list[dict[str, Any]]) -> None:
@@ -146,16 +146,16 @@ def fit(
         if on_epoch_start is not None:
             on_epoch_start(epoch)
         generator.manual_seed(seed_epoch(config.seed, epoch))
-        started = time.perf_counter()
+        started, cpu_started = time.perf_counter(), time.process_time()
         loss = _run_epoch(prepared_model, loader, batch_loss, optimizer, scheduler, accelerator,
                           f"{description} {epoch + 1}/{config.epochs}")
-        record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - started}
+        # CPU seconds beside wall seconds: on a shared machine they still compare methods fairly.
+        record: dict[str, Any] = {"epoch": epoch + 1, "loss": loss, "seconds": time.perf_counter() - started,
+                                  "cpu_seconds": time.process_time() - cpu_started}
         if eval_dataset is not None:
             record["eval_accuracy"] = evaluate(accelerator.unwrap_model(prepared_model), eval_dataset, accelerator)["accuracy"]
         history.append(record)
-        if accelerator.is_main_process:
-            shown = ", ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items())
-            tqdm.write(f"{description}: {shown}")
+        log_progress(accelerator, description, record)
         if checkpoint:
             checkpoint.save(accelerator.unwrap_model(prepared_model), optimizer, scheduler, history)
     accelerator.wait_for_everyone()
@@ -177,7 +177,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
     """One pass over ``loader``; the mean loss over the batches and the processes."""
     model.train()
     total, batches = 0.0, 0
-    bar = tqdm(loader, desc=description, disable=not accelerator.is_local_main_process, leave=False)
+    bar = tqdm(loader, desc=description, disable=no_progress_bars(accelerator), leave=False)
     for batch in bar:
         with accelerator.autocast():
             loss = batch_loss(model, batch)

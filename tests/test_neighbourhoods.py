@@ -145,14 +145,14 @@ def test_student_with_other_classes(teacher, accelerator):
 
 def test_student_without_the_cut_path(teacher, accelerator):
     student = build_student("resnet20", teacher, STUDENT_WIDTH)  # has layer1.0..2, teacher layer1.0 only
-    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="stages"), accelerator)
+    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="stages", adapters=True), accelerator)
     assert distiller.cuts == ["stem", "layer1", "layer2", "layer3"]  # deeper student, same stages: fine
     shallow = build_student("resnet8", teacher, STUDENT_WIDTH)
     teacher20 = Classifier.from_config(ModelConfig(
         arch="resnet20", arch_kwargs={"width": 0.5, "in_channels": 1, "num_classes": 10},
         input=teacher.input_format, class_names=list(teacher.config.class_names)))
     with pytest.raises(SynthkdError, match="layer1.2"):
-        NeighbourhoodDistiller(teacher20, shallow, NeighbourhoodSettings(cuts="blocks"), accelerator)
+        NeighbourhoodDistiller(teacher20, shallow, NeighbourhoodSettings(cuts="blocks", adapters=True), accelerator)
 
 
 # --- adapters for a narrower student -----------------------------------------------------------
@@ -170,7 +170,7 @@ def test_fused_adapters_equal_the_pair():
 def distill(teacher, accelerator, out: Path, data: Path, student=None, **settings):
     """A NeighbourhoodDistiller trained on ``data`` into ``out``: (distiller, report)."""
     student = student if student is not None else build_student("resnet8", teacher, STUDENT_WIDTH, seed=0)
-    config = NeighbourhoodSettings(**{"cuts": "blocks", "epochs": 1, "batch_size": 16, "seed": 0, **settings})
+    config = NeighbourhoodSettings(**{"cuts": "blocks", "epochs": 1, "batch_size": 16, "seed": 0, "adapters": True, **settings})
     distiller = NeighbourhoodDistiller(teacher, student, config, accelerator)
     dataset = SyntheticDataset(data)
     return distiller, distiller.train(dataset, out, data_fingerprint(data, dataset))
@@ -179,8 +179,8 @@ def distill(teacher, accelerator, out: Path, data: Path, student=None, **setting
 def test_narrower_student_is_trained_and_merged(teacher, accelerator, synthetic_dir, tmp_path):
     student = build_student("resnet8", teacher, STUDENT_WIDTH, seed=0)
     initial = {k: v.clone() for k, v in student.state_dict().items()}
-    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks", epochs=1, batch_size=16),
-                                       accelerator)
+    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks", epochs=1, batch_size=16,
+                                                                               adapters=True), accelerator)
     assert distiller.cuts == BLOCK_CUTS
     assert distiller.channel_pairs == [(8, 4), (8, 4), (16, 8), (32, 16), None]
     for k, neighbourhood in enumerate(distiller.neighbourhoods):
@@ -258,7 +258,7 @@ def test_more_ranks_than_neighbourhoods():
 
 def test_flops_and_assignment_of_a_distiller(teacher, accelerator):
     student = build_student("resnet8", teacher, STUDENT_WIDTH)
-    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks"), accelerator)
+    distiller = NeighbourhoodDistiller(teacher, student, NeighbourhoodSettings(cuts="blocks", adapters=True), accelerator)
     assert len(distiller.flops) == 5 and all(f > 0 for f in distiller.flops)
     assert distiller.flops[4] < min(distiller.flops[:4])  # the head (pool + linear) is the lightest
     assert distiller.assignment == [list(range(5))] and distiller.owned == list(range(5))
@@ -278,7 +278,8 @@ def test_a_neighbourhood_trains_the_same_on_any_rank(teacher, accelerator, synth
     shares += [[k] for k in range(len(alone.neighbourhoods))]
     for rank, share in enumerate(shares):
         distiller = NeighbourhoodDistiller(teacher, build_student("resnet8", teacher, width, seed=0),
-                                           NeighbourhoodSettings(cuts=cuts, epochs=1, batch_size=16, seed=0), accelerator)
+                                           NeighbourhoodSettings(cuts=cuts, epochs=1, batch_size=16, seed=0, adapters=True),
+                                           accelerator)
         distiller.owned = share
         dataset = SyntheticDataset(synthetic_dir)
         report = distiller.train(dataset, tmp_path / f"rank{rank}", data_fingerprint(synthetic_dir, dataset))
@@ -345,7 +346,7 @@ def test_a_damaged_finished_piece_is_trained_again(teacher, accelerator, synthet
 def test_cli_neighbourhood_distill(teacher_dir, synthetic_dir, tmp_path):
     out = tmp_path / "student"
     result = CliRunner().invoke(main, [
-        "distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--student-width", str(STUDENT_WIDTH),
+        "distill", "--teacher", str(teacher_dir), "--student", "resnet8",
         "--data", str(synthetic_dir), "--mode", "neighbourhood", "--cuts", "blocks", "--epochs", "1",
         "--finetune-epochs", "1", "--batch-size", "16", "--eval-dataset", "digits:test", "--out", str(out)])
     assert result.exit_code == 0, (result.output, result.exception)
@@ -362,7 +363,10 @@ def test_cli_neighbourhood_distill(teacher_dir, synthetic_dir, tmp_path):
     assert metrics["distill_seconds"] >= metrics["neighbourhood_seconds"]
     assert (out / "neighbourhoods" / "04.safetensors").is_file()
     student = Classifier.from_pretrained(out)
-    assert student.config.cut_adapters == {"stem": 4, "layer1.0": 4, "layer2.0": 8, "layer3.0": 16}
+    # The default neighbourhood student: the teacher's width at every cut, thinner inside its blocks.
+    assert not student.config.cut_adapters and student.config.arch == "resnet8"
+    assert student.config.arch_kwargs["inner"] == 0.5 and student.config.arch_kwargs["width"] == 0.5
+    assert metrics["activation_cache"]["where"] == "memory" and not (out / "activation-cache").exists()
     from synthkd.cli import make_accelerator
 
     report = evaluate(student, load_dataset("digits:test"), make_accelerator())
@@ -391,8 +395,7 @@ def launcher() -> list[str]:
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
 def test_same_student_from_one_or_two_processes(teacher_dir, synthetic_dir, tmp_path):
     def distill_args(out: Path) -> list[str]:
-        return ["distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--student-width", str(STUDENT_WIDTH),
-                "--data", str(synthetic_dir), "--mode", "neighbourhood", "--epochs", "2", "--finetune-epochs", "0",
+        return ["distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--data", str(synthetic_dir), "--mode", "neighbourhood", "--epochs", "2", "--finetune-epochs", "0",
                 "--batch-size", "8", "--seed", "3", "--out", str(out)]
 
     def check(done, what):
@@ -448,7 +451,7 @@ def test_extra_ranks_train_the_costliest_neighbourhood_data_parallel(teacher_dir
     launch = [*launcher(), "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "4",
               "--num_machines", "1", "--main_process_port", str(free_port())]
     done = subprocess.run([*launch, "-m", "synthkd", "distill", "--teacher", str(teacher_dir), "--student", "resnet8",
-                           "--student-width", str(STUDENT_WIDTH), "--data", str(synthetic_dir), "--mode", "neighbourhood",
+                           "--data", str(synthetic_dir), "--mode", "neighbourhood",
                            "--cuts", "stem,layer1", "--epochs", "2", "--batch-size", "8", "--out", str(out)],
                           cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]

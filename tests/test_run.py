@@ -304,7 +304,7 @@ def test_quick_config_with_two_processes(tmp_path):
         cmd.remove("launch")  # `python -m accelerate.commands.launch` takes no subcommand
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
-    assert done.stdout.count("synthkd run ->") == 1, done.stdout  # only the main process reports
+    assert done.stderr.count("synthkd run ->") == 1, done.stderr  # only the main process reports
     state = records(run_dir)
     assert len(state) == 6 and all(r["status"] == "done" and r["num_processes"] == 2 for r in state.values()), state
     manifest = json.loads((run_dir / "synthetic" / "manifest.json").read_text())

@@ -111,7 +111,10 @@ def test_candidate_grid(teacher):
                                        "w1-d1", "w1-d1-s0.5", "w1-d2", "w1-d2-s0.5"]
     assert space[1].arch == "resnet8" and space[1].arch_kwargs["width"] == 0.25 and space[1].arch_kwargs["blocks"] == 1
     assert space[1].sparsity == 0.5
-    for bad in ("colour=1", "width=a", "width=0", "sparsity=1", "width"):
+    inner = candidate_space("inner=0.25,0.5;depth=1", teacher)  # the default kind: the teacher's interfaces kept
+    assert [c.name for c in inner] == ["i0.25-d1", "i0.5-d1"]
+    assert inner[1].arch_kwargs == {**teacher.config.arch_kwargs, "inner": 0.5, "blocks": 1}
+    for bad in ("colour=1", "width=a", "width=0", "sparsity=1", "width", "inner=0"):
         with pytest.raises(SynthkdError):
             candidate_space(bad, teacher)
 

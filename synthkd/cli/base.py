@@ -3,19 +3,73 @@
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Any, Callable
 
 import click
 
+from ..accelerator import AcceleratorSettings, make_accelerator, show_log  # noqa: F401  (make_accelerator: the commands')
 from ..data.loading import LoaderSettings, use_loader_settings
 from ..errors import SynthkdError
 from .options import settings_options
+
+
+class SynthkdCommand(click.Command):
+    """A command whose ``-h`` lists its options under headed sections (an option's ``help_group``,
+    see :func:`tagged`; untagged ones last, under Options) and ends with the grammar of the model
+    and dataset specs its options take (an option's ``spec``: "model" or "dataset")."""
+
+    def format_options(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        sections: dict[str, list[tuple[str, str]]] = {}
+        for param in self.get_params(ctx):
+            record = param.get_help_record(ctx)
+            if record is not None:
+                sections.setdefault(getattr(param, "help_group", None) or "Options", []).append(record)
+        sections["Options"] = sections.pop("Options", [])
+        for title, records in sections.items():
+            if records:
+                with formatter.section(title):
+                    formatter.write_dl(records)
+
+    def format_epilog(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        super().format_epilog(ctx, formatter)
+        kinds = {getattr(param, "spec", None) for param in self.get_params(ctx)}
+        if "model" in kinds:
+            from ..models.specs import model_spec_help
+
+            with formatter.section("Model specs"):
+                formatter.write_dl(model_spec_help())
+        if "dataset" in kinds:
+            from ..data.datasets import dataset_spec_help
+
+            with formatter.section("Dataset specs"):
+                formatter.write_dl(dataset_spec_help())
+
+
+def tagged(*decorators: Callable, **attributes: Any) -> Callable:
+    """Apply click option decorators (shown in the order listed) and set ``attributes`` on the
+    options they add, where not set already: ``help_group="Teacher"`` heads their section of
+    ``-h``; ``spec="dataset"`` (or "model") appends that spec grammar to it."""
+
+    def decorate(function: Callable) -> Callable:
+        before = [id(param) for param in getattr(function, "__click_params__", [])]
+        function = add_options(function, list(decorators))
+        for param in function.__click_params__:
+            if id(param) not in before:
+                for key, value in attributes.items():
+                    if getattr(param, key, None) is None:
+                        setattr(param, key, value)
+        return function
+
+    return decorate
 
 
 class SynthkdGroup(click.Group):
     """Turns :class:`SynthkdError` into a one-line message and exit code 2, and closes the
     process group a command under ``accelerate launch`` opened (left to interpreter exit, gloo's
     threads can abort the process after the work is done)."""
+
+    command_class = SynthkdCommand
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -102,19 +156,20 @@ def open_model(model_spec: str, weights: str | None, input_shape, mean, std):
     return load_model(model_spec, weights, input_shape, mean, std)
 
 
-def make_accelerator(mixed_precision: str = "no", log_with: str | None = None, project_dir: str | None = None):
-    from ..accelerator import make_accelerator as make
-
-    return make(mixed_precision, log_with, project_dir)
+RUN_GROUP = "Run"
 
 
-mixed_precision_option = click.option(
-    "--mixed-precision", type=click.Choice(["no", "fp16", "bf16"]), default="no", show_default=True,
-    help="Autocast on GPU.",
-)
+def accelerator_options(tracking: bool = False) -> Callable:
+    """``--mixed-precision`` (every command that runs a model) and, with ``tracking``, ``--tracker``
+    (the commands that train or generate), passed as one :class:`AcceleratorSettings` ``device``."""
+    return tagged(settings_options(AcceleratorSettings, "device", only=None if tracking else ("mixed_precision",)),
+                  help_group=RUN_GROUP)
 
 
 @click.group(cls=SynthkdGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="synthkd")
-def main() -> None:
+@click.option("-v", "--verbose", count=True, help="More log lines (-v: debug, e.g. each shard and the accelerator set-up).")
+@click.option("-q", "--quiet", count=True, help="Fewer log lines (-q: warnings only, -qq: errors only); results still print.")
+def main(verbose: int, quiet: int) -> None:
     """Distill image classifiers without their training data."""
+    show_log(max(logging.DEBUG, logging.INFO + 10 * (quiet - verbose)))

@@ -9,44 +9,76 @@ import click
 from synthkd.pipelines.distill import DistillSettings, StudentSettings
 from synthkd.pipelines.train_teacher import TeacherSettings
 
+from ..accelerator import accelerated
 from ..errors import SynthkdError
+from ..generators.inversion import InversionLossSettings, InversionSettings
 from ..pipelines.generate import GenerateSettings
-from .base import loader_options, main, make_accelerator, mixed_precision_option, model_options, open_model
+from ..training import KDSettings
+from .base import RUN_GROUP, accelerator_options, loader_options, main, make_accelerator, model_options, open_model, tagged
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
 
+TEACHER_GROUP = "Teacher"
+
+# The sections of `generate -h`: by method, keyed by the settings class (or section) declaring an option.
+GENERATE_GROUPS: dict[type | str, str] = {
+    InversionLossSettings: "Inversion objective (--method inversion and fast)",
+    InversionSettings: "--method inversion: optimise the pixels (--iterations: also activations)",
+    GenerateSettings: "The set",
+    "fast": "--method fast: a meta-learned generator network",
+    "diffusion": "--method diffusion: sample a diffusers pipeline",
+    "activations": "--method activations: each neighbourhood's input activations",
+    "selection": "Selection by the teacher (any method)",
+}
+
+# The sections of `distill -h`: what every mode takes, then each mode's own options.
+DISTILL_GROUPS: dict[type | str, str] = {
+    KDSettings: "Distillation (both modes)",
+    DistillSettings: "Distillation (both modes)",
+    "augment": "--mode e2e",
+    "cuts": "--mode neighbourhood",
+    "finetune_epochs": "--mode neighbourhood",
+    "finetune_lr": "--mode neighbourhood",
+}
+
 
 @main.command("train-teacher")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
+@tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train."), spec="dataset")
 @settings_options(TeacherSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
-@click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test.")
-@mixed_precision_option
+@tagged(click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test."),
+        spec="dataset")
+@accelerator_options(tracking=True)
 @loader_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
-def train_teacher_command(dataset, settings, seed, eval_dataset, mixed_precision, out):
+def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
     """Train a teacher on a real dataset and save it as a model directory."""
     from synthkd.pipelines.train_teacher import train_teacher
 
-    accelerator = make_accelerator(mixed_precision)
-    _, metrics = train_teacher(dataset, settings, out, seed, eval_dataset, accelerator)
+    hyperparameters = {**settings.to_dict(), "dataset": dataset, "seed": seed}
+    with accelerated(device, "train-teacher", out, hyperparameters) as accelerator:
+        _, metrics = train_teacher(dataset, settings, out, seed, eval_dataset, accelerator)
     if accelerator.is_main_process and "eval" in metrics:
         click.echo(f"teacher accuracy on {eval_dataset}: {metrics['eval']['accuracy']:.4f}")
 
 
 @main.command()
-@model_options("teacher", "--teacher-weights")
-@settings_options(GenerateSettings, "settings")
-@click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
-              help="A setting of a registered method that has no options of its own (repeatable; the value is read "
-                   "as YAML), e.g. --method toy --method-option scale=0.5.")
-@click.option("--student", type=click.Path(exists=True, file_okay=False),
-              help="A student model directory: the competitor of the competition term (see --competition-weight).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@mixed_precision_option
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Synthetic set directory (resumes if it exists).")
-def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, mixed_precision, out):
+@tagged(model_options("teacher", "--teacher-weights"), help_group=TEACHER_GROUP, spec="model")
+@settings_options(GenerateSettings, "settings", groups=GENERATE_GROUPS)
+@tagged(click.option("--method-option", "method_options", multiple=True, metavar="KEY=VALUE",
+                     help="A setting of a registered method that has no options of its own (repeatable; the value is "
+                          "read as YAML), e.g. --method toy --method-option scale=0.5."),
+        help_group=GENERATE_GROUPS[GenerateSettings])
+@tagged(click.option("--student", type=click.Path(exists=True, file_okay=False),
+                     help="A student model directory: the competitor of the competition term (see --competition-weight)."),
+        help_group=GENERATE_GROUPS[InversionLossSettings])
+@tagged(click.option("--seed", type=int, default=0, show_default=True, help="Seeds every shard's draws."),
+        help_group=RUN_GROUP)
+@accelerator_options(tracking=True)
+@tagged(click.option("--out", required=True, type=click.Path(file_okay=False),
+                     help="Synthetic set directory (resumes if it exists)."), help_group=RUN_GROUP)
+def generate(model_spec, weights, input_shape, mean, std, settings, method_options, student, seed, device, out):
     """Make a synthetic training set from the teacher alone."""
     from synthkd.models import load_model
     from synthkd.pipelines.generate import generate_set
@@ -54,9 +86,9 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
     settings = settings.with_method_options(method_options)
     check_cli(settings)
     teacher = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator(mixed_precision)
-    competitor = load_model(student).to(accelerator.device) if student else None
-    manifest = generate_set(settings, teacher, out, seed, accelerator, competitor)
+    with accelerated(device, "generate", out, {**settings.relevant(), "seed": seed}) as accelerator:
+        competitor = load_model(student).to(accelerator.device) if student else None
+        manifest = generate_set(settings, teacher, out, seed, accelerator, competitor)
     if not accelerator.is_main_process:
         return
     if "neighbourhoods" in manifest:
@@ -68,36 +100,42 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
 
 
 @main.command()
-@model_options("teacher", "--teacher-weights")
-@settings_options(StudentSettings, "student")
-@click.option("--data", required=True, type=click.Path(),
-              help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference).")
-@settings_options(DistillSettings, "settings")
-@click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
-@click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test.")
-@mixed_precision_option
+@tagged(model_options("teacher", "--teacher-weights"), help_group=TEACHER_GROUP, spec="model")
+@tagged(settings_options(StudentSettings, "student"), help_group="Student")
+@tagged(click.option("--data", required=True, type=click.Path(),
+                     help="Synthetic set directory from `synthkd generate` (or a real dataset spec, for a reference)."),
+        help_group="Data", spec="dataset")
+@settings_options(DistillSettings, "settings", groups=DISTILL_GROUPS)
 @synthesis_options
-@loader_options
-@click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
-def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, mixed_precision, out,
+@tagged(click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation."),
+        click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test."),
+        help_group=RUN_GROUP, spec="dataset")
+@accelerator_options(tracking=True)
+@tagged(loader_options, help_group=RUN_GROUP)
+@tagged(click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write."),
+        help_group=RUN_GROUP)
+def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, device, out,
             synthesis, inputs):
     """Distill a student from the teacher on a synthetic set."""
-    from synthkd.pipelines.distill import build_student, distill as run_distill
+    from synthkd.pipelines.distill import distill as run_distill, student_for
 
-    teacher = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator(mixed_precision)
     if synthesis.enabled and settings.mode != "e2e":
         raise SynthkdError("--synthesize trains end to end; use --mode e2e with it")
     if inputs == "activations" and settings.mode != "neighbourhood":
         raise SynthkdError("--inputs activations feeds each neighbourhood its own inputs; use --mode neighbourhood")
+    teacher = open_model(model_spec, weights, input_shape, mean, std)
+    hyperparameters = {"distill": settings.to_dict(), "student": student.to_dict(), "data": data, "seed": seed}
     if synthesis.enabled:
-        from synthkd.pipelines.interleave import distill_interleaved
+        hyperparameters["synthesis"] = synthesis.to_dict()
+    with accelerated(device, "distill", out, hyperparameters) as accelerator:
+        if synthesis.enabled:
+            from synthkd.pipelines.interleave import distill_interleaved
 
-        student_model = build_student(student.arch, teacher, student.width, seed)
-        _, metrics = distill_interleaved(teacher, student_model, data, out, synthesis, settings, seed, eval_dataset,
-                                         accelerator)
-    else:
-        _, metrics = run_distill(teacher, student, data, out, settings, seed, eval_dataset, accelerator, inputs)
+            student_model = student_for(student, settings, teacher, seed)
+            _, metrics = distill_interleaved(teacher, student_model, data, out, synthesis, settings, seed, eval_dataset,
+                                             accelerator)
+        else:
+            _, metrics = run_distill(teacher, student, data, out, settings, seed, eval_dataset, accelerator, inputs)
     if accelerator.is_main_process and "student" in metrics:
         click.echo(
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
@@ -117,12 +155,14 @@ def models() -> None:
 
 
 @main.command()
-@click.option("--out", default="synthkd-demo", show_default=True, type=click.Path(file_okay=False))
+@click.option("--out", default="synthkd-demo", show_default=True, type=click.Path(file_okay=False),
+              help="Directory for the teacher, the synthetic set and the student.")
 @click.option("--dataset", type=click.Choice(["auto", "digits", "fashion-mnist"]), default="auto", show_default=True,
               help="auto: Fashion-MNIST where installed, else scikit-learn digits.")
-def demo(out, dataset):
+@accelerator_options()
+def demo(out, dataset, device):
     """The built-in default: teacher -> inversion -> student, all in minutes."""
     from synthkd.pipelines.demo import run_demo
 
-    summary = run_demo(out, dataset, accelerator=make_accelerator())
+    summary = run_demo(out, dataset, accelerator=make_accelerator(device.mixed_precision))
     click.echo(json.dumps(summary, indent=2))

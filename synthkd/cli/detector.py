@@ -11,24 +11,26 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import loader_options, main, make_accelerator, model_options, open_model
+from .base import accelerator_options, loader_options, main, make_accelerator, model_options, open_model, tagged
 from .options import CommaList, settings_options
 
 
 @main.command()
-@model_options("model", "--weights")
-@click.option("--data", required=True, help="Synthetic set directory, image folder, or dataset spec to fit and calibrate on.")
+@tagged(model_options("model", "--weights"), spec="model")
+@tagged(click.option("--data", required=True, help="Synthetic set directory, image folder, or dataset spec to fit and calibrate on."),
+        spec="dataset")
 @settings_options(CalibrationSettings, "settings")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True, help="Seeds the density fit and the fit/calibration split.")
 @click.option("--batchnorm-layers", type=CommaList(str), default="",
               help="Comma-separated BatchNorm module paths for it (default: the middle half).")
+@accelerator_options()
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Detector directory to write.")
-def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, out):
+def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed, batchnorm_layers, device, out):
     """Fit a density model of the model's features (no labels) and calibrate its p-values."""
     from synthkd.pipelines.calibrate import calibrate as run_calibrate
 
     model = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(device.mixed_precision)
     detector = run_calibrate(model, data, out, settings, seed=seed, batchnorm_layers=batchnorm_layers,
                              accelerator=accelerator)
     if accelerator.is_main_process:
@@ -39,16 +41,18 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 
 @main.command()
 @click.option("--detector", "detector_dir", required=True, type=click.Path(), help="Detector directory from `synthkd calibrate`.")
-@click.option("--inputs", required=True, help="Dataset spec, image folder, or synthetic set directory.")
+@tagged(click.option("--inputs", required=True, help="Dataset spec, image folder, or synthetic set directory."),
+        spec="dataset")
 @click.option("--model", "model_dir", type=click.Path(), help="Check that this model directory is the one the detector was fitted on.")
 @settings_options(DetectSettings, "settings")
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per input on stdout.")
-def detect(detector_dir, inputs, model_dir, settings, as_json):
+@accelerator_options()
+def detect(detector_dir, inputs, model_dir, settings, as_json, device):
     """Per input: score, conformal p-value, flag (p < alpha) and the predicted class."""
     from synthkd.models import load_model
     from synthkd.pipelines.detect import detect as run_detect
 
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(device.mixed_precision)
     detection = run_detect(detector_dir, inputs, settings, load_model(model_dir) if model_dir else None, accelerator)
     if not accelerator.is_main_process:
         return
@@ -65,18 +69,19 @@ def detect(detector_dir, inputs, model_dir, settings, as_json):
 
 
 @main.command()
-@model_options("model", "--weights")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test.")
-@click.option("--batch-size", type=int, default=512, show_default=True)
+@tagged(model_options("model", "--weights"), spec="model")
+@tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:test."), spec="dataset")
+@click.option("--batch-size", type=int, default=512, show_default=True, help="Images per forward pass.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")
 @loader_options
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
-def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out):
+@accelerator_options()
+def evaluate(model_spec, weights, input_shape, mean, std, dataset, batch_size, as_json, detector_dir, evaluation, out, device):
     """Accuracy of a model on a dataset; with --detector, how well the detector flags failures."""
     model = open_model(model_spec, weights, input_shape, mean, std)
-    accelerator = make_accelerator()
+    accelerator = make_accelerator(device.mixed_precision)
     if detector_dir is None:
         if evaluation.ood or evaluation.attacks or out:
             raise SynthkdError("--ood, --attacks and --out evaluate a detector; give it with --detector DIR")

@@ -7,8 +7,9 @@ from typing import Any
 
 import click
 
+from ..accelerator import accelerated
 from ..pipelines.train_diffusion import DiffusionTrainSettings
-from .base import main, make_accelerator, mixed_precision_option
+from .base import accelerator_options, main, tagged
 from .options import settings_options
 
 
@@ -26,16 +27,16 @@ def echo_report(manifest: dict[str, Any]) -> None:
 
 
 @main.command("train-diffusion")
-@click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train.")
+@tagged(click.option("--dataset", required=True, help="Dataset spec, e.g. fashion-mnist:train."), spec="dataset")
 @settings_options(DiffusionTrainSettings, "settings")
-@mixed_precision_option
+@accelerator_options(tracking=True)
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Pipeline directory to write.")
-def train_diffusion_command(dataset, settings, mixed_precision, out):
+def train_diffusion_command(dataset, settings, device, out):
     """Train a small unconditional DDPM and save it as a diffusers pipeline (resumes if stopped)."""
     from synthkd.pipelines.train_diffusion import train_diffusion
 
-    accelerator = make_accelerator(mixed_precision)
-    metrics = train_diffusion(dataset, out, settings, accelerator)
+    with accelerated(device, "train-diffusion", out, {**settings.to_dict(), "dataset": dataset}) as accelerator:
+        metrics = train_diffusion(dataset, out, settings, accelerator)
     if accelerator.is_main_process:
         click.echo(f"trained {metrics['steps']} steps (final loss {metrics['history'][-1]['loss']:.4f}); "
                    f"DDPMPipeline.from_pretrained({out!r}) loads it")

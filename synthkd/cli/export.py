@@ -6,12 +6,12 @@ import click
 
 from synthkd.pipelines.export import ExportSettings
 
-from .base import main, model_options, open_model
+from .base import main, model_options, open_model, tagged
 from .options import settings_options
 
 
 @main.command()
-@model_options("model", "--weights")
+@tagged(model_options("model", "--weights"), spec="model")
 @settings_options(ExportSettings, "settings")
 @click.option("--seed", type=int, default=0, show_default=True, help="Seeds the probe batch.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="File to write (and FILE.json beside it).")

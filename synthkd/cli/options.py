@@ -105,14 +105,36 @@ def _as_annotated(value: Any, hint: Any) -> Any:
     return container(value)
 
 
+def declared_by(cls: type, path: str) -> type:
+    """The settings class that declares the field at dotted ``path`` of ``cls`` (a base class for
+    an inherited field, the section's class for a nested one)."""
+    head, _, rest = path.partition(".")
+    if rest:
+        return declared_by(typing.get_type_hints(cls)[head], rest)
+    return next(c for c in reversed(cls.__mro__) if head in c.__dict__.get("__annotations__", {}))
+
+
+def group_of(cls: type, path: str, groups: dict[type | str, str]) -> str | None:
+    """The help section of the field at ``path``: ``groups`` keyed by the path, by a section's path
+    (``fast``), or by the class that declares the field."""
+    parts = path.split(".")
+    for end in range(len(parts), 0, -1):
+        if ".".join(parts[:end]) in groups:
+            return groups[".".join(parts[:end])]
+    return groups.get(declared_by(cls, path))
+
+
 def settings_options(cls: type, name: str, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
-                     defaults: dict[str, Any] | None = None, help_prefix: str = "") -> Callable:
+                     defaults: dict[str, Any] | None = None, help_prefix: str = "",
+                     groups: dict[type | str, str] | None = None) -> Callable:
     """Decorator: an option for every command-line field of the settings class ``cls`` (and of its
     nested sections); the command receives them as one checked instance in the argument ``name``
     (fields left out keep their dataclass defaults, or ``defaults``, keyed by dotted path).
-    Problems are reported under the flags' names."""
+    Problems are reported under the flags' names. ``groups`` puts options under headed sections
+    of ``-h`` (see :func:`group_of`)."""
     specs = flattened(cls, only, exclude)
     defaults = defaults or {}
+    groups = groups or {}
 
     def default_of(path: str, spec: dataclasses.Field) -> Any:
         if path in defaults:
@@ -137,6 +159,9 @@ def settings_options(cls: type, name: str, *, only: tuple[str, ...] | None = Non
 
         for path, spec, hint in reversed(specs):
             command = _option(spec, hint, help_prefix, default_of(path, spec), dest(path))(command)
+            title = group_of(cls, path, groups)
+            if title:
+                command.__click_params__[-1].help_group = title  # type: ignore[attr-defined]
         return command
 
     return decorate

@@ -188,3 +188,12 @@ def split_args(args: list[str], kind: str, needs_path: bool) -> tuple[str | None
     if needs_path and not path:
         raise SynthkdError(f"{kind} needs a path: {kind}:/path/to/data:{split}")
     return path, split
+
+
+def dataset_spec_help() -> list[tuple[str, str]]:
+    """The dataset spec grammar for ``-h``, as (form, meaning) rows: every registered kind's usage
+    and description (a new kind shows up by registering), then the slice and transform suffixes."""
+    rows = [(kind.usage, kind.description) for kind in dataset_kinds().values()]
+    return rows + [("SPEC[START:STOP]", "a slice of any of them, e.g. digits:train[:200]"),
+                   ("SPEC|TRANSFORM...", f"image transforms applied in order ({', '.join(IMAGE_TRANSFORMS)}), "
+                                         "e.g. fashion-mnist:test[:1000]|vflip")]

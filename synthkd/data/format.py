@@ -42,11 +42,13 @@ class SetFormat(NamedTuple):
 
 SYNTHETIC = SetFormat("synthkd-synthetic", 1, "synthetic set", "synthkd generate")
 ACTIVATIONS = SetFormat("synthkd-activations", 1, "activation set", "synthkd generate --method activations")
+ACTIVATION_CACHE = SetFormat("synthkd-activation-cache", 1, "activation cache", "synthkd distill --mode neighbourhood")
 MANIFEST_NAME = "manifest.json"
 RUN_NAME = "run.json"
 PROGRESS_DIR = "progress"
 IMAGE_TENSORS = ("images", "logits", "targets")
 ACTIVATION_TENSORS = ("inputs",)
+CACHE_TENSORS = ("activations",)
 SHARD_PATTERN = r"shard-(\d{5,})\.safetensors"
 _SHARD_RE = re.compile(f"^{SHARD_PATTERN}$")
 _PROGRESS_RE = re.compile(r"^rank-(\d+)\.json$")

@@ -190,11 +190,17 @@ class ShardStore(ABC):
                 + "); use a new --out directory or delete it (nothing was overwritten)"
             )
 
+    def plan_unit(self, job: int) -> int:
+        """Jobs of one unit are made together by one rank (e.g. the shards one computation writes)."""
+        return job
+
     def _plan(self) -> list[int]:
-        """This rank's share of the jobs no rank has finished (round-robin over what is left)."""
+        """This rank's share of the jobs no rank has finished (round-robin over the units left)."""
         done = {self._job_of_file(name) for name in self._merged_progress(hash_conflicts=False)}
         remaining = [job for job in range(self.num_jobs) if job not in done]
-        return remaining[self.rank :: self.world_size]
+        units = sorted({self.plan_unit(job) for job in remaining})
+        mine = set(units[self.rank :: self.world_size])
+        return [job for job in remaining if self.plan_unit(job) in mine]
 
     def pending_jobs(self) -> list[int]:
         """Jobs this rank must still make (empty for a finished set)."""

@@ -9,9 +9,9 @@ from typing import Sequence
 import torch
 
 from ..errors import SynthkdError
-from . import chain, resnet  # noqa: F401  (registers the zoo)
+from . import chain, resnet, thinning  # noqa: F401  (registers the zoo)
 from .classifier import Classifier, InputFormat, ModelConfig, build_network, import_factory, load_weights, unwrap, weights_fingerprint
-from .registry import MODELS, create_model, is_registered, list_models, register_model
+from .registry import MODELS, create_model, is_registered, list_models, parse_zoo_spec, register_model
 from .sources import SOURCES, SourceModel, classes_kwarg, is_library_source, is_source_spec, open_source, source_problem, source_usages
 
 __all__ = [
@@ -78,8 +78,12 @@ def model_source_problem(spec: str, zoo: bool = False) -> str | None:
     """Why ``spec`` cannot name a model (a model directory, a model source, FILE.py:factory,
     module:factory, and with ``zoo`` a zoo architecture), or None; a module or library is only
     imported when the model is built."""
-    if zoo and is_registered(spec):
-        return None
+    if zoo:
+        try:
+            if parse_zoo_spec(spec) is not None:
+                return None
+        except SynthkdError as error:
+            return str(error)
     if Path(spec).is_dir():
         return None
     if is_source_spec(spec):

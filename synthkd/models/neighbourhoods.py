@@ -39,7 +39,8 @@ def module_paths(net: nn.Module) -> list[str]:
 
 
 def resolve_cuts(net: nn.Module, cuts: str | list[str]) -> list[str]:
-    """Cut paths from ``"blocks"``, ``"stages"`` or explicit paths (checked to exist).
+    """Cut paths from ``"blocks"``, ``"stages"``, ``"none"`` (one neighbourhood: the whole network)
+    or explicit paths (checked to exist).
 
     ``stages``: every top-level child before the head;
     ``blocks``: the children of each top-level ``nn.Sequential`` of composite modules (one
@@ -47,6 +48,8 @@ def resolve_cuts(net: nn.Module, cuts: str | list[str]) -> list[str]:
     always its own neighbourhood.
     """
     children = [(name, child) for name, child in net.named_children() if name != "cut_adapters"]
+    if isinstance(cuts, str) and cuts == "none":
+        return []  # the whole network is one neighbourhood
     if isinstance(cuts, str) and cuts in ("blocks", "stages"):
         if len(children) < 2:
             raise SynthkdError(f"{type(net).__name__} has fewer than two top-level modules; give cut paths explicitly")
@@ -162,13 +165,19 @@ class CutAdapter(nn.Module):
 
 
 def activation_shapes(split: Split, probe: torch.Tensor) -> list[tuple[int, ...]]:
-    """Shape (without batch) of the activation at every cut, then of the output."""
+    """Shape (without batch) of the activation at every cut, then of the output (in eval mode,
+    so a probe never moves BatchNorm statistics; each piece's mode is restored)."""
     shapes = []
-    with torch.no_grad():
-        x = probe
-        for piece in split.pieces:
-            x = piece(x)
-            shapes.append(tuple(x.shape[1:]))
+    modes = [piece.training for piece in split.pieces]
+    try:
+        with torch.no_grad():
+            x = probe
+            for piece in split.pieces:
+                x = piece.eval()(x)
+                shapes.append(tuple(x.shape[1:]))
+    finally:
+        for piece, mode in zip(split.pieces, modes):
+            piece.train(mode)
     return shapes
 
 

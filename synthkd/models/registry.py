@@ -6,11 +6,13 @@ A new architecture is one module whose factory carries ``@register_model("name")
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable
 
 from torch import nn
 
+from ..errors import SynthkdError
 from ..registry import Registry
+from ..settings import read_value
 
 MODELS: Registry[Callable[..., nn.Module]] = Registry(
     "architecture", hint="or pass your own model as path/to/file.py:factory or package.module:factory")
@@ -28,3 +30,22 @@ def is_registered(name: str) -> bool:
 def create_model(name: str, **kwargs) -> nn.Module:
     """Build a zoo architecture, e.g. ``create_model("resnet20", width=0.5, in_channels=1)``."""
     return MODELS.get(name)(**kwargs)
+
+
+ZOO_SPEC_GRAMMAR = ("NAME[:KEY=VALUE,...] — a zoo architecture with arguments, e.g. resnet20:inner=0.5 (thinner "
+                    "inside each block, the teacher's width at every cut), resnet20:blocks=1,width=0.5")
+
+
+def parse_zoo_spec(spec: str) -> tuple[str, dict[str, Any]] | None:
+    """``resnet20:inner=0.5,blocks=1`` -> ("resnet20", {"inner": 0.5, "blocks": 1}); None when
+    ``spec`` does not start with a zoo name (a directory or FILE.py:factory)."""
+    name, _, arguments = spec.partition(":")
+    if name not in MODELS or (arguments and "=" not in arguments):
+        return None
+    kwargs: dict[str, Any] = {}
+    for part in filter(None, (p.strip() for p in arguments.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep or not key.strip().isidentifier():
+            raise SynthkdError(f"cannot read {part!r} in {spec!r}; write {ZOO_SPEC_GRAMMAR}")
+        kwargs[key.strip()] = read_value(value.strip())
+    return name, kwargs

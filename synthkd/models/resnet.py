@@ -19,11 +19,15 @@ def scaled(channels: int, width: float) -> int:
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_channels: int, out_channels: int, stride: int = 1):
+    """Two 3x3 convolutions and a shortcut; ``inner`` scales the channels between the two
+    convolutions only, so a thinner block keeps the width of the residual stream."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int = 1, inner: float = 1.0):
         super().__init__()
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(out_channels)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, 1, 1, bias=False)
+        middle = scaled(out_channels, inner)
+        self.conv1 = nn.Conv2d(in_channels, middle, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(middle)
+        self.conv2 = nn.Conv2d(middle, out_channels, 3, 1, 1, bias=False)
         self.bn2 = nn.BatchNorm2d(out_channels)
         self.relu = nn.ReLU(inplace=True)
         self.shortcut = nn.Sequential()
@@ -46,6 +50,7 @@ class ResNet(nn.Module):
         blocks_per_stage: tuple[int, ...],
         in_channels: int = 3,
         num_classes: int = 10,
+        inner: float = 1.0,
     ):
         super().__init__()
         stem_channels = stage_channels[0]
@@ -59,7 +64,7 @@ class ResNet(nn.Module):
             stride = 1 if index == 0 else 2
             layers = []
             for block in range(blocks):
-                layers.append(BasicBlock(channels, out_channels, stride if block == 0 else 1))
+                layers.append(BasicBlock(channels, out_channels, stride if block == 0 else 1, inner))
                 channels = out_channels
             self.add_module(f"layer{index + 1}", nn.Sequential(*layers))
         self.num_stages = len(stage_channels)
@@ -81,20 +86,24 @@ def _cifar_resnet(depth: int):
         raise ValueError(f"CIFAR-style ResNet depth must be 6n+2, got {depth}")
     default_blocks = (depth - 2) // 6
 
-    def factory(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, blocks: int | None = None) -> ResNet:
+    def factory(
+        width: float = 1.0, in_channels: int = 3, num_classes: int = 10, blocks: int | None = None, inner: float = 1.0,
+    ) -> ResNet:
         channels = tuple(scaled(c, width) for c in (16, 32, 64))
-        return ResNet(channels, (blocks or default_blocks,) * 3, in_channels, num_classes)
+        return ResNet(channels, (blocks or default_blocks,) * 3, in_channels, num_classes, inner)
 
-    factory.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {default_blocks} basic blocks (``blocks``: another number per stage), 16/32/64 channels x width."
+    factory.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {default_blocks} basic blocks (``blocks``: another number per stage), 16/32/64 channels x width, ``inner``: the blocks' middle channels x inner."
     return factory
 
 
 def _imagenet_resnet(depth: int, stage_blocks: tuple[int, ...]):
-    def factory(width: float = 1.0, in_channels: int = 3, num_classes: int = 10, blocks: int | None = None) -> ResNet:
+    def factory(
+        width: float = 1.0, in_channels: int = 3, num_classes: int = 10, blocks: int | None = None, inner: float = 1.0,
+    ) -> ResNet:
         channels = tuple(scaled(c, width) for c in (64, 128, 256, 512))
-        return ResNet(channels, (blocks,) * len(stage_blocks) if blocks else stage_blocks, in_channels, num_classes)
+        return ResNet(channels, (blocks,) * len(stage_blocks) if blocks else stage_blocks, in_channels, num_classes, inner)
 
-    factory.__doc__ = f"ImageNet-style ResNet-{depth} with a 3x3 stem and no max-pool, for small inputs (``blocks``: the same number in every stage)."
+    factory.__doc__ = f"ImageNet-style ResNet-{depth} with a 3x3 stem and no max-pool, for small inputs (``blocks``: the same number in every stage; ``inner``: the blocks' middle channels x inner)."
     return factory
 
 

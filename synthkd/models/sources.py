@@ -54,6 +54,7 @@ class ModelSource:
 
     open: Callable[[str, dict[str, Any]], SourceModel]
     usage: str
+    description: str
     classes_kwarg: str | None = None
     runs_code: bool = False
     check: Callable[[str], str | None] = field(default=lambda name: None)
@@ -62,10 +63,10 @@ class ModelSource:
 SOURCES: Registry[ModelSource] = Registry("model source")
 
 
-def register_source(name: str, *, usage: str, classes_kwarg: str | None = None, runs_code: bool = False,
-                    check: Callable[[str], str | None] | None = None) -> Callable:
+def register_source(name: str, *, usage: str, description: str, classes_kwarg: str | None = None,
+                    runs_code: bool = False, check: Callable[[str], str | None] | None = None) -> Callable:
     def decorate(open_: Callable[[str, dict[str, Any]], SourceModel]) -> Callable:
-        SOURCES.add(name, ModelSource(open_, usage, classes_kwarg, runs_code, check or (lambda _: None)))
+        SOURCES.add(name, ModelSource(open_, usage, description, classes_kwarg, runs_code, check or (lambda _: None)))
         return open_
 
     return decorate
@@ -152,7 +153,8 @@ def _fetch_problem(spec: str, error: Exception, offline_hint: str) -> SynthkdErr
 
 
 # ----------------------------------------------------------------------------- torchvision
-@register_source("torchvision", usage="torchvision:NAME[?weights=DEFAULT&num_classes=N]", classes_kwarg="num_classes")
+@register_source("torchvision", usage="torchvision:NAME[?weights=DEFAULT&num_classes=N]", classes_kwarg="num_classes",
+                 description="torchvision.models.get_model(NAME, **kwargs); input format and classes from the weights' meta")
 def torchvision_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``torchvision.models.get_model(name, **kwargs)``; ``weights`` is the name of a weights enum
     member (DEFAULT, IMAGENET1K_V1), whose meta gives the classes, crop size and normalisation."""
@@ -190,7 +192,8 @@ def torchvision_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
 
 
 # ----------------------------------------------------------------------------- timm
-@register_source("timm", usage="timm:NAME[?pretrained=true&num_classes=N]", classes_kwarg="num_classes")
+@register_source("timm", usage="timm:NAME[?pretrained=true&num_classes=N]", classes_kwarg="num_classes",
+                 description="timm.create_model(NAME, **kwargs); input size and normalisation from its pretrained_cfg")
 def timm_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``timm.create_model(name, **kwargs)``; its ``pretrained_cfg`` gives input size and
     normalisation, and ImageNet class names where the head has ImageNet's classes.
@@ -236,7 +239,9 @@ class LogitsOf(nn.Module):
         return self.model(pixel_values=images).logits
 
 
-@register_source("hf", usage="hf:DIR_OR_ID[?KEY=VALUE]", classes_kwarg="num_labels")
+@register_source("hf", usage="hf:DIR_OR_ID[?KEY=VALUE]", classes_kwarg="num_labels",
+                 description="a transformers image classifier (its logits); classes from id2label, input from its "
+                             "image processor config")
 def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``AutoModelForImageClassification.from_pretrained(name, **kwargs)`` (never with remote code);
     a saved model rebuilds it from the HF config it recorded (``config``), with no access to
@@ -320,7 +325,9 @@ def _hub_problem(name: str) -> str | None:
     return None
 
 
-@register_source("hub", usage="hub:DIR:ENTRY[?KEY=VALUE]", runs_code=True, check=_hub_problem)
+@register_source("hub", usage="hub:DIR:ENTRY[?KEY=VALUE]", runs_code=True, check=_hub_problem,
+                 description="torch.hub.load(DIR, ENTRY, source='local', **kwargs): runs DIR/hubconf.py; "
+                             "needs --input-shape")
 def hub_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``torch.hub.load(DIR, ENTRY, source="local", **kwargs)``: runs the repository's hubconf.py
     (the directory is recorded as an absolute path, so a saved model loads from anywhere)."""

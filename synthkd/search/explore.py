@@ -32,6 +32,9 @@ from torch.utils.data import Dataset
 from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
+from ..models.pruning import hold_at_zero, prune_by_magnitude
+from ..models.thinning import copy_from_teacher, is_thinning_of
+from ..teacher_activations import TeacherActivations
 from ..neighbourhood_training import NeighbourhoodSettings, NeighbourhoodDistiller, StudentNeighbourhood, balance
 from ..models.neighbourhoods import CutAdapter, adapter_key, fuse_adapters
 from .costs import KINDS, measure, weight_free_cost
@@ -40,32 +43,15 @@ from .space import Candidate
 
 
 def build_candidate(teacher: Classifier, candidate: Candidate, seed: int) -> Classifier:
-    """The candidate network with the teacher's input format and classes (same seed, same weights)."""
+    """The candidate network with the teacher's input format and classes (same seed, same weights);
+    a candidate that is the teacher thinner inside its blocks starts from the teacher's strongest
+    channels."""
     set_seed(seed)
-    return Classifier.from_config(ModelConfig(arch=candidate.arch, arch_kwargs=dict(candidate.arch_kwargs),
-                                              input=teacher.input_format, class_names=list(teacher.config.class_names)))
-
-
-def prune_by_magnitude(module: nn.Module, sparsity: float) -> list[tuple[nn.Parameter, torch.Tensor]]:
-    """Zero the smallest-magnitude ``sparsity`` of every convolution and linear weight; returns
-    (weight, mask of kept entries) pairs."""
-    masks = []
-    for layer in module.modules():
-        if isinstance(layer, (nn.Conv2d, nn.Linear)):
-            magnitude = layer.weight.detach().abs()
-            count = int(sparsity * magnitude.numel())
-            if count == 0:
-                continue
-            keep = magnitude > magnitude.flatten().kthvalue(count).values
-            with torch.no_grad():
-                layer.weight.mul_(keep)
-            masks.append((layer.weight, keep))
-    return masks
-
-
-def hold_at_zero(masks: list[tuple[nn.Parameter, torch.Tensor]]) -> list[Any]:
-    """Gradient hooks that keep pruned entries at zero (no gradient: Adam and SGD leave them be)."""
-    return [weight.register_hook(lambda grad, keep=keep: grad * keep.to(grad.device)) for weight, keep in masks]
+    model = Classifier.from_config(ModelConfig(arch=candidate.arch, arch_kwargs=dict(candidate.arch_kwargs),
+                                               input=teacher.input_format, class_names=list(teacher.config.class_names)))
+    if is_thinning_of(model, teacher):
+        copy_from_teacher(model.net, teacher.net)
+    return model
 
 
 @dataclass
@@ -136,7 +122,8 @@ class Exploration:
 
     def _distiller(self, candidate: Candidate, config: NeighbourhoodSettings, owned: list[int]) -> NeighbourhoodDistiller:
         student = build_candidate(self.teacher, candidate, config.seed)
-        return NeighbourhoodDistiller(self.teacher, student, config, self.accelerator, owned=owned)
+        return NeighbourhoodDistiller(self.teacher, student, config, self.accelerator, owned=owned,
+                                      phase=f"search/{candidate.name}")
 
     def _tasks(self) -> list[_Task]:
         """Unique pieces per neighbourhood, in candidate order; pruned ones under their dense piece."""
@@ -197,11 +184,15 @@ class Exploration:
         work = [self.plans[t.candidate.name].flops[t.neighbourhood] * (self.config.epochs + self.sparsity_epochs * len(t.sparse))
                 for t in self.tasks]
         mine = balance([float(w) for w in work], accelerator.num_processes)[accelerator.process_index]
+        # The teacher's activations once for every candidate (building a disk cache is collective).
+        activations = TeacherActivations(self.teacher, self.teacher_split, dataset, self.config, data_fingerprint, accelerator,
+                                         cache_dir, needed=sorted({self.tasks[i].neighbourhood for i in mine}))
         records = []
         for candidate in self.space:
             owned = [i for i in mine if self.tasks[i].candidate.name == candidate.name]
             if owned:
-                records.extend(self._distill_candidate(candidate, [self.tasks[i] for i in owned], dataset, data_fingerprint, cache_dir))
+                records.extend(self._distill_candidate(candidate, [self.tasks[i] for i in owned], dataset, data_fingerprint,
+                                                       cache_dir, activations))
         self.options = [[] for _ in self.names]
         for (task_index, sparsity), state, metrics in sorted(gather_object(records), key=lambda record: record[0]):
             task = self.tasks[task_index]
@@ -215,11 +206,11 @@ class Exploration:
         self._measure_costs()
 
     def _distill_candidate(self, candidate: Candidate, tasks: list[_Task], dataset: Dataset, data_fingerprint: str,
-                           cache_dir: Path) -> list[tuple]:
+                           cache_dir: Path, activations: TeacherActivations) -> list[tuple]:
         index = {id(t): i for i, t in enumerate(self.tasks)}
         distiller = self._distiller(candidate, self.config, owned=[t.neighbourhood for t in tasks])
         key = distiller.fingerprint(data_fingerprint)
-        report = distiller.train(dataset, cache_dir / key, data_fingerprint)["neighbourhoods"]
+        report = distiller.train(dataset, cache_dir / key, data_fingerprint, activations)["neighbourhoods"]
         atomic_write_json(cache_dir / key / "candidate.json", {"candidate": asdict(candidate), "cuts": self.cuts,
                                                                 "teacher": self.teacher.fingerprint(), "data": data_fingerprint,
                                                                 "config": asdict(self.config)})
@@ -234,7 +225,7 @@ class Exploration:
                 pruned.neighbourhoods[task.neighbourhood].load_state_dict(distiller.neighbourhoods[task.neighbourhood].state_dict())
                 hooks += hold_at_zero(prune_by_magnitude(pruned.neighbourhoods[task.neighbourhood].piece, sparsity))
             folder = hashlib.sha256(json.dumps([key, sparsity, asdict(sparse_config)]).encode()).hexdigest()[:16]
-            metrics = pruned.train(dataset, cache_dir / f"{key}-sparse-{folder}", data_fingerprint)["neighbourhoods"]
+            metrics = pruned.train(dataset, cache_dir / f"{key}-sparse-{folder}", data_fingerprint, activations)["neighbourhoods"]
             for hook in hooks:
                 hook.remove()
             records += [((index[id(task)], sparsity), _copy(pruned.neighbourhoods[task.neighbourhood]), metrics[self.names[task.neighbourhood]])

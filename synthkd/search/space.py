@@ -8,9 +8,11 @@ depend on the number of blocks per stage) are trained once.
 
 ``--candidates`` takes either a grid over the teacher's own zoo architecture::
 
-    width=0.25,0.5,0.75,1.0;depth=1,2;sparsity=0.5
+    inner=0.25,0.5,0.75,1.0;depth=1,2;sparsity=0.5
 
-(``width``: multipliers of the teacher's width; ``depth``: residual blocks per stage, which
+(``inner``: the blocks' middle channels, so every candidate keeps the teacher's interfaces, any
+combination merges without adapters and each starts from the teacher's strongest channels;
+``width``: multipliers of the teacher's width, joined by 1x1 adapters where they differ; ``depth``: residual blocks per stage, which
 needs stage-level cuts; ``sparsity``: besides every dense candidate, one pruned to that fraction
 of its convolution and linear weights), or ``FILE.py:factory`` / ``package.module:factory``, a
 function of the teacher :class:`~synthkd.models.Classifier` returning :class:`Candidate` objects
@@ -27,8 +29,8 @@ from typing import Any
 from ..errors import SynthkdError
 from ..models import Classifier, import_factory, is_registered
 
-DEFAULT_CANDIDATES = "width=0.25,0.5,0.75,1.0"
-GRID_KEYS = ("width", "depth", "sparsity")
+DEFAULT_CANDIDATES = "inner=0.25,0.5,0.75,1.0"
+GRID_KEYS = ("inner", "width", "depth", "sparsity")
 
 
 @dataclass
@@ -105,15 +107,20 @@ def _from_grid(spec: str, teacher: Classifier) -> list[Candidate]:
             f"a width/depth grid scales the teacher's zoo architecture, but the teacher is {arch!r}; "
             "describe its candidates with --candidates FILE.py:factory"
         )
+    inners = settings.get("inner", [None])
     widths = settings.get("width", [1.0])
     depths = [int(d) for d in settings.get("depth", [0])]  # 0: the teacher's own
     sparsities = settings.get("sparsity", [])
-    if any(w <= 0 for w in widths) or any(d < 0 for d in depths) or any(not 0 < s < 1 for s in sparsities):
-        raise SynthkdError(f"widths and depths must be positive and sparsities in (0, 1) in {spec!r}")
+    if (any(w <= 0 for w in widths) or any(d < 0 for d in depths) or any(not 0 < s < 1 for s in sparsities)
+            or any(i is not None and i <= 0 for i in inners)):
+        raise SynthkdError(f"inner widths, widths and depths must be positive and sparsities in (0, 1) in {spec!r}")
     candidates = []
-    for width, depth in product(widths, depths):
-        kwargs = {**base, "width": base["width"] * width, **({"blocks": depth} if depth else {})}
-        name = f"w{width:g}" + (f"-d{depth}" if depth else "")
+    for inner, width, depth in product(inners, widths, depths):
+        kwargs = {**base, "width": base["width"] * width, **({"blocks": depth} if depth else {}),
+                  **({"inner": inner} if inner is not None else {})}
+        name = "-".join(part for part in (f"i{inner:g}" if inner is not None else "",
+                                          f"w{width:g}" if width != 1.0 or inner is None else "",
+                                          f"d{depth}" if depth else "") if part)
         candidates.append(Candidate(name, arch, kwargs))
         candidates.extend(Candidate(f"{name}-s{s:g}", arch, kwargs, s) for s in sparsities)
     return candidates
