@@ -44,3 +44,12 @@ def test_a_failed_parity_check_writes_nothing(teacher, tmp_path):
     with pytest.raises(Exception, match="differs from PyTorch by up to .* nothing was written"):
         export_model(teacher, out, ExportSettings(format="onnx", tolerance=1e-30))  # float32 rounding is above that
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_python_api_exports_with_the_same_check(teacher_dir, tmp_path):
+    import synthkd
+
+    record = synthkd.export(str(teacher_dir), tmp_path / "model.pt2", format="exported-program", probe_batch=3)
+    assert record["probe_batch"] == 3 and record["max_abs_diff"] <= 1e-3 and (tmp_path / "model.pt2").is_file()
+    with pytest.raises(Exception, match="format: expected one of"):
+        synthkd.export(str(teacher_dir), tmp_path / "x", format="tflite")
