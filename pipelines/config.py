@@ -17,6 +17,7 @@ from synthkd.data import check_dataset
 from synthkd.errors import SynthkdError
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
 from synthkd.generators.registry import GENERATORS
+from synthkd.models import is_source_spec
 from synthkd.settings import Settings, read_value, refusal, setting, show
 
 from .generate import GenerateSettings
@@ -42,10 +43,11 @@ class TeacherSection(TeacherSettings):
     (with the settings of ``synthkd train-teacher``)."""
 
     model: str | None = setting(None, check=model_problem,
-                                help="An existing teacher: a model directory, or FILE.py:factory / module:factory.")
+                                help="An existing teacher: a model directory, a model source (torchvision:NAME, timm:NAME, hf:DIR, "
+                                     "hub:DIR:ENTRY, with ?KEY=VALUE arguments), or FILE.py:factory / module:factory.")
     weights: str | None = setting(None, check=file_problem,
-                                  help="Weights of a teacher given as code (safetensors or a state dict).")
-    input_shape: list[int] | None = setting(None, help="C, H, W of a teacher given as code.")
+                                  help="Weights of a teacher given as code or source (safetensors or a state dict).")
+    input_shape: list[int] | None = setting(None, help="C, H, W of a teacher given as code (overrides a source's).")
     mean: list[float] | None = setting(None, help="Normalisation mean of a teacher given as code.")
     std: list[float] | None = setting(None, help="Normalisation std of a teacher given as code.")
     dataset: str | None = setting(None, check=refusal(check_dataset),
@@ -158,7 +160,8 @@ def _check_semantics(config: RunConfig, errors: list[str]) -> None:
     if teacher.model is None and teacher.dataset is None:
         errors.append("teacher: give model (an existing teacher: model directory or FILE.py:factory) "
                       "or dataset (a dataset spec to train one on)")
-    if teacher.model is not None and not Path(teacher.model).is_dir() and (teacher.weights is None or teacher.input_shape is None):
+    if teacher.model is not None and not Path(teacher.model).is_dir() and not is_source_spec(teacher.model) \
+            and (teacher.weights is None or teacher.input_shape is None):  # a source brings its weights
         errors.append(f"teacher.model: {teacher.model!r} is not a model directory; a teacher given as code needs "
                       "teacher.weights and teacher.input_shape (and mean/std)")
     _check_generate(config, errors)

@@ -26,23 +26,26 @@ from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.losses import DISTILLATION_LOSSES
 from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistiller, NeighbourhoodSettings
-from synthkd.models import Classifier, ModelConfig, import_factory, load_model, model_source_problem, unwrap
+from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_factory, is_source_spec, load_model,
+                            model_source_problem, open_source, unwrap)
 from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
 from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec
+from synthkd.models.sources import parse_source
 from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
 from synthkd.settings import Settings, read_value, setting, shared_setting
-from synthkd.training import KDSettings, TrainSettings, fit
+from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
 E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
 
 
 @dataclass
 class StudentSettings(Settings):
-    """The student: a zoo architecture (with arguments), or a model directory / FILE.py:factory to start from."""
+    """The student: a zoo architecture (with arguments), a model source, or a model directory / FILE.py:factory to start from."""
 
     arch: str = setting("resnet20", flag="--student", check=lambda spec: model_source_problem(spec, zoo=True),
                         help=f"{ZOO_SPEC_GRAMMAR}; teacher:inner=R (any traceable teacher, thinner inside each "
-                             "neighbourhood); or a model directory / FILE.py:factory to start from.")
+                             "neighbourhood); a model source (torchvision:NAME, timm:NAME, hf:DIR, hub:DIR:ENTRY, "
+                             "each with ?KEY=VALUE arguments); or a model directory / FILE.py:factory to start from.")
     width: float | None = setting(None, flag="--student-width", positive=True,
                                   help="Width multiplier of a zoo student. Default: 0.5 end to end; in neighbourhood mode "
                                        "the teacher's width with inner=0.5 (thinner inside each block, so every cut "
@@ -158,8 +161,9 @@ def thinned_teacher(spec: str, teacher: Classifier, cuts: str | list[str], from_
 def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0,
                   from_teacher: bool = False, cuts: str | list[str] = "blocks") -> Classifier:
     """A zoo architecture (``NAME[:KEY=VALUE,...]``; ``width`` unless the spec gives one) sized
-    to the teacher's input and classes, or an existing model directory / FILE.py:factory used as
-    the starting point; classes must match the teacher's. ``from_teacher``: a zoo student that
+    to the teacher's input and classes, a model source (given the teacher's number of classes
+    unless its spec sets them), or an existing model directory / FILE.py:factory used as the
+    starting point; classes must match the teacher's. ``from_teacher``: a zoo student that
     is the teacher's architecture thinner inside its blocks starts from the teacher's most
     important channels; ``sparsity=S`` in the spec then zeroes the smallest weights."""
     fmt = teacher.input_format
@@ -189,6 +193,11 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
         return model
     if Path(student).is_dir():
         model = load_model(student)
+    elif is_source_spec(student):
+        key = classes_kwarg(student)
+        made = open_source(student, {key: teacher.num_classes} if key and key not in parse_source(student)[2] else {})
+        model = Classifier(made.net, ModelConfig(arch=made.arch, arch_kwargs=made.arch_kwargs, input=fmt,
+                                                 class_names=list(teacher.config.class_names)))
     else:
         net = import_factory(student)()
         model = Classifier(net, ModelConfig(arch=student, input=fmt, class_names=list(teacher.config.class_names)))
@@ -256,7 +265,7 @@ def finish(
     teacher: Classifier, student: Classifier, metrics: dict[str, Any], out: str | os.PathLike,
     evaluation: Dataset | None, eval_dataset: str | None, accelerator: Accelerator,
 ) -> tuple[Classifier, dict[str, Any]]:
-    """Evaluate teacher and student, save the student with its ``metrics.json``."""
+    """Evaluate teacher and student, save the student with its ``metrics.json`` (and drop the training state)."""
     if evaluation is not None:
         metrics["eval_dataset"] = eval_dataset
         metrics["student"] = evaluate(student, evaluation, accelerator)
@@ -265,6 +274,7 @@ def finish(
     if accelerator.is_main_process:
         student.save_pretrained(out)
         atomic_write_json(Path(out) / "metrics.json", metrics)
+        discard_training_state(out)
     accelerator.wait_for_everyone()
     return student, metrics
 

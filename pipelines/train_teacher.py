@@ -19,7 +19,7 @@ from synthkd.evaluation import evaluate
 from synthkd.io import atomic_write_json
 from synthkd.models import MODELS, Classifier, InputFormat, ModelConfig
 from synthkd.settings import Settings, setting
-from synthkd.training import TrainSettings, fit
+from synthkd.training import TrainSettings, discard_training_state, fit
 
 from .distill import data_fingerprint
 
@@ -80,5 +80,6 @@ def train_teacher(
     if accelerator.is_main_process:
         model.save_pretrained(out)
         atomic_write_json(Path(out) / "metrics.json", metrics)
+        discard_training_state(out)
     accelerator.wait_for_everyone()
     return model, metrics

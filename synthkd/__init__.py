@@ -38,14 +38,15 @@ if TYPE_CHECKING:
 
 __version__ = "0.1.0"
 
-__all__ = ["load_model", "generate", "distill", "search", "calibrate", "evaluate"]
+__all__ = ["load_model", "generate", "distill", "search", "calibrate", "evaluate", "export"]
 
 
 def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None,
                input_shape: Sequence[int] | None = None, mean: Sequence[float] | None = None,
                std: Sequence[float] | None = None) -> "Classifier":
     """A classifier from a model spec (``synthkd distill -h`` lists the forms): a model directory,
-    or ``FILE.py:factory`` / ``module:factory`` with its ``weights`` and input format."""
+    a model source (``"torchvision:resnet18?weights=DEFAULT"``, ``timm:``, ``hf:``, ``hub:``), or
+    ``FILE.py:factory`` / ``module:factory`` with its ``weights`` and input format."""
     from .models import load_model as load
 
     return load(spec, weights, input_shape, mean, std)
@@ -120,6 +121,16 @@ def evaluate(model: "Classifier | str", dataset: Any, *, batch_size: int = 512,
 
     data = load_dataset(dataset) if isinstance(dataset, (str, os.PathLike)) else dataset
     return run_evaluate(_model(model), data, make_accelerator(mixed_precision), batch_size)
+
+
+def export(model: "Classifier | str", out: str | os.PathLike, *, format: str = "onnx", seed: int = 0,
+           **settings: Any) -> dict[str, Any]:
+    """Write ``model`` to ``out`` as ``format`` (onnx, torchscript, exported-program) once it
+    matches PyTorch on a probe batch; returns the record of ``out``.json (``max_abs_diff``, input
+    shape, class names). ``settings``: those of ``synthkd export`` (``probe_batch``, ``tolerance``)."""
+    from .pipelines.export import ExportSettings, export_model
+
+    return export_model(_model(model), out, _settings(ExportSettings, {"format": format, **settings}), seed)
 
 
 def _model(model: Any) -> Any:

@@ -8,6 +8,7 @@ import torch
 from accelerate import Accelerator
 from torch.utils.data import DataLoader, Dataset
 
+from .data.loading import loader_options
 from .errors import SynthkdError
 from .models import Classifier
 
@@ -15,7 +16,7 @@ from .models import Classifier
 @torch.no_grad()
 def predict(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch_size: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and labels for the whole dataset, gathered from every process."""
-    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False))
+    loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False, **loader_options()))
     model = model.to(accelerator.device).eval()
     all_logits, all_labels = [], []
     for batch in loader:

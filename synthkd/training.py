@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
 from .accelerator import log_progress, logger, no_progress_bars
+from .data.loading import loader_options
 from .evaluation import evaluate
 from .errors import SynthkdError, one_line, warn
 from .io import atomic_write, refuse_changed_settings
@@ -142,7 +143,8 @@ def fit(
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     generator = torch.Generator()  # the loader's order, seeded per epoch in _run_epoch
-    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size, generator=generator)
+    loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size,
+                        generator=generator, **loader_options())
     optimizer = torch.optim.SGD(
         model.parameters(), lr=config.lr, momentum=config.momentum, weight_decay=config.weight_decay, nesterov=True
     )
@@ -199,3 +201,9 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
         batches += 1
         bar.set_postfix(loss=f"{loss.item():.4f}")
     return accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()
+
+
+def discard_training_state(directory: str | os.PathLike) -> None:
+    """Remove a finished run's training state from its output: a model directory is what users
+    share, and the state (optimizer, schedule) only serves resuming an interrupted run."""
+    (Path(directory) / Checkpoint.NAME).unlink(missing_ok=True)

@@ -77,8 +77,7 @@ def flow(tmp_path_factory):
 
 def test_train_teacher(flow):
     teacher = flow["teacher"]
-    assert sorted(p.name for p in teacher.iterdir()) == [".synthkd.lock", "config.json", "metrics.json", "model.safetensors",
-                                                         "training_state.pt"]
+    assert sorted(p.name for p in teacher.iterdir()) == [".synthkd.lock", "config.json", "metrics.json", "model.safetensors"]
     config = json.loads((teacher / "config.json").read_text())
     assert config["arch"] == "resnet8"
     assert config["arch_kwargs"] == {"width": 0.25, "in_channels": 1, "num_classes": 10}
@@ -169,10 +168,12 @@ def test_evaluate_json(flow):
 
 
 def test_models_command():
-    from synthkd.models import MODELS, create_model, is_registered
+    from synthkd.models import MODELS, SOURCES, create_model, is_registered
 
-    names = ok("models").stdout.split()
+    lines = ok("models").stdout.split()
+    names, sources = lines[:len(MODELS.names())], lines[len(MODELS.names()):]
     assert names == MODELS.names() and "resnet8" in names
+    assert sources == [SOURCES.get(name).usage for name in SOURCES.names()] and sources[0].startswith("torchvision:NAME")
     for name in names:  # every listed architecture is registered and builds
         assert is_registered(name)
         assert create_model(name, width=0.25, in_channels=1, num_classes=3)(torch.zeros(2, 1, 8, 8)).shape == (2, 3)

@@ -2,6 +2,6 @@
 each module here registers the commands of one area on the group ``main``."""
 
 from .base import main, make_accelerator
-from . import data_free, detector, diffusion, run, search  # noqa: F401  (register their commands)
+from . import data_free, detector, diffusion, export, run, search  # noqa: F401  (register their commands)
 
 __all__ = ["main", "make_accelerator"]

@@ -9,6 +9,7 @@ from typing import Any, Callable
 import click
 
 from ..accelerator import AcceleratorSettings, make_accelerator, show_log  # noqa: F401  (make_accelerator: the commands')
+from ..data.loading import LoaderSettings, use_loader_settings
 from ..errors import SynthkdError, one_line
 from .options import settings_options
 
@@ -153,16 +154,32 @@ def model_options(name: str, weights_flag: str) -> Callable:
     def decorate(function: Callable) -> Callable:
         options = [
             click.option(f"--{name}", "model_spec", required=True,
-                         help="Model directory, or FILE.py:factory / package.module:factory."),
+                         help="Model directory; a model source: torchvision:NAME, timm:NAME, hf:DIR_OR_ID, hub:DIR:ENTRY, "
+                              "each with builder arguments after ?, e.g. 'torchvision:resnet18?weights=DEFAULT'; "
+                              "or FILE.py:factory / package.module:factory."),
             click.option(weights_flag, "weights", type=click.Path(dir_okay=False),
-                         help="Weights for a model given as code (safetensors or a state dict)."),
-            click.option("--input-shape", callback=lambda c, p, v: parse_shape(v), help="C,H,W of a model given as code."),
-            click.option("--mean", callback=lambda c, p, v: parse_floats(v), help="Normalisation mean (one or per channel)."),
-            click.option("--std", callback=lambda c, p, v: parse_floats(v), help="Normalisation std (one or per channel)."),
+                         help="Weights for a model given as code or source (safetensors or a weights-only state dict)."),
+            click.option("--input-shape", callback=lambda c, p, v: parse_shape(v),
+                         help="C,H,W of a model given as code (overrides what a model source says)."),
+            click.option("--mean", callback=lambda c, p, v: parse_floats(v),
+                         help="Normalisation mean, one or per channel (overrides a model source's)."),
+            click.option("--std", callback=lambda c, p, v: parse_floats(v),
+                         help="Normalisation std, one or per channel (overrides a model source's)."),
         ]
         return add_options(trust_code_option(function), options)
 
     return decorate
+
+
+def loader_options(function: Callable) -> Callable:
+    """``--num-workers`` (:class:`LoaderSettings`), applied before the command runs."""
+    @settings_options(LoaderSettings, "loader")
+    @functools.wraps(function)
+    def command(*args: Any, loader: Any, **kwargs: Any) -> Any:
+        use_loader_settings(loader)
+        return function(*args, **kwargs)
+
+    return command
 
 
 def open_model(model_spec: str, weights: str | None, input_shape, mean, std):

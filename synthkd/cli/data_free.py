@@ -14,7 +14,7 @@ from ..errors import SynthkdError
 from ..generators.inversion import InversionLossSettings, InversionSettings
 from ..pipelines.generate import GenerateSettings
 from ..training import KDSettings
-from .base import RUN_GROUP, accelerator_options, main, make_accelerator, model_options, one_writer, open_model, tagged
+from .base import RUN_GROUP, accelerator_options, loader_options, main, make_accelerator, model_options, one_writer, open_model, tagged
 from .diffusion import echo_report
 from .fast import synthesis_options
 from .options import check_cli, settings_options
@@ -50,6 +50,7 @@ DISTILL_GROUPS: dict[type | str, str] = {
 @tagged(click.option("--eval-dataset", help="Dataset spec evaluated after each epoch, e.g. fashion-mnist:test."),
         spec="dataset")
 @accelerator_options(tracking=True)
+@loader_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Model directory to write.")
 @one_writer
 def train_teacher_command(dataset, settings, seed, eval_dataset, device, out):
@@ -112,6 +113,7 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
         click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test."),
         help_group=RUN_GROUP, spec="dataset")
 @accelerator_options(tracking=True)
+@tagged(loader_options, help_group=RUN_GROUP)
 @tagged(click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write."),
         help_group=RUN_GROUP)
 @one_writer
@@ -146,11 +148,13 @@ def distill(model_spec, weights, input_shape, mean, std, student, data, settings
 
 @main.command()
 def models() -> None:
-    """List the zoo architectures."""
-    from ..models import MODELS
+    """List the zoo architectures, then the model sources (--teacher/--student SOURCE:NAME)."""
+    from ..models import MODELS, SOURCES
 
     for name in MODELS.names():
         click.echo(name)
+    for name in SOURCES.names():
+        click.echo(SOURCES.get(name).usage)
 
 
 @main.command()

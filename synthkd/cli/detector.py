@@ -11,7 +11,8 @@ import click
 
 from ..detector.settings import CalibrationSettings, DetectorEvaluationSettings, DetectSettings
 from ..errors import SynthkdError
-from .base import accelerator_options, main, make_accelerator, model_options, one_writer, open_model, tagged, trust_code_option
+from .base import (accelerator_options, loader_options, main, make_accelerator, model_options, one_writer, open_model, tagged,
+                   trust_code_option)
 from .options import CommaList, settings_options
 
 
@@ -77,6 +78,7 @@ def detect(detector_dir, inputs, model_dir, settings, as_json, device):
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON on stdout.")
 @click.option("--detector", "detector_dir", type=click.Path(), help="Also evaluate this detector (needs --out).")
 @settings_options(DetectorEvaluationSettings, "evaluation")
+@loader_options
 @click.option("--out", type=click.Path(file_okay=False), help="Directory for metrics.json and PNG plots (with --detector).")
 @accelerator_options()
 @one_writer

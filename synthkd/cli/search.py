@@ -7,7 +7,7 @@ import click
 from synthkd.pipelines.search import SearchSettings
 
 from ..accelerator import accelerated
-from .base import accelerator_options, main, model_options, one_writer, open_model, tagged
+from .base import accelerator_options, loader_options, main, model_options, one_writer, open_model, tagged
 from .options import settings_options
 
 
@@ -18,6 +18,7 @@ from .options import settings_options
 @click.option("--seed", type=int, default=0, show_default=True, help="Initial weights, batch order and augmentation.")
 @tagged(click.option("--eval-dataset", help="Dataset spec to report accuracy on, e.g. fashion-mnist:test."), spec="dataset")
 @accelerator_options(tracking=True)
+@loader_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write.")
 @one_writer
 def search(model_spec, weights, input_shape, mean, std, data, settings, seed, eval_dataset, device, out):

@@ -16,7 +16,7 @@ import os
 import sys
 from contextlib import contextmanager
 from contextvars import ContextVar
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -28,6 +28,7 @@ from torch import nn
 from ..errors import SynthkdError, one_line
 from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
+from .sources import is_library_source, is_source_spec, open_source, source_usages
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -139,8 +140,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
     """Resolve ``path/to/file.py:factory`` or ``package.module:factory`` to a callable."""
     if ":" not in spec:
         raise SynthkdError(
-            f"{spec!r} is neither a zoo architecture ({', '.join(list_models())}) "
-            "nor FILE.py:factory / module:factory"
+            f"{spec!r} is neither a zoo architecture ({', '.join(list_models())}), "
+            f"a model source ({source_usages()}) nor FILE.py:factory / module:factory"
         )
     target, name = spec.rsplit(":", 1)
     if target.endswith(".py"):
@@ -171,8 +172,9 @@ _TRUSTED_ARCHS: ContextVar[bool | frozenset[str]] = ContextVar("synthkd_trusted_
 
 def arch_needs_trust(arch: str) -> bool:
     """Whether building ``arch`` runs code the user has to opt into when a model directory (a data
-    file someone may have handed over) names it: everything but a zoo name."""
-    return not is_registered(arch)
+    file someone may have handed over) names it: everything but a zoo name and a library source
+    (torchvision:, timm:, hf: build from installed libraries; hub: runs a repository's hubconf.py)."""
+    return not is_registered(arch) and not is_library_source(arch)
 
 
 @contextmanager
@@ -209,6 +211,8 @@ def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
         )
     if is_registered(arch):
         return create_model(arch, **arch_kwargs)
+    if is_source_spec(arch):
+        return open_source(arch, arch_kwargs).net
     net = import_factory(arch)(**arch_kwargs)
     if not isinstance(net, nn.Module):
         raise SynthkdError(f"{arch} returned a {type(net).__name__}, not a torch.nn.Module; a factory returns the network")

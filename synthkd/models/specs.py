@@ -19,5 +19,7 @@ MODEL_SPEC_FORMS: tuple[tuple[str, str], ...] = (
 
 
 def model_spec_help() -> list[tuple[str, str]]:
-    """(form, meaning) rows of every way to name a model."""
-    return list(MODEL_SPEC_FORMS)
+    """(form, meaning) rows of every way to name a model: the fixed forms, then the model sources."""
+    from .sources import SOURCES
+
+    return list(MODEL_SPEC_FORMS) + [(SOURCES.get(name).usage, SOURCES.get(name).description) for name in SOURCES.names()]

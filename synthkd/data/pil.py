@@ -1,0 +1,61 @@
+"""Datasets of other libraries whose items are PIL images and class ids (torchvision datasets,
+Hugging Face ``datasets``), read on access as the typed items every stage takes."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .batches import LabelledBatch
+
+
+def pil_to_tensor(image: Any, mode: str, size: tuple[int, int]) -> torch.Tensor:
+    """A PIL image as a float C x H x W tensor in [0,1], converted to ``mode`` and resized to
+    ``size`` (height, width) where it differs."""
+    from PIL import Image
+
+    image = image.convert(mode)
+    if image.size != (size[1], size[0]):
+        image = image.resize((size[1], size[0]), Image.BILINEAR)
+    pixels = torch.from_numpy(np.array(image, dtype=np.uint8))
+    pixels = pixels.unsqueeze(0) if mode == "L" else pixels.permute(2, 0, 1)
+    return pixels.float().div_(255)
+
+
+class PILDataset(Dataset):
+    """Items ``read(i) -> (PIL image, class id)`` of ``length`` items, decoded on access. Every
+    image takes the first one's mode (grey or RGB) and size, so batches stack."""
+
+    def __init__(self, read: Callable[[int], tuple[Any, int]], length: int, class_names: Sequence[str], name: str,
+                 indices: Sequence[int] | None = None):
+        self.read, self.length, self.class_names, self.name = read, length, list(class_names), name
+        self.indices = range(length) if indices is None else indices
+        first, _ = read(self.indices[0]) if len(self.indices) else (None, 0)
+        self.mode = "L" if first is not None and first.mode in ("L", "1", "I", "I;16", "F") else "RGB"
+        self.size = (first.height, first.width) if first is not None else (1, 1)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, index: int) -> LabelledBatch:
+        image, label = self.read(self.indices[index])
+        return LabelledBatch(pil_to_tensor(image, self.mode, self.size), int(label))
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        return (1 if self.mode == "L" else 3, *self.size)
+
+    def subset(self, index: slice) -> "PILDataset":
+        return PILDataset(self.read, self.length, self.class_names, self.name, self.indices[index])
+
+    def channel_stats(self, max_images: int = 2000) -> tuple[list[float], list[float]]:
+        """Per-channel mean and std of [0,1] pixels over (at most) the first ``max_images``."""
+        images = torch.stack([self[i].images for i in range(min(len(self), max_images))])
+        return images.mean((0, 2, 3)).tolist(), images.std((0, 2, 3)).tolist()
