@@ -27,7 +27,7 @@ from .accelerator import log_progress, logger, no_progress_bars
 from .data.loading import loader_options
 from .evaluation import evaluate
 from .errors import SynthkdError, one_line, warn
-from .io import atomic_write, refuse_changed_settings
+from .io import atomic_write, atomic_write_json, read_json, refuse_changed_settings
 from .models import Classifier, unwrap
 from .settings import Settings, setting
 
@@ -65,6 +65,7 @@ class Checkpoint:
     values only, read back with ``weights_only=True``) written atomically by the main process."""
 
     NAME = "training_state.pt"
+    RECORD = "training.json"  # what a finished run was trained with, once its state is discarded
 
     def __init__(self, directory: str | os.PathLike, config: Any, accelerator: Accelerator,
                  inputs: dict[str, Any] | None = None):
@@ -77,6 +78,9 @@ class Checkpoint:
         self.accelerator = accelerator
 
     def restore(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler) -> list[dict[str, Any]]:
+        finished = self.path.with_name(self.RECORD)
+        if not self.path.is_file() and finished.is_file():  # a finished run: trained again only with its settings
+            refuse_changed_settings(f"{self.path.parent} was trained", read_json(finished)["record"], self.record)
         found = torch.tensor([float(self.path.is_file())], device=self.accelerator.device)
         if self.accelerator.gather(found).min().item() < 1:
             return []  # not every rank sees it (no shared disk): start afresh everywhere
@@ -204,6 +208,13 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
 
 
 def discard_training_state(directory: str | os.PathLike) -> None:
-    """Remove a finished run's training state from its output: a model directory is what users
-    share, and the state (optimizer, schedule) only serves resuming an interrupted run."""
-    (Path(directory) / Checkpoint.NAME).unlink(missing_ok=True)
+    """Replace a finished run's training state by the record of its settings and inputs
+    (``training.json``): a model directory is what users share, the optimizer and schedule only
+    serve resuming an interrupted run, and the record still refuses a rerun with other settings."""
+    path = Path(directory) / Checkpoint.NAME
+    if not path.is_file():
+        return
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "record" in state:
+        atomic_write_json(path.with_name(Checkpoint.RECORD), {"record": json.loads(state["record"]), "epochs": len(state["history"])})
+    path.unlink()

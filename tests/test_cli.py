@@ -77,7 +77,7 @@ def flow(tmp_path_factory):
 
 def test_train_teacher(flow):
     teacher = flow["teacher"]
-    assert sorted(p.name for p in teacher.iterdir()) == [".synthkd.lock", "config.json", "metrics.json", "model.safetensors"]
+    assert sorted(p.name for p in teacher.iterdir()) == [".synthkd.lock", "config.json", "metrics.json", "model.safetensors", "training.json"]
     config = json.loads((teacher / "config.json").read_text())
     assert config["arch"] == "resnet8"
     assert config["arch_kwargs"] == {"width": 0.25, "in_channels": 1, "num_classes": 10}

@@ -134,7 +134,7 @@ def test_train_teacher_and_evaluate_on_library_datasets_with_workers(torchvision
             result = runner.invoke(main, ["train-teacher", "--dataset", dataset, "--arch", "resnet8", "--width", "0.25",
                                           "--epochs", "1", "--batch-size", "4", "--num-workers", "2", "--out", str(out)])
             assert result.exit_code == 0, result.output
-            assert sorted(p.name for p in out.iterdir()) == ["config.json", "metrics.json", "model.safetensors"]
+            assert sorted(p.name for p in out.iterdir()) == [".synthkd.lock", "config.json", "metrics.json", "model.safetensors", "training.json"]
             report = runner.invoke(main, ["evaluate", "--model", str(out), "--dataset", evaluated, "--num-workers", "2", "--json"])
             assert report.exit_code == 0, report.output
             assert json.loads(report.stdout)["num_images"] == len(load_dataset(evaluated))

@@ -18,7 +18,7 @@ from safetensors.torch import save_file
 
 from synthkd.cli import main
 from synthkd.errors import SynthkdError
-from synthkd.models import Classifier, is_library_source, load_model, model_source_problem
+from synthkd.models import Classifier, is_library_source, load_model, model_source_problem, trusting_code
 
 from conftest import REPO, subprocess_env
 
@@ -30,9 +30,10 @@ def same_outputs(model: Classifier, again: Classifier) -> bool:
         return torch.allclose(model.eval()(PROBE), again.eval()(PROBE), atol=1e-5)
 
 
-def round_trip(model: Classifier, directory: Path) -> Classifier:
+def round_trip(model: Classifier, directory: Path, trust: bool = False) -> Classifier:
     model.save_pretrained(directory)
-    again = Classifier.from_pretrained(directory)
+    with trusting_code(trust):
+        again = Classifier.from_pretrained(directory)
     assert again.config.to_dict() == model.config.to_dict()
     assert same_outputs(model, again)
     return again
@@ -161,7 +162,9 @@ def test_hub_runs_a_local_entry_with_arguments(hub_dir, tmp_path, monkeypatch):
     model = load_model("hub:repo:tiny?num_classes=4&width=6", input_shape=(3, 16, 16))
     assert model.config.arch == f"hub:{hub_dir}:tiny"  # absolute: loads from any directory
     assert model.config.arch_kwargs == {"num_classes": 4, "width": 6} and model.num_classes == 4
-    round_trip(model, tmp_path / "m")
+    with pytest.raises(SynthkdError, match="--trust-code"):  # a hub repository is code: a model directory naming it is refused
+        round_trip(model, tmp_path / "m")
+    round_trip(model, tmp_path / "m", trust=True)
     pretrained = load_model(f"hub:{hub_dir}:tiny?pretrained=true", input_shape=(3, 16, 16))
     from safetensors.torch import load_file
 
@@ -247,12 +250,13 @@ def test_generate_distill_evaluate_with_every_source(tmp_path, hf_dir, hub_dir):
             "--out", work / "set")
         cli("distill", *teacher("--teacher", "--teacher-weights"), "--student", student, "--data", work / "set",
             "--epochs", 1, "--batch-size", 8, "--out", work / "student")
-        for model in (teacher("--model", "--weights"), ["--model", work / "student"]):
+        for model in (teacher("--model", "--weights"), ["--model", work / "student", "--trust-code"]):  # hub: is code
             report = json.loads(cli("evaluate", *model, "--dataset", "digits:test[:16]", "--json"))
             assert report["num_images"] == 16 and 0 <= report["accuracy"] <= 1
         config = json.loads((work / "student" / "config.json").read_text())
         assert config["arch"].split(":")[0] == student.split(":")[0]
-        again = Classifier.from_pretrained(work / "student")
+        with trusting_code():
+            again = Classifier.from_pretrained(work / "student")
         assert len(again.config.class_names) == 10 and again.eval()(PROBE).shape == (3, 10)
 
 
