@@ -28,6 +28,7 @@ import argparse
 import shutil
 import sys
 import time
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +42,7 @@ from synthkd.data import SyntheticBatch, load_dataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
 from synthkd.generators.boundary import TECHNIQUES, BoundarySettings  # noqa: E402
 from synthkd.generators.fast import FastGenerator, FastSettings  # noqa: E402
+from synthkd.generators.inversion import InversionLossSettings  # noqa: E402
 from synthkd.models import load_model  # noqa: E402
 from synthkd.pipelines.distill import DistillSettings, KDObjective, build_student, distill_e2e  # noqa: E402
 from synthkd.pipelines.interleave import InterleaveSettings, distill_interleaved  # noqa: E402
@@ -52,24 +54,26 @@ FULL = {"budget_minutes": 30.0, "images": 12288, "gen_batch_size": 256, "validat
 SINGLE = [name for name in TECHNIQUES]
 
 
-def probe_costs(teacher, config: dict[str, Any], images: int, gen_batch: int, accelerator) -> dict[str, float]:
+def probe_costs(teacher, config: dict[str, Any], objective: InversionLossSettings, images: int, gen_batch: int,
+                accelerator) -> dict[str, float]:
     """Seconds of one KD step (batch ``distill.batch_size``, teacher labelling its views) and of one
     adapted batch of the fast generator, measured here; what the budget is turned into epochs with."""
     kd_batch = config["distill"]["batch_size"]
     student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed=0).to(accelerator.device)
-    objective = KDObjective(teacher, DistillSettings(mixup=config["distill"]["mixup"])).to(accelerator.device)
+    kd = KDObjective(teacher, DistillSettings(mixup=config["distill"]["mixup"], flip=config["distill"]["flip"]))
+    kd.to(accelerator.device)
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01)
     batch = SyntheticBatch(torch.rand(kd_batch, *teacher.input_format.shape, device=accelerator.device),
                            torch.zeros(kd_batch, teacher.num_classes), torch.zeros(kd_batch, dtype=torch.long))
     for step in range(12):
         if step == 2:
             started = time.perf_counter()
-        loss = objective(student.train(), batch)
+        loss = kd(student.train(), batch)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
     kd_step = (time.perf_counter() - started) / 10
-    generator = FastGenerator(teacher, FastSettings(draws_per_adaptation=1), seed=0)
+    generator = FastGenerator(teacher, FastSettings(draws_per_adaptation=1), objective, seed=0)
     started = time.perf_counter()
     generator.generate(torch.arange(gen_batch) % teacher.num_classes, seed=0)
     adapt = time.perf_counter() - started
@@ -101,7 +105,9 @@ def main() -> None:
     parser.add_argument("--validation", help="real validation split the best row is chosen on (a training-set slice)")
     parser.add_argument("--test", help="real test split every row is scored on (default: the setting's eval_dataset)")
     parser.add_argument("--kd-views", type=int, help="--teacher-views of the KD-cost comparison (0: skip it)")
-    parser.add_argument("--teacher", help="a model directory instead of the standard teacher")
+    parser.add_argument("--config", help="the setting (default configs/fashion_mnist.yaml): student, generation "
+                                         "objective, KD settings and eval_dataset")
+    parser.add_argument("--teacher", help="a model directory instead of the setting's teacher")
     parser.add_argument("--retrain-teacher", action="store_true", help="train the standard teacher instead of the shipped one")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--cache", default=str(CACHE))
@@ -122,7 +128,8 @@ def main() -> None:
     best_given = [t for t in (args.best or "").split(",") if t]
     BoundarySettings(techniques=best_given).check()  # an unknown name is refused before anything runs
 
-    config = load_setting()
+    config = load_setting(args.config)
+    objective = InversionLossSettings(**{spec.name: config["generate"][spec.name] for spec in fields(InversionLossSettings)})
     accelerator = make_accelerator()
     cache = Path(args.cache)
     timings: dict[str, float] = {}
@@ -135,21 +142,22 @@ def main() -> None:
     teacher_val = evaluate(teacher, validation, accelerator)
     teacher_test = evaluate(teacher, test, accelerator)
     images, gen_batch, kd_batch = settings["images"], settings["gen_batch_size"], config["distill"]["batch_size"]
-    costs = probe_costs(teacher, config, images, gen_batch, accelerator)
+    costs = probe_costs(teacher, config, objective, images, gen_batch, accelerator)
     epochs = args.epochs or plan_epochs(settings["budget_minutes"], costs, images, kd_batch)
     print(f"probe: KD step {costs['kd_step_seconds']:.3f} s, adapted batch {costs['adapt_seconds']:.2f} s -> "
           f"{epochs} KD epochs of {images} images per row")
     work = cache / "datafree-quality"
     shutil.rmtree(work, ignore_errors=True)
     distill_settings = DistillSettings(epochs=epochs, batch_size=kd_batch, lr=config["distill"]["lr"],
-                                       temperature=config["distill"]["temperature"], mixup=config["distill"]["mixup"])
+                                       temperature=config["distill"]["temperature"], mixup=config["distill"]["mixup"],
+                                       flip=config["distill"]["flip"])
 
     def run_row(name: str, techniques: list[str]) -> dict[str, Any]:
         runs = []
         for seed in seeds:
             directory = work / f"{name}-seed{seed}"
             synthesis = InterleaveSettings(synthesize="fast", num_images=images, gen_batch_size=gen_batch,
-                                           batches_per_round=2, competition_weight=0.0,
+                                           batches_per_round=2, competition_weight=0.0, objective=objective,
                                            boundary=BoundarySettings(techniques=techniques))
             student = build_student(config["student"]["arch"], teacher, config["student"]["width"], seed)
             _, metrics = distill_interleaved(teacher, student, directory / "set", directory / "student", synthesis,
@@ -220,7 +228,7 @@ def main() -> None:
                                 "gap_points", "near_boundary")} | {"collapsed": ",".join(r["collapsed"]) or "-"} for r in results]
     title = (f"{'QUICK ' if args.quick else ''}ablation: teacher {teacher_test['accuracy']:.4f} on {test_spec} "
              f"({teacher_val['accuracy']:.4f} on {settings['validation']}); {images} images, {epochs} KD epochs per row, "
-             (f"epochs given" if args.epochs else f"budget {settings['budget_minutes']} min"))
+             + ("epochs given" if args.epochs else f"budget {settings['budget_minutes']} min"))
     print_table(table, title)
     names = list(teacher_test["per_class"])
     per_class = [{"row": "teacher", **{n[:8]: teacher_test["per_class"][n] for n in names}}]

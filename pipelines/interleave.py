@@ -31,7 +31,7 @@ from synthkd.errors import SynthkdError
 from synthkd.generators.boundary import BoundarySettings, method_problems
 from synthkd.generators.diagnostic import diagnose_set
 from synthkd.generators.fast import FastSettings
-from synthkd.generators.inversion import competition_weight_setting
+from synthkd.generators.inversion import InversionLossSettings, competition_weight_setting
 from synthkd.generators.registry import GENERATORS
 from synthkd.models import Classifier
 from synthkd.settings import Settings, setting
@@ -55,6 +55,9 @@ class InterleaveSettings(Settings):
     fast: FastSettings = setting(default_factory=FastSettings, help="--synthesize fast")
     boundary: BoundarySettings = setting(default_factory=BoundarySettings,
                                          help="techniques that aim samples at the decision boundaries")
+    objective: InversionLossSettings = setting(default_factory=InversionLossSettings, cli=False,
+                                               help="the generator's inversion objective (its competition weight is "
+                                                    "the one above); API only: its flip would clash with distill's")
 
     @property
     def enabled(self) -> bool:
@@ -72,8 +75,9 @@ class InterleaveSettings(Settings):
     def generate_settings(self) -> GenerateSettings:
         """The set being made, as the generate stage describes it (the generator's techniques only)."""
         boundary = BoundarySettings(**{**asdict(self.boundary), "techniques": self.boundary.generator_techniques()})
+        objective = {**asdict(self.objective), "competition_weight": self.competition_weight}
         return GenerateSettings(method=self.synthesize, num_images=self.num_images, batch_size=self.gen_batch_size,
-                                competition_weight=self.competition_weight, fast=self.fast, boundary=boundary)
+                                fast=self.fast, boundary=boundary, **objective)
 
 
 class GrowingSyntheticSet(Dataset):
