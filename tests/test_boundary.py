@@ -138,6 +138,18 @@ def test_bad_technique_input_is_one_line_and_exit_2(teacher_dir, tmp_path):
     config.write_text(f"teacher: {{model: {teacher_dir}}}\ngenerate: {{boundary: {{techniques: [adversarial]}}}}\n")
     with pytest.raises(SynthkdError, match="generate.boundary.techniques: adversarial needs a student"):
         load_config(config)
+    config.write_text(f"teacher: {{model: {teacher_dir}}}\ngenerate: {{method: fast, boundary: {{techniques: "
+                      "[contrastive, wormhole], contrastive_weight: -1}}\n")
+    with pytest.raises(SynthkdError) as refused:
+        load_config(config)
+    assert 'generate.boundary.techniques: expected one of adversarial, contrastive' in str(refused.value)
+    assert "generate.boundary.contrastive_weight: must be at least 0" in str(refused.value)
+    config.write_text(f"teacher: {{model: {teacher_dir}}}\ngenerate: {{method: fast, boundary: {{techniques: "
+                      "[contrastive, exchange], bank_size: 64}}\n")
+    relevant = load_config(config).generate.relevant()
+    assert relevant["boundary"] == {"techniques": ["contrastive", "exchange"], "contrastive_weight": 0.5,
+                                    "contrastive_temperature": 0.1, "bank_size": 64, "exchange_fraction": 0.5,
+                                    "exchange_channels": 0.5}
 
 
 def test_inversion_with_a_feature_bank_resumes_exactly(teacher, tmp_path, accelerator):
