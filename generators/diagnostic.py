@@ -125,11 +125,18 @@ def flag_classes(classes: list[dict[str, Any]]) -> None:
 
 def diagnose_set(directory: str | os.PathLike, teacher: Classifier, student: Classifier | None = None,
                  write: bool = True) -> dict[str, Any]:
-    """The diagnostic of the finished synthetic set in ``directory``, written beside its manifest."""
+    """The diagnostic of the finished synthetic set in ``directory``, written beside its manifest;
+    the one already there when it was made of the same shards with the same teacher and student
+    (so generating a finished set again rewrites nothing)."""
     from synthkd.data.reader import SyntheticDataset
 
     data = SyntheticDataset(directory, verify=False)
-    diagnostic = diagnose(teacher, data.images, data.targets, student)
+    made_of = {"shards": [shard["sha256"] for shard in data.manifest["shards"]], "teacher": teacher.fingerprint(),
+               "student": student.fingerprint() if student is not None else None}
+    existing = read_diagnostic(directory)
+    if existing is not None and existing.get("made_of") == made_of:
+        return existing
+    diagnostic = {**diagnose(teacher, data.images, data.targets, student), "made_of": made_of}
     if write:
         write_diagnostic(directory, diagnostic)
     return diagnostic
@@ -142,8 +149,13 @@ def write_diagnostic(directory: str | os.PathLike, diagnostic: dict[str, Any]) -
 
 
 def read_diagnostic(directory: str | os.PathLike) -> dict[str, Any] | None:
+    """The diagnostic written beside a set, or None (none there, or unreadable: it is remade)."""
     path = Path(directory) / DIAGNOSTIC_NAME
-    return read_json(path) if path.is_file() else None
+    try:
+        found = read_json(path) if path.is_file() else None
+    except ValueError:  # a damaged file (JSONDecodeError)
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def diagnostic_lines(diagnostic: dict[str, Any], pairs: int = 5) -> list[str]:
