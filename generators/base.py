@@ -3,14 +3,21 @@ what every synthetic set records: the teacher that made it and a seed per shard.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
+from synthkd.errors import SynthkdError
+from synthkd.io import atomic_write
 from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
+
+STATE_NAME = "generator-state.safetensors"
 
 
 class SyntheticImageGenerator(ABC):
@@ -59,3 +66,32 @@ def teacher_record(teacher: Classifier) -> dict[str, Any]:
 def shard_seed(seed: int, shard_id: int) -> int:
     """The seed of one shard of a set made with ``seed``: a resumed run remakes the shard exactly."""
     return derive_seed(seed, "shard", shard_id)
+
+
+def write_generator_state(directory: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any],
+                          **metadata: Any) -> None:
+    """Save what a generator carries from shard to shard, atomically, with the settings it was
+    made under (``config``) and any other ``metadata`` a resume must agree with."""
+    tensors = {key: value.detach().cpu().contiguous() for key, value in tensors.items()}
+    recorded = {"config": json.dumps(config, sort_keys=True), **{key: str(value) for key, value in metadata.items()}}
+    atomic_write(Path(directory) / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=recorded))
+
+
+def read_generator_state(directory: Path, config: dict[str, Any],
+                         **expected: Any) -> tuple[dict[str, torch.Tensor], dict[str, str]] | None:
+    """The tensors and metadata :func:`write_generator_state` saved in ``directory`` (None if
+    there is no state); a state of other settings, or other ``expected`` metadata, is refused."""
+    path = Path(directory) / STATE_NAME
+    if not path.is_file():
+        return None
+    fix = f"delete {path} to restart the generator's learned state (the shards already made are kept)"
+    try:
+        with safe_open(str(path), framework="pt") as state:
+            metadata = state.metadata() or {}
+            tensors = {key: state.get_tensor(key) for key in state.keys()}
+    except Exception as error:  # safetensors raises several types for a damaged file
+        raise SynthkdError(f"{path} is unreadable ({error}); {fix}") from error
+    if metadata.get("config") != json.dumps(config, sort_keys=True) or any(
+            metadata.get(key) != str(value) for key, value in expected.items()):
+        raise SynthkdError(f"{path} was written by a generator with other settings; {fix}")
+    return tensors, metadata

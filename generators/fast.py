@@ -27,30 +27,26 @@ weights stay identical on every rank; every rank counts its calls alike, so all 
 from __future__ import annotations
 
 import copy
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.distributed as dist
-from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
 
 from synthkd.errors import SynthkdError
-from synthkd.io import atomic_write
 from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
 from synthkd.settings import Settings, setting
 
-from .base import SyntheticImageGenerator
+from .base import STATE_NAME, SyntheticImageGenerator, read_generator_state, write_generator_state
+from .boundary import BoundarySettings, exchange_channels
 from .inversion import InversionLoss, InversionLossSettings, part_of
 from .registry import GENERATORS, GeneratorEntry
-
-STATE_NAME = "generator-state.safetensors"
 
 
 def _fraction_up_to_one(value: float) -> str | None:
@@ -118,8 +114,18 @@ class ImageGenerator(nn.Module):
             nn.Sigmoid(),
         )
 
-    def forward(self, latents: torch.Tensor) -> torch.Tensor:
-        return self.body(self.project(latents).view(len(latents), -1, *self.start))
+    EXCHANGE_AFTER = 4  # the body's layer after which hidden channels may be exchanged (first conv block)
+
+    def forward(self, latents: torch.Tensor,
+                exchange: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
+        """Images of ``latents``; ``exchange`` rewrites the hidden features after the first conv
+        block (the ``exchange`` boundary technique)."""
+        hidden = self.project(latents).view(len(latents), -1, *self.start)
+        for index, layer in enumerate(self.body):
+            hidden = layer(hidden)
+            if exchange is not None and index == self.EXCHANGE_AFTER:
+                hidden = exchange(hidden)
+        return hidden
 
 
 def _distributed() -> bool:
@@ -130,12 +136,12 @@ class FastGenerator(SyntheticImageGenerator):
     method = "fast"
 
     def __init__(self, teacher: Classifier, config: FastSettings | None = None, loss: InversionLossSettings | None = None,
-                 student: Classifier | None = None, seed: int = 0):
+                 student: Classifier | None = None, seed: int = 0, boundary: BoundarySettings | None = None):
         self.settings = config or FastSettings()
         self.settings.check()
         self.teacher = teacher.eval().requires_grad_(False)
         self.objective = InversionLoss(teacher, loss or InversionLossSettings(), student,
-                                       bn_momentum=self.settings.bn_momentum)
+                                       bn_momentum=self.settings.bn_momentum, boundary=boundary)
         self.shape = teacher.input_format.shape
         torch.manual_seed(seed)  # the meta weights: the same on every rank
         self.meta = ImageGenerator(self.settings.latent_dim, self.shape, self.settings.generator_channels)
@@ -146,7 +152,7 @@ class FastGenerator(SyntheticImageGenerator):
 
     def config(self) -> dict[str, Any]:
         own = {RECORDED_NAMES.get(name, name): value for name, value in asdict(self.settings).items()}
-        return {**asdict(self.objective.settings), **own}
+        return {**self.objective.config(), **own}
 
     @property
     def device(self) -> torch.device:
@@ -175,6 +181,7 @@ class FastGenerator(SyntheticImageGenerator):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         torch.manual_seed(seed)  # kornia draws its augmentation parameters from the global RNG
         targets = targets.to(device)
+        aim = self.objective.aim(targets, seed)
         adapted = copy.deepcopy(self.meta).train()
         latents = torch.randn(len(targets), cfg.latent_dim, generator=generator).to(device).requires_grad_(True)
         optimizer = torch.optim.Adam(
@@ -187,7 +194,7 @@ class FastGenerator(SyntheticImageGenerator):
             for _ in range(steps or cfg.steps_per_batch):
                 # A rank with no shard left still joins every all-reduce, with no rows.
                 images = adapted(latents) if len(targets) else torch.zeros(0, *self.shape, device=device, requires_grad=True)
-                loss = objective(images, targets)
+                loss = objective(images, aim)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -216,7 +223,12 @@ class FastGenerator(SyntheticImageGenerator):
         matches[matches.sum(1) == 0] = 1.0
         picks = torch.multinomial(matches.cpu(), 1, generator=generator).squeeze(1).to(latents.device)
         noise = torch.randn(len(targets), latents.shape[1], generator=generator).to(latents.device)
-        return adapted(latents[picks] + self.settings.latent_noise * noise).clamp(0, 1).contiguous()
+        boundary = self.objective.boundary.settings
+        exchange = None
+        if boundary.on("exchange"):
+            exchange = partial(exchange_channels, targets=targets, fraction=boundary.exchange_fraction,
+                               channels=boundary.exchange_channels, seed=derive_seed(seed, "exchange"))
+        return adapted(latents[picks] + self.settings.latent_noise * noise, exchange).clamp(0, 1).contiguous()
 
     @torch.no_grad()
     def reptile(self, adapted: nn.Module | None) -> None:
@@ -240,29 +252,21 @@ class FastGenerator(SyntheticImageGenerator):
         self.batches += 1
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        tensors = {f"meta.{name}": value.detach().cpu().contiguous() for name, value in self.meta.state_dict().items()}
+        tensors = {f"meta.{name}": value for name, value in self.meta.state_dict().items()}
         for index, stats in enumerate(self.objective.history or []):
-            tensors[f"bn_history.{index}"] = stats.detach().cpu().contiguous()
-        return tensors
+            tensors[f"bn_history.{index}"] = stats
+        return {**tensors, **self.objective.boundary.state_tensors()}
 
     def save_state(self, directory: Path) -> None:
-        tensors = self.state_tensors()
-        metadata = {"batches": str(self.batches), "config": json.dumps(self.config(), sort_keys=True), "seed": str(self.seed)}
-        atomic_write(Path(directory) / STATE_NAME, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+        write_generator_state(directory, self.state_tensors(), self.config(), batches=self.batches, seed=self.seed)
 
     def load_state(self, directory: Path) -> None:
-        path = Path(directory) / STATE_NAME
-        if not path.is_file():
+        state = read_generator_state(directory, self.config(), seed=self.seed)
+        if state is None:
             return
+        tensors, metadata = state
+        path = Path(directory) / STATE_NAME
         fix = f"delete {path} to restart the generator's meta-learning (the shards already made are kept)"
-        try:
-            with safe_open(str(path), framework="pt") as state:
-                metadata = state.metadata() or {}
-                tensors = {key: state.get_tensor(key) for key in state.keys()}
-        except Exception as error:  # safetensors raises several types for a damaged file
-            raise SynthkdError(f"{path} is unreadable ({error}); {fix}") from error
-        if metadata.get("config") != json.dumps(self.config(), sort_keys=True) or metadata.get("seed") != str(self.seed):
-            raise SynthkdError(f"{path} was written by a fast generator with other settings; {fix}")
         meta = {key[len("meta."):]: value for key, value in tensors.items() if key.startswith("meta.")}
         try:
             self.meta.load_state_dict(meta)
@@ -270,6 +274,7 @@ class FastGenerator(SyntheticImageGenerator):
             raise SynthkdError(f"{path} does not fit this generator ({error}); {fix}") from error
         history = [tensors[f"bn_history.{i}"] for i in range(sum(k.startswith("bn_history.") for k in tensors))]
         self.objective.history = [h.to(self.device) for h in history] or None
+        self.objective.boundary.load_state_tensors(tensors)
         fresh, self.batches = self.batches == 0, int(metadata.get("batches", 0))
         self.meta.to(self.device)
         if fresh and self.batches and (not _distributed() or dist.get_rank() == 0):
@@ -278,8 +283,10 @@ class FastGenerator(SyntheticImageGenerator):
 
 GENERATORS.add("fast", GeneratorEntry(
     build=lambda settings, teacher, competitor, seed: FastGenerator(
-        teacher, settings.section(), part_of(InversionLossSettings, settings), competitor, seed),
+        teacher, settings.section(), part_of(InversionLossSettings, settings), competitor, seed,
+        getattr(settings, "boundary", None)),
     summary="a meta-learned generator network, a few steps per batch",
     settings=FastSettings,
     reads=tuple(spec.name for spec in fields(InversionLossSettings)),
+    techniques=("adversarial", "contrastive", "exchange", "interpolate"),
 ))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 from typing import Any, Iterator, TypeVar
 
 import kornia.augmentation as K
@@ -19,11 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthkd.errors import SynthkdError
-from synthkd.losses import BatchNormStatisticsLoss, image_l2, jensen_shannon, total_variation
+from synthkd.losses import BatchNormStatisticsLoss, image_l2, jensen_shannon, soft_cross_entropy, total_variation
 from synthkd.models import Classifier
 from synthkd.settings import Settings, setting
 
-from .base import SyntheticImageGenerator
+from .base import SyntheticImageGenerator, read_generator_state, write_generator_state
+from .boundary import BoundarySettings, BoundaryTerms
 from .registry import GENERATORS, GeneratorEntry
 
 T = TypeVar("T")
@@ -90,14 +92,17 @@ def inversion_augmentation(config: InversionLossSettings, height: int, width: in
 
 class InversionLoss:
     """The inversion objective of one step on a batch of [0,1] images: BN statistics (global
-    under torch.distributed), cross-entropy to the targets, TV/l2 priors, and the competition
-    term, all measured on random kornia views. Use :meth:`hooked` around the steps of a batch."""
+    under torch.distributed), cross-entropy to the targets (or to soft targets from :meth:`aim`),
+    TV/l2 priors, the competition term and the boundary techniques' terms
+    (:class:`~.boundary.BoundaryTerms`), all measured on random kornia views. Use :meth:`hooked`
+    around the steps of a batch and :meth:`end_batch` after them."""
 
     def __init__(self, teacher: Classifier, config: InversionLossSettings, student: Classifier | None = None,
-                 bn_momentum: float = 0.0):
+                 bn_momentum: float = 0.0, boundary: BoundarySettings | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
         self.settings = config = config.with_competitor(student is not None)
         self.student = student
+        self.boundary = BoundaryTerms(boundary or BoundarySettings(), self.teacher, student)
         if config.competition_weight > 0 and student is None:
             raise SynthkdError("the competition term needs a student: pass --student MODEL_DIR or set its weight to 0")
         if not any(isinstance(m, nn.BatchNorm2d) for m in teacher.modules()):
@@ -111,6 +116,18 @@ class InversionLoss:
         self.statistics: BatchNormStatisticsLoss | None = None
         self.history: list[torch.Tensor] | None = None  # BN statistics of past batches (bn_momentum > 0)
 
+    def config(self) -> dict[str, Any]:
+        """What a set records of the objective (the boundary techniques only when some are on, so
+        sets made before they existed still resume)."""
+        recorded = asdict(self.settings)
+        if self.boundary.settings.active:
+            recorded["boundary"] = self.boundary.settings.record()
+        return recorded
+
+    def aim(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
+        """The targets a batch is optimised towards (soft rows where ``interpolate`` is on)."""
+        return self.boundary.aim(targets, seed)
+
     @contextmanager
     def hooked(self) -> Iterator["InversionLoss"]:
         """Statistics hooks on the teacher (and a student that trains between batches held
@@ -122,7 +139,8 @@ class InversionLoss:
             student_state = (self.student.training, [p.requires_grad for p in self.student.parameters()])
             self.student.eval().requires_grad_(False)
         try:
-            yield self
+            with self.boundary.hooked():
+                yield self
         finally:
             self.statistics.remove()
             self.statistics = None
@@ -132,35 +150,54 @@ class InversionLoss:
                     parameter.requires_grad_(flag)
 
     def end_batch(self) -> None:
-        """Blend the last step's statistics into the momentum history (Fast-DFKD)."""
+        """Blend the last step's statistics into the momentum history (Fast-DFKD) and feed the
+        boundary techniques' memory bank."""
         self.statistics.update_history()
         self.history = self.statistics.history
+        self.boundary.end_batch()
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """The objective of one step (an empty batch still joins the all-reduce)."""
+        """The objective of one step (an empty batch still joins the all-reduce). ``targets``:
+        class indices, or soft targets (rows of class probabilities, from :meth:`aim`)."""
         cfg = self.settings
         views = self.augment(images) if len(images) else images
         logits = self.teacher(views)
         loss = cfg.bn_weight * self.statistics.loss()
         if len(images):
-            loss = loss + cfg.ce_weight * F.cross_entropy(logits, targets)
+            ce = soft_cross_entropy(logits, targets) if targets.is_floating_point() else F.cross_entropy(logits, targets)
+            loss = loss + cfg.ce_weight * ce
             loss = loss + cfg.tv_weight * total_variation(images) + cfg.l2_weight * image_l2(images)
+            student_logits = None
+            if cfg.competition_weight > 0 or self.boundary.needs_student_logits:
+                student_logits = self.student(views)
             if cfg.competition_weight > 0:
-                disagreement = jensen_shannon(logits, self.student(views))
-                loss = loss + cfg.competition_weight * (1.0 - disagreement)
+                loss = loss + cfg.competition_weight * (1.0 - jensen_shannon(logits, student_logits))
+            loss = loss + self.boundary.loss(logits, student_logits)
         return loss
 
 
 class ActivationInversion(SyntheticImageGenerator):
     method = "inversion"
 
-    def __init__(self, teacher: Classifier, config: InversionSettings | None = None, student: Classifier | None = None):
+    def __init__(self, teacher: Classifier, config: InversionSettings | None = None, student: Classifier | None = None,
+                 boundary: BoundarySettings | None = None):
         self.teacher = teacher.eval().requires_grad_(False)
-        self.objective = InversionLoss(teacher, config or InversionSettings(), student)
+        self.objective = InversionLoss(teacher, config or InversionSettings(), student, boundary=boundary)
         self.settings: InversionSettings = self.objective.settings  # the competition weight decided
 
     def config(self) -> dict[str, Any]:
-        return asdict(self.settings)
+        return self.objective.config()
+
+    def save_state(self, directory: Path) -> None:
+        """Batches are independent, except for the contrastive technique's memory bank."""
+        tensors = self.objective.boundary.state_tensors()
+        if tensors:
+            write_generator_state(directory, tensors, self.config())
+
+    def load_state(self, directory: Path) -> None:
+        state = read_generator_state(directory, self.config())
+        if state is not None:
+            self.objective.boundary.load_state_tensors(state[0])
 
     def generate(self, targets: torch.Tensor, seed: int) -> torch.Tensor:
         cfg = self.settings
@@ -170,7 +207,7 @@ class ActivationInversion(SyntheticImageGenerator):
         torch.manual_seed(seed)  # kornia draws its augmentation parameters from the global RNG
         init = (0.5 + 0.2 * torch.randn(len(targets), *fmt.shape, generator=generator)).clamp(0, 1)
         images = init.to(device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
-        targets = targets.to(device)
+        targets = self.objective.aim(targets.to(device), seed)
         optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=(0.5, 0.9))
         best_loss, best_images = math.inf, images.detach().clone()
         with self.objective.hooked():
@@ -181,6 +218,7 @@ class ActivationInversion(SyntheticImageGenerator):
                 loss = self.step(images, targets, optimizer)
                 if loss < best_loss:  # the loss was measured on the images before the step
                     best_loss, best_images = loss, before
+            self.objective.end_batch()
         return best_images.contiguous()
 
     def step(self, images: torch.Tensor, targets: torch.Tensor, optimizer: torch.optim.Optimizer) -> float:
@@ -197,7 +235,8 @@ class ActivationInversion(SyntheticImageGenerator):
 
 GENERATORS.add("inversion", GeneratorEntry(
     build=lambda settings, teacher, competitor, seed: ActivationInversion(
-        teacher, part_of(InversionSettings, settings), competitor),
+        teacher, part_of(InversionSettings, settings), competitor, getattr(settings, "boundary", None)),
     summary="optimise pixels",
     reads=tuple(spec.name for spec in fields(InversionSettings)),
+    techniques=("adversarial", "contrastive", "interpolate"),
 ))

@@ -41,6 +41,8 @@ class GeneratorEntry:
     # Local files or directories its section reads: a run reruns the method when they change.
     files: Callable[[Any], list[str]] = lambda section: []
     output: Literal["images", "activations"] = "images"
+    # The boundary techniques (generators/boundary.py) the method takes; the others are refused.
+    techniques: tuple[str, ...] = ()
 
 
 def _load_built_in() -> None:

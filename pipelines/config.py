@@ -197,6 +197,9 @@ def _check_generate(config: RunConfig, errors: list[str]) -> None:
     if section.competition_weight:
         errors.append("generate.competition_weight: a run has no student yet when it generates; "
                       "use `synthkd generate --student DIR --competition-weight W` for the competition term")
+    if section.boundary.on("adversarial"):
+        errors.append("generate.boundary.techniques: adversarial needs a student, which a run does not have when it "
+                      "generates; use `synthkd generate --student DIR` or `synthkd distill --synthesize fast`")
     config.generate = section.with_competitor(False)
     if section.method in GENERATORS and GENERATORS.get(section.method).output != "images":
         errors.append(f"generate.method: {section.method} makes no images for a run to distill from; "

@@ -18,7 +18,7 @@ from torch.utils.data import Dataset
 
 from synthkd.accelerator import make_accelerator
 from synthkd.augment import distillation_augmentation
-from synthkd.data import load_dataset
+from synthkd.data import SyntheticBatch, load_dataset
 from synthkd.data.activations import ActivationDataset
 from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError, warn
@@ -32,6 +32,7 @@ from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
 from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec
 from synthkd.models.sources import parse_source
 from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
+from synthkd.seeds import derive_seed
 from synthkd.settings import Settings, read_value, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
@@ -95,8 +96,14 @@ class DistillSettings(KDSettings):
     augment: bool = setting(True, help="e2e: KD on pad-and-crop views the teacher labels; --no-augment (with --no-flip "
                                        "and --mixup 0) trains on the images as made, against the teacher's logits "
                                        "stored with the set: no teacher forward pass.")
+    teacher_views: int = setting(0, at_least=0,
+                                 help="e2e: label this many augmented views (crop, flip, MixUp) of every image with the "
+                                      "teacher once, before training, and train on them (one drawn per image per epoch): "
+                                      "no teacher forward per step; 0: the teacher labels fresh views at every step.")
 
     def cross_problems(self) -> list[tuple[str, str]]:
+        if self.teacher_views and (self.mode != "e2e" or not self.augment):
+            return [("teacher_views", "labels augmented views for e2e KD: use it with --mode e2e and without --no-augment")]
         if self.augment:
             return []
         problems = []
@@ -211,6 +218,40 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
     return model
 
 
+class LabelledViews(Dataset):
+    """``views`` augmented copies of every image of ``dataset`` (the distillation views: crop, flip,
+    MixUp within random batches), each with the teacher's logits, made once; an item is one of
+    its image's views, drawn from the global RNG (seeded per epoch by the training loop), with
+    those logits as the KD target. Views are kept in float16 (half the memory; KD is insensitive
+    to it). The teacher's forward passes then cost ``views`` epochs instead of every epoch."""
+
+    def __init__(self, dataset: Dataset, teacher: Classifier, augment: nn.Module, views: int, seed: int,
+                 batch_size: int = 256):
+        device = next(teacher.parameters()).device
+        images = torch.stack([dataset[i].images for i in range(len(dataset))])
+        count = len(images)
+        self.images = torch.empty(views, *images.shape, dtype=torch.float16)
+        self.logits = torch.empty(views, count, teacher.num_classes)
+        teacher.eval()
+        augment.train()
+        with torch.no_grad():
+            for view in range(views):
+                torch.manual_seed(derive_seed(seed, "teacher-views", view))
+                order = torch.randperm(count)
+                for start in range(0, count, batch_size):
+                    rows = order[start:start + batch_size]
+                    batch = augment(images[rows].to(device))
+                    self.logits[view, rows] = teacher(batch).float().cpu()
+                    self.images[view, rows] = batch.to(torch.float16).cpu()
+
+    def __len__(self) -> int:
+        return self.images.shape[1]
+
+    def __getitem__(self, index: int) -> SyntheticBatch:
+        view = int(torch.randint(len(self.images), ()))
+        return SyntheticBatch(self.images[view, index].float(), self.logits[view, index], -1)
+
+
 class KDObjective(nn.Module):
     """Loss of one batch: the teacher labels augmented views of the images, or, with
     ``stored_targets``, the images are used as made and the teacher's logits stored with the
@@ -299,10 +340,14 @@ def distill_e2e(
     training_data = open_training_data(data, teacher, accelerator, stored_targets=not settings.augment)
     evaluation = load_dataset(eval_dataset) if eval_dataset else None
     teacher.to(accelerator.device)
-    objective = KDObjective(teacher, settings, stored_targets=not settings.augment).to(accelerator.device)
+    stored = not settings.augment or settings.teacher_views > 0
+    objective = KDObjective(teacher, settings, stored_targets=stored).to(accelerator.device)
     started = time.perf_counter()
     resumable = {"settings": settings.to_dict(), "data": data_fingerprint(data, training_data),
                  "teacher": teacher.fingerprint(), "student": student.fingerprint()}
+    if settings.teacher_views:
+        training_data = LabelledViews(training_data, teacher, objective.augment, settings.teacher_views, seed)
+    views_seconds = time.perf_counter() - started
     history = fit(student, training_data, objective, train, accelerator, evaluation, description="distill",
                   checkpoint_dir=out, checkpoint_inputs=resumable)
     metrics: dict[str, Any] = {
@@ -318,6 +363,8 @@ def distill_e2e(
     }
     if not settings.augment:
         metrics["targets"] = "stored logits"
+    if settings.teacher_views:
+        metrics.update(targets=f"{settings.teacher_views} views labelled once", teacher_views_seconds=views_seconds)
     return finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
 
 

@@ -29,6 +29,8 @@ from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 from synthkd.generators.activations import ActivationSettings
 from synthkd.generators.base import SyntheticImageGenerator, teacher_record
+from synthkd.generators.boundary import BoundarySettings, method_problems
+from synthkd.generators.diagnostic import diagnose_set
 from synthkd.generators.diffusion import DiffusionSettings
 from synthkd.generators.fast import FastSettings
 from synthkd.generators.inversion import InversionSettings
@@ -76,6 +78,10 @@ class GenerateSettings(InversionSettings):
     diffusion: DiffusionSettings = setting(default_factory=DiffusionSettings, help="--method diffusion")
     activations: ActivationSettings = setting(default_factory=ActivationSettings, help="--method activations")
     selection: SelectionSettings = setting(default_factory=SelectionSettings, help="the teacher's selection")
+    boundary: BoundarySettings = setting(default_factory=BoundarySettings,
+                                         help="techniques that aim samples at the decision boundaries")
+    diagnose: bool = setting(True, help="Write the set's per-class diagnostic (diagnostic.json beside the manifest; "
+                                        "see `synthkd inspect`).")
 
     @classmethod
     def from_mapping(cls, raw: Any, prefix: str = "", errors: list[str] | None = None) -> Any:
@@ -116,8 +122,9 @@ class GenerateSettings(InversionSettings):
         if self.method not in GENERATORS:
             return []  # the method field names the problem
         section = self.section()
-        required = GENERATORS.get(self.method).required
-        return [(f"{self.method}.{name}", why) for name, why in required.items() if getattr(section, name) is None]
+        entry = GENERATORS.get(self.method)
+        problems = [(f"{self.method}.{name}", why) for name, why in entry.required.items() if getattr(section, name) is None]
+        return problems + [("boundary.techniques", why) for why in method_problems(self.boundary, self.method, entry.techniques)]
 
     def relevant(self) -> dict[str, Any]:
         """What a set depends on: the method's own settings only, another method's are ignored
@@ -130,6 +137,8 @@ class GenerateSettings(InversionSettings):
             values[self.method] = asdict(section)
         if self.selection != SelectionSettings():  # recorded only when used: runs from before it keep their print
             values["selection"] = asdict(self.selection)
+        if self.boundary.active:  # likewise
+            values["boundary"] = self.boundary.record()
         return values
 
 
@@ -162,7 +171,11 @@ def generate_set(settings: GenerateSettings, teacher: Classifier, out: str | os.
     made = entry.build(settings, teacher, competitor, seed)
     if entry.output == "activations":
         return generate_activations(teacher, made, settings.num_images, out, settings.batch_size, seed, accelerator)
-    return generate(teacher, made, settings.num_images, out, settings.batch_size, seed, accelerator, settings.selection)
+    manifest = generate(teacher, made, settings.num_images, out, settings.batch_size, seed, accelerator, settings.selection)
+    if settings.diagnose and accelerator.is_main_process:
+        manifest = {**manifest, "diagnostic": diagnose_set(out, teacher, competitor)}
+    accelerator.wait_for_everyone()
+    return manifest
 
 
 def draw_seed(seed: int, shard_id: int, attempt: int) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any, TYPE_CHECKING
 
 from .config import RunConfig
+from synthkd.generators.diagnostic import read_diagnostic
 from synthkd.io import atomic_write, atomic_write_json, read_json
 
 if TYPE_CHECKING:
@@ -39,7 +40,8 @@ def write_report(run_dir: Path, config: RunConfig, steps: list["Step"]) -> dict[
                            ("p", f"Written {time.strftime('%Y-%m-%d %H:%M:%S')}; settings in config.yaml, log in run.log.")]
     blocks += headline_blocks(summary)
     blocks += stage_blocks(steps, records)
-    for figure in (sample_grid, curves_figure, neighbourhood_figure, search_blocks, per_class_figure, detector_blocks):
+    for figure in (sample_grid, diagnostic_blocks, curves_figure, neighbourhood_figure, search_blocks, per_class_figure,
+                   detector_blocks):
         blocks += figure(run_dir, config)
     atomic_write(run_dir / "report.md", lambda tmp: Path(tmp).write_text(to_markdown(blocks)))
     atomic_write(run_dir / "report.html", lambda tmp: Path(tmp).write_text(to_html(blocks, run_dir.name)))
@@ -75,6 +77,10 @@ def headline(run_dir: Path, results: dict[str, dict[str, Any]]) -> dict[str, Any
     neighbourhoods = neighbourhood_errors(run_dir)
     if neighbourhoods:
         summary["neighbourhood_relative_mse"] = neighbourhoods
+    diagnostic = read_diagnostic(run_dir / "synthetic")
+    if diagnostic is not None:
+        summary["synthetic_collapsed_classes"] = diagnostic["collapsed"]
+        summary["synthetic_near_boundary"] = diagnostic["near_boundary"]
     return summary
 
 
@@ -156,6 +162,27 @@ def sample_grid(run_dir: Path, config: RunConfig) -> list[Block]:
     path = save(figure, run_dir, "samples.png")
     return [("h2", "Synthetic samples"),
             ("img", path, f"{columns} synthetic images per class (rows: the class each was optimised towards)")]
+
+
+def diagnostic_blocks(run_dir: Path, config: RunConfig) -> list[Block]:
+    """The synthetic set's per-class diagnostic (``synthetic/diagnostic.json``, written by the
+    generate stage): what the set covers, with no real data."""
+    diagnostic = read_diagnostic(run_dir / "synthetic")
+    if diagnostic is None:
+        return []
+    student = diagnostic["student"]
+    rows = [[c["class"], fmt(c["count"]), f"{c.get('teacher_confidence', 0):.3f}", f"{c.get('on_target', 0):.3f}",
+             f"{c.get('diversity', 0):.3f}", *([f"{c.get('agreement', 0):.3f}"] if student else []),
+             ", ".join(c["flags"]) or "-"] for c in diagnostic["classes"]]
+    pairs = ", ".join(f"{p['pair'][0]} / {p['pair'][1]}: {p['count']}" for p in diagnostic["boundary_pairs"][:8]) or "none"
+    collapsed = ", ".join(diagnostic["collapsed"]) or "none"
+    return [("h2", "Synthetic set diagnostic"),
+            ("p", f"Per class aimed at: the teacher's mean probability of it, the share it names it, the mean "
+                  f"nearest-neighbour distance of the teacher's unit-length penultimate features (diversity). Collapsed "
+                  f"classes: {collapsed}. Near a boundary (top-2 margin < {diagnostic['margin']}): "
+                  f"{diagnostic['near_boundary']} of {diagnostic['num_images']} images; by pair: {pairs}."),
+            ("table", ["class", "images", "confidence", "on target", "diversity", *(["agreement"] if student else []), "flags"],
+             rows)]
 
 
 def curves_figure(run_dir: Path, config: RunConfig) -> list[Block]:

@@ -118,6 +118,8 @@ def distill_section(config: RunConfig) -> dict[str, Any]:
         training = {"distill": asdict(config.distill)}
         if config.distill.augment:
             del training["distill"]["augment"]  # on, as before the option existed: old runs keep their fingerprint
+        if not config.distill.teacher_views:
+            del training["distill"]["teacher_views"]  # likewise
     evaluates = config.search.enabled or config.distill.eval_every_epoch
     return {**training, "student": asdict(config.student), "seed": config.seed,
             "eval_dataset": config.eval_dataset if evaluates else None, "mixed_precision": config.mixed_precision}

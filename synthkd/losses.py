@@ -148,3 +148,37 @@ class BatchNormStatisticsLoss:
     def remove(self) -> None:
         for handle in self._handles:
             handle.remove()
+
+
+# ---------------------------------------------------------------------------------------------
+# Terms that aim synthetic samples at the decision boundaries (generators/boundary.py combines
+# them; each is minimised by the generator)
+
+
+def soft_cross_entropy(logits: torch.Tensor, target_probabilities: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy to a distribution over classes per sample (a class pair's blend, for
+    samples aimed between two classes), averaged over the batch; one-hot rows give plain CE."""
+    return -(target_probabilities * F.log_softmax(logits, dim=1)).sum(1).mean()
+
+
+def agreement_masked_adversarial(teacher_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+    """Minus the KD divergence KL(teacher || student) (the loss the student minimises), summed over
+    the samples whose top class the two agree on and divided by the batch size (CMI, Fast-DFKD):
+    the generator moves samples the student already gets right to where it disagrees with the
+    teacher, and leaves alone those it already gets wrong (pushing them further only makes them
+    unlike anything the teacher knows)."""
+    agree = (teacher_logits.argmax(1) == student_logits.argmax(1)).float()
+    log_teacher = F.log_softmax(teacher_logits, dim=1)
+    divergence = (log_teacher.exp() * (log_teacher - F.log_softmax(student_logits, dim=1))).sum(1)
+    return -(divergence * agree).sum() / max(1, len(teacher_logits))
+
+
+def instance_discrimination(features: torch.Tensor, bank: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """InfoNCE of each sample against every other sample of the batch and every feature of the
+    bank (CMI's contrastive diversity, without a learned head): each unit-length feature's
+    positive is itself, so minimising it spreads the batch away from itself and from the samples
+    made before. ``bank``: unit-length features of earlier batches (M x D) or None."""
+    unit = F.normalize(features.float(), dim=1)
+    keys = unit if bank is None or len(bank) == 0 else torch.cat([unit, bank.to(unit.device, unit.dtype)])
+    similarity = unit @ keys.T / temperature
+    return F.cross_entropy(similarity, torch.arange(len(unit), device=unit.device))

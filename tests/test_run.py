@@ -275,6 +275,7 @@ def test_report_references_only_files_that_exist(tmp_path, teacher_dir, accelera
                 "neighbourhood_relative_mse", "per_class", "stages", "compression"):
         assert key in summary, key
     assert set(summary["detector_auroc"]) == {"misclassification", "noise:gaussian"}
+    assert "## Synthetic set diagnostic" in markdown and isinstance(summary["synthetic_collapsed_classes"], list)
     assert set(summary["stages"]) == {"teacher", "generate", "distill", "evaluate", "calibrate", "evaluate_detector"}
     assert all(v["seconds"] > 0 for v in summary["stages"].values())
     # finished detector stages are skipped next time; the BatchNorm term reruns calibration and what follows

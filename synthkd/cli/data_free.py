@@ -99,6 +99,28 @@ def generate(model_spec, weights, input_shape, mean, std, settings, method_optio
     else:
         click.echo(f"wrote {manifest['num_images']} images in {len(manifest['shards'])} shards to {out}")
         echo_report(manifest)
+        if "diagnostic" in manifest:
+            from synthkd.generators.diagnostic import diagnostic_lines
+
+            click.echo("\n".join(diagnostic_lines(manifest["diagnostic"])))
+
+
+@main.command()
+@model_options("teacher", "--teacher-weights")
+@click.option("--data", required=True, type=click.Path(exists=True, file_okay=False), help="Synthetic set directory.")
+@click.option("--student", type=click.Path(exists=True, file_okay=False),
+              help="A student model directory: adds its agreement with the teacher per class.")
+@click.option("--json", "as_json", is_flag=True, help="Print the diagnostic as JSON.")
+def inspect(model_spec, weights, input_shape, mean, std, data, student, as_json):
+    """Per-class diagnostic of a synthetic set, no real data needed: teacher confidence, student
+    agreement, feature diversity, boundary pairs covered, collapsed classes (written to
+    DATA/diagnostic.json)."""
+    from synthkd.generators.diagnostic import diagnose_set, diagnostic_lines
+    from synthkd.models import load_model
+
+    teacher = open_model(model_spec, weights, input_shape, mean, std)
+    diagnostic = diagnose_set(data, teacher, load_model(student) if student else None)
+    click.echo(json.dumps(diagnostic, indent=2) if as_json else "\n".join(diagnostic_lines(diagnostic)))
 
 
 @main.command()
