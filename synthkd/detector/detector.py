@@ -39,7 +39,7 @@ from ..errors import SynthkdError
 from ..io import atomic_write, atomic_write_json, read_json
 from ..models import Classifier
 from .combinations import COMBINATIONS, combine
-from .conformal import check_alpha, conformal_p_values
+from .conformal import check_alpha, conformal_p_values, interpolated_p_values
 from .density import FeatureScorer
 from .features import Features, features_of_batch
 from .parts import PARTS
@@ -216,20 +216,25 @@ class Detector:
     @staticmethod
     def _part_p_values(scores: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
                        parts: Sequence[str]) -> torch.Tensor:
-        return torch.stack([conformal_p_values(scores[part], reference[part]) for part in parts], 1)
+        return torch.stack([interpolated_p_values(scores[part], reference[part]) for part in parts], 1)
 
     def explain(self, data: Features, score: str | None = None, parts: Sequence[str] | None = None,
                 alpha: float | None = None) -> dict[str, Any]:
         """Per input: the score, its p-value, the flag, and for a combination rule each part's
         p-value against the reference inputs (why an input was flagged)."""
         score, parts = self.check_score(score, parts)
+        return self.explain_parts(self.part_scores(data, parts if score in COMBINATIONS else [score]), score, parts, alpha)
+
+    def explain_parts(self, part_scores: dict[str, torch.Tensor], score: str, parts: Sequence[str],
+                      alpha: float | None = None) -> dict[str, Any]:
+        """:meth:`explain` from the parts' scores of the inputs."""
         alpha = check_alpha(self.alpha if alpha is None else alpha)
         reference, calibration = self.reference_and_calibration(score, parts)
         explanation: dict[str, Any] = {"score_name": score}
         if score in PARTS:
-            scores = self.part_scores(data, [score])[score]
+            scores = part_scores[score]
         else:
-            part_p_values = self._part_p_values(self.part_scores(data, parts), reference, parts)
+            part_p_values = self._part_p_values(part_scores, reference, parts)
             scores = combine(score, part_p_values)
             explanation["part_p_values"] = dict(zip(parts, part_p_values.T))
         p_values = conformal_p_values(scores, calibration)

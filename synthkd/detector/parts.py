@@ -20,7 +20,7 @@ Higher = more typical, as everywhere in :mod:`synthkd.detector`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable
+from typing import Any, Callable
 
 import torch
 
@@ -29,8 +29,7 @@ from .baselines import LOGIT_SCORES
 from .densities.gmm import GaussianMixture
 from .features import Features
 
-if TYPE_CHECKING:
-    from .detector import Detector
+Detector = Any  # a synthkd.detector.Detector; not imported, since the detector imports this module
 
 
 @dataclass(frozen=True)
@@ -38,15 +37,15 @@ class Part:
     """``compute(detector, data)``: one score per input; ``needs(detector)``: what the detector
     lacks to compute it (a phrase naming the fix), or None."""
 
-    compute: Callable[["Detector", Features], torch.Tensor]
-    needs: Callable[["Detector"], str | None] = lambda detector: None
+    compute: Callable[[Detector, Features], torch.Tensor]
+    needs: Callable[[Detector], str | None] = lambda detector: None
 
 
 PARTS: Registry[Part] = Registry("score part")
 CLASS_PSEUDO_COUNT = 1.0  # spread over the classes of every component, so no class is impossible
 
 
-def _density(detector: "Detector", data: Features) -> torch.Tensor:
+def _density(detector: Detector, data: Features) -> torch.Tensor:
     return detector.score_features(data.features, data.deviations)
 
 
@@ -55,7 +54,7 @@ for _name in LOGIT_SCORES.names():
     PARTS.add(_name, Part(lambda detector, data, score=LOGIT_SCORES.get(_name): score(data.logits).cpu()))
 
 
-def _needs_labelled_mixture(detector: "Detector") -> str | None:
+def _needs_labelled_mixture(detector: Detector) -> str | None:
     if not isinstance(detector.density, GaussianMixture):
         return f"a Gaussian-mixture density (this detector's is {detector.density.kind}); calibrate with --density gmm"
     if detector.component_classes is None:
@@ -74,7 +73,7 @@ def component_classes(mixture: GaussianMixture, standardized: torch.Tensor, pred
     return (counts / counts.sum(1, keepdim=True)).log().float()
 
 
-def _class_log_joint(detector: "Detector", data: Features) -> tuple[torch.Tensor, torch.Tensor]:
+def _class_log_joint(detector: Detector, data: Features) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(x, predicted class), log p(x)) under the labelled mixture."""
     log_joint = detector.density.component_log_joint(detector.standardize(data.features)).cpu()
     classes = detector.component_classes.double()[:, data.predictions.cpu()].T  # N x K: log P(predicted | k)
@@ -87,7 +86,7 @@ PARTS.add("agreement", Part(lambda detector, data: torch.subtract(*_class_log_jo
                             _needs_labelled_mixture))
 
 
-def _batchnorm(detector: "Detector", data: Features) -> torch.Tensor:
+def _batchnorm(detector: Detector, data: Features) -> torch.Tensor:
     return detector.batchnorm_term(detector._deviations(data.deviations))
 
 
