@@ -186,3 +186,17 @@ def test_cli_combined_score_and_its_errors(teacher_dir, tmp_path):
     result = invoke("calibrate", "--model", teacher_dir, "--data", "digits:train", "--score", "fisher",
                     "--parts", "density", "--out", tmp_path / "one")
     assert result.exit_code == 2 and "at least two" in error_line(result)
+
+
+def test_run_schema_takes_the_score(tmp_path):
+    from synthkd.pipelines.config import load_config
+
+    path = "configs/digits_quick.yaml"
+    config = load_config(path, ["detector.score=min", "detector.parts=[class-density, doctor]",
+                                "detector.calibration_views=mixup"])
+    assert (config.detector.score, config.detector.parts, config.detector.calibration_views) == (
+        "min", ["class-density", "doctor"], "mixup")
+    with pytest.raises(SynthkdError, match="detector.score: expected one of .*fisher, min"):
+        load_config(path, ["detector.score=sum"])
+    with pytest.raises(SynthkdError, match="detector.parts: names an unknown score part 'softmax'"):
+        load_config(path, ["detector.parts=[density, softmax]"])
