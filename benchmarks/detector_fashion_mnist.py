@@ -95,7 +95,7 @@ def settings_for(quick: bool) -> list[Setting]:
                      limit=2000, attack_limit=450)
     if quick:  # a small Fashion-MNIST teacher trained here: the same measurement in minutes
         fashion = Setting("fashion-mnist", "fashion-mnist:train", "fashion-mnist:test", "digits:test",
-                          TeacherSettings(arch="resnet8", width=1.0, epochs=2, batch_size=128),
+                          TeacherSettings(arch="resnet8", width=0.5, epochs=2, batch_size=128),
                           GenerateSettings(num_images=512, batch_size=256, iterations=30, lr=0.25),
                           fit_limit=12000, limit=2000, attack_limit=300)
     else:  # the standard teacher and its 6,144 inverted images (cached); the 8-class teacher trained here, briefly
@@ -204,7 +204,7 @@ def run_setting(setting: Setting, args: argparse.Namespace, cache: Path, timings
     if setting.standard:
         teacher, synthetic = standard_artefacts(cache, timings)
     else:
-        teacher = teacher_for(setting, setting.train, setting.teacher, cache, timings)
+        teacher = teacher_for(setting, setting.sliced(setting.train, setting.fit_limit), setting.teacher, cache, timings)
         synthetic = synthetic_for(teacher, setting.generate, cache, timings)
     fit_data = setting.sliced(setting.train, setting.fit_limit)
     with timed(timings, f"{setting.name}: calibrations seconds"):

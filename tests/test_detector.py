@@ -421,6 +421,9 @@ def test_cli_with_the_batchnorm_term(teacher_dir, tmp_path):
     assert json.loads((out / "density" / "config.json").read_text())["reg_covar"] == 0.1
     rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json").stdout.splitlines()]
     assert len(rows) == 5
+    rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json", "--score",
+                                            "fisher", "--parts", "density,batchnorm,msp").stdout.splitlines()]
+    assert all(set(row["part_p_values"]) == {"density", "batchnorm", "msp"} for row in rows)
     ok("evaluate", "--model", teacher_dir, "--detector", out, "--dataset", "digits:test[:100]", "--ood", "noise",
        "--out", tmp_path / "report")
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())

@@ -144,6 +144,10 @@ class Detector:
         """Higher = closer to the training statistics."""
         return -deviations.float().mean(1).cpu()
 
+    def batchnorm_score(self, deviations: torch.Tensor | None) -> torch.Tensor:
+        """The BatchNorm term of inputs' deviations at this detector's BatchNorm layers."""
+        return self.batchnorm_term(self._deviations(deviations))
+
     def fit_terms(self, fitting: Features) -> None:
         """Mean and std of both terms on the fitting features, which put them on one scale."""
         if self.batchnorm_weight == 0:

@@ -86,9 +86,6 @@ PARTS.add("agreement", Part(lambda detector, data: torch.subtract(*_class_log_jo
                             _needs_labelled_mixture))
 
 
-def _batchnorm(detector: Detector, data: Features) -> torch.Tensor:
-    return detector.batchnorm_term(detector._deviations(data.deviations))
-
-
-PARTS.add("batchnorm", Part(_batchnorm, lambda detector: None if detector.batchnorm else
+PARTS.add("batchnorm", Part(lambda detector, data: detector.batchnorm_score(data.deviations),
+                            lambda detector: None if detector.batchnorm else
                             "BatchNorm layers; calibrate with a positive --batchnorm-weight"))
