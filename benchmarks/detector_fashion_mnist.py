@@ -254,9 +254,10 @@ COLUMNS = [("mistakes", MISCLASSIFICATION), ("near", "near-OOD"), ("other", None
 
 def table(result: dict[str, Any]) -> list[dict[str, Any]]:
     rows = []
-    for name, entry in result["rows"].items():
-        if "views=" in name:
-            continue
+    order = [f"{row} [{calibration}]" for row in [r[0] for r in ROWS] + list(BASELINE_ROWS)
+             for calibration in ("real", "synthetic")]
+    for name in order:
+        entry = result["rows"][name]
         auroc = entry["auroc"]
         row: dict[str, Any] = {"score [calibration]": name}
         for column, source in COLUMNS:
