@@ -23,9 +23,8 @@ def smoothing_problem(value: float) -> str | None:
 
 
 ALPHA_HELP = "False-alarm rate: flag inputs with p-value below it."
-SCORE_HELP = ("What inputs are flagged by: one score part (density, a confidence such as msp, energy or doctor, "
-              "class-density, agreement, batchnorm) or a combination rule (fisher, min) of the conformal p-values "
-              "of --parts.")
+SCORE_HELP = ("What inputs are flagged by: one score part (the density, a confidence, a class-conditional score) "
+              "or a combination rule of the conformal p-values of --parts (README: What it flags by).")
 PARTS_HELP = "The score parts a combination rule combines."
 CALIBRATION_VIEWS = ("plain", "crop", "mixup", "crop+mixup")
 OOD_ALIASES = {  # short names for the out-of-distribution sets available everywhere
