@@ -205,7 +205,9 @@ def auroc_per_source(scores: dict, sources: dict, in_name: str) -> dict[str, flo
 def run_setting(setting: Setting, args: argparse.Namespace, cache: Path, timings: dict) -> dict[str, Any]:
     accelerator = make_accelerator()
     work = cache / ("detector-bench-quick" if args.quick else "detector-bench") / setting.name
-    if setting.standard:
+    if args.teacher and setting.name == "fashion-mnist":  # a given teacher and set (the near-OOD twin stays)
+        teacher, synthetic = Classifier.from_pretrained(args.teacher), Path(args.synthetic)
+    elif setting.standard:
         teacher, synthetic = standard_artefacts(cache, timings)
     else:
         teacher = teacher_for(setting, setting.sliced(setting.train, setting.fit_limit), setting.teacher, cache, timings)
@@ -326,12 +328,16 @@ def main() -> None:
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="small teachers trained here, subsets (minutes)")
     parser.add_argument("--only", choices=("fashion-mnist", "digits"), help="run one teacher's setting only")
+    parser.add_argument("--teacher", help="a Fashion-MNIST teacher directory to use instead (with --synthetic)")
+    parser.add_argument("--synthetic", help="its synthetic set directory")
     parser.add_argument("--out")
     args = parser.parse_args()
+    if bool(args.teacher) != bool(args.synthetic):
+        parser.error("--teacher and --synthetic go together")
     cache = Path(args.cache)
     os.environ[CACHE_ENV] = str(cache / "detector-features")  # features are reused across runs (keyed by content)
     timings: dict[str, float] = {}
-    results: dict[str, Any] = {"settings": {"quick": args.quick, "alpha": ALPHA, "epsilon": args.epsilon,
+    results: dict[str, Any] = {"settings": {"quick": args.quick, "teacher": args.teacher, "synthetic": args.synthetic, "alpha": ALPHA, "epsilon": args.epsilon,
                                             "pgd_steps": args.pgd_steps, "smoothing": SMOOTHING,
                                             "synthetic_components": SMOOTH_COMPONENTS,
                                             "batchnorm_weight": BATCHNORM_WEIGHT, "near_ood_split": [INSIDE, HELD_OUT],
