@@ -59,7 +59,8 @@ def parse_settings() -> tuple[argparse.Namespace, dict, dict]:
     parser.add_argument("--views", type=int, help="cached views per image")
     parser.add_argument("--inner", type=float, default=0.5)
     parser.add_argument("--cuts", default="blocks")
-    parser.add_argument("--part", choices=("all", "nd"), default="all", help="nd: ND alone (what --scaling runs)")
+    parser.add_argument("--part", choices=("all", "nd", "scaling"), default="all",
+                        help="nd: ND alone (what --scaling runs); scaling: only the processes x threads table")
     parser.add_argument("--scaling", action="store_true", help="also ND at 1x1, 2x1 (accelerate launch) and 1x2 processes x threads")
     parser.add_argument("--sizes", action="store_true", help="also ND by neighbourhood size on synthetic images and noise")
     parser.add_argument("--cache", default=str(CACHE))
@@ -111,6 +112,11 @@ def run_nd(teacher, data: str, student: StudentSettings, dist: DistillSettings, 
 
 def main() -> None:
     args, config, settings = parse_settings()
+    if args.part == "scaling":
+        rows = scaling(args, settings)
+        print_table(rows, "ND to the merged student: processes x threads")
+        write_json(args.out, {"benchmark": "neighbourhood_vs_e2e", "part": "scaling", "settings": settings, "scaling": rows})
+        return
     accelerator = make_accelerator()
     cache = Path(args.cache)
     timings: dict[str, float] = {}

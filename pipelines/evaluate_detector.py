@@ -23,6 +23,7 @@ from synthkd.accelerator import make_accelerator
 from synthkd.data import LabelledTensors, load_dataset
 from synthkd.detector import CONVENTION, LOGIT_SCORES, Detector, Features, cached_extract
 from synthkd.detector.attacks import attack
+from synthkd.detector.conformal import conformal_p_values
 from synthkd.detector.features import dataset_fingerprint, features_cache_dir
 from synthkd.detector.metrics import detection_metrics, mann_whitney
 from synthkd.detector.plots import plot_roc_curves, plot_score_histograms
@@ -109,14 +110,26 @@ def detection_report(scores: dict[str, dict[str, torch.Tensor]], sources: dict[s
     return report
 
 
-def alarm_rates(detector: Detector, detector_scores: dict[str, torch.Tensor], sources: dict[str, Features],
-                in_name: str, alpha: float) -> dict[str, Any]:
-    """Fraction of inputs flagged at alpha: on in-distribution inputs it is the false-alarm rate."""
-    flags = {source: detector.p_values(scores) < alpha for source, scores in detector_scores.items()}
+ALARM_SLACK = 0.01  # a false-alarm rate this far above alpha still counts as holding it (sampling noise)
+
+
+def alarm_rates(calibration_scores: torch.Tensor, scores: dict[str, torch.Tensor], sources: dict[str, Features],
+                in_name: str, alpha: float, calibrated_on: str = "") -> dict[str, Any]:
+    """Fraction of inputs flagged at alpha: on in-distribution inputs it is the false-alarm rate,
+    which conformal calibration keeps at most alpha only when the calibration inputs are
+    exchangeable with them; the report says plainly whether it held and by how much it was off."""
+    flags = {source: conformal_p_values(source_scores, calibration_scores) < alpha for source, source_scores in scores.items()}
     splits = failure_splits({s: f.float() for s, f in flags.items()}, sources, in_name)
+    rate = float(flags[in_name].float().mean())
+    holds = rate <= alpha + ALARM_SLACK
+    verdict = (f"false-alarm rate {rate:.3f} on {in_name} at alpha {alpha:g}: the calibration on {calibrated_on or 'its data'} "
+               + ("holds alpha" if holds else f"does NOT hold alpha here (off by {rate - alpha:+.3f})"))
     return {
         "alpha": alpha,
-        "false_alarm_rate": float(flags[in_name].float().mean()),
+        "false_alarm_rate": rate,
+        "holds_alpha": holds,
+        "alpha_excess": rate - alpha,
+        "verdict": verdict,
         "flag_rate": {source: float(failures.mean()) for source, (_, failures) in splits.items()},
     }
 
@@ -157,7 +170,7 @@ def _slug(name: str) -> str:
 
 def detector_scorers(detector: Detector, name: str = "detector", baselines: bool = True) -> dict[str, Scorer]:
     """The detector, and (with ``baselines``) the logit scores and its fitted baselines."""
-    scorers: dict[str, Scorer] = {name: lambda f: detector.score_features(f.features, f.deviations)}
+    scorers: dict[str, Scorer] = {name: lambda f: detector.scores(f)}
     if baselines:
         for logit_score in LOGIT_SCORES.names():
             scorers[logit_score] = lambda f, score=LOGIT_SCORES.get(logit_score): score(f.logits)
@@ -196,12 +209,14 @@ def evaluate_detector(
     report = {
         "dataset": dataset,
         "model_fingerprint": detector.model_fingerprint,
-        "detector": {"density": detector.density.kind, "layer": detector.layer, **detector.info},
+        "detector": {"density": detector.density.kind, "layer": detector.layer, "score": detector.score_name,
+                     "parts": detector.parts, **detector.info},
         "convention": CONVENTION,
         "attack": attack if settings.attacks else None,
         "inputs": source_summary(sources, dataset),
         **detection_report(scores, sources, dataset),
-        "alarms": alarm_rates(detector, scores["detector"], sources, dataset, detector.alpha),
+        "alarms": alarm_rates(detector.calibration_scores, scores["detector"], sources, dataset, detector.alpha,
+                              str(detector.info.get("data", ""))),
     }
     if accelerator.is_main_process:
         report["plots"] = write_plots(scores, sources, dataset, out, {"detector": detector.threshold()})

@@ -384,7 +384,8 @@ def test_cli_calibrate_detect_evaluate(teacher_dir, tmp_path):
 
     lines = ok("detect", "--detector", out, "--inputs", "digits:test[:12]", "--json").stdout.splitlines()
     rows = [json.loads(line) for line in lines]
-    assert len(rows) == 12 and set(rows[0]) == {"index", "score", "p_value", "flagged", "predicted", "predicted_class"}
+    assert len(rows) == 12 and set(rows[0]) == {"index", "score", "p_value", "flagged", "predicted", "predicted_class",
+                                              "score_name"}
     assert all(r["flagged"] == (r["p_value"] < 0.1) for r in rows)
     text = ok("detect", "--detector", out, "--inputs", "noise:uniform[:10]", "--model", teacher_dir).stdout
     assert "flagged 10 of 10 inputs at alpha 0.1" in text
@@ -399,11 +400,11 @@ def test_cli_calibrate_detect_evaluate(teacher_dir, tmp_path):
     text = ok("evaluate", "--model", teacher_dir, "--detector", out, "--dataset", "digits:test[:120]",
               "--ood", "noise,digits:test[:120]|invert", "--attacks", "fgsm,pgd", "--epsilon", "0.2",
               "--pgd-steps", "3", "--out", report_dir).stdout
-    assert "false-alarm rate at alpha 0.1" in text
+    assert "at alpha 0.1: the calibration on digits:train" in text
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert set(metrics["sources"]) == {"noise:gaussian", "noise:uniform", "digits:test[:120]|invert", "fgsm", "pgd"} | (
         {"misclassification"} if metrics["inputs"]["digits:test[:120]"]["accuracy"] < 1 else set())
-    assert set(metrics["sources"]["pgd"]) == {"detector", "msp", "energy", "mahalanobis", "knn"}
+    assert set(metrics["sources"]["pgd"]) == {"detector", "msp", "energy", "doctor", "mahalanobis", "knn"}
     for values in metrics["sources"]["noise:uniform"].values():
         assert set(values) >= {"auroc", "aupr_in", "aupr_out", "fpr_at_95_tpr"}
     assert metrics["sources"]["noise:uniform"]["detector"]["auroc"] > 0.9
@@ -420,6 +421,9 @@ def test_cli_with_the_batchnorm_term(teacher_dir, tmp_path):
     assert json.loads((out / "density" / "config.json").read_text())["reg_covar"] == 0.1
     rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json").stdout.splitlines()]
     assert len(rows) == 5
+    rows = [json.loads(line) for line in ok("detect", "--detector", out, "--inputs", "digits:test[:5]", "--json", "--score",
+                                            "fisher", "--parts", "density,batchnorm,msp").stdout.splitlines()]
+    assert all(set(row["part_p_values"]) == {"density", "batchnorm", "msp"} for row in rows)
     ok("evaluate", "--model", teacher_dir, "--detector", out, "--dataset", "digits:test[:100]", "--ood", "noise",
        "--out", tmp_path / "report")
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())

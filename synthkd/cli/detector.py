@@ -38,7 +38,9 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
     if accelerator.is_main_process:
         info = detector.info
         click.echo(f"{settings.density} on {info['num_fit']} features of layer {detector.layer!r}, "
-                   f"{info['num_calibration']} calibration scores, alpha {settings.alpha}: wrote {out}")
+                   f"{info['num_calibration']} calibration scores, score {detector.score_name}"
+                   f"{' of ' + ','.join(detector.parts) if detector.score_name not in detector.parts else ''}, "
+                   f"alpha {settings.alpha}: wrote {out}")
 
 
 @main.command()
@@ -51,7 +53,8 @@ def calibrate(model_spec, weights, input_shape, mean, std, data, settings, seed,
 @accelerator_options()
 @trust_code_option
 def detect(detector_dir, inputs, model_dir, settings, as_json, device):
-    """Per input: score, conformal p-value, flag (p < alpha) and the predicted class."""
+    """Per input: score, conformal p-value, flag (p < alpha), the predicted class and, for a
+    combination rule, each part's p-value."""
     from synthkd.models import load_model
     from synthkd.pipelines.detect import detect as run_detect
 
@@ -64,10 +67,13 @@ def detect(detector_dir, inputs, model_dir, settings, as_json, device):
         for row in rows:
             click.echo(json.dumps(row))
         return
-    click.echo(f"{'index':>7}  {'score':>10}  {'p_value':>7}  flag  predicted")
+    parts = list(detection.part_p_values)
+    click.echo(f"{'index':>7}  {'score':>10}  {'p_value':>7}  " + "".join(f"{'p_' + p:>15}  " for p in parts)
+               + "flag  predicted")
     for row in rows:
         click.echo(f"{row['index']:>7}  {row['score']:>10.3f}  {row['p_value']:>7.4f}  "
-                   f"{'FLAG' if row['flagged'] else '   -'}  {row['predicted_class']}")
+                   + "".join(f"{row['part_p_values'][p]:>15.4f}  " for p in parts)
+                   + f"{'FLAG' if row['flagged'] else '   -'}  {row['predicted_class']}")
     click.echo(f"flagged {int(detection.flagged.sum())} of {len(rows)} inputs at alpha {detection.alpha}")
 
 
@@ -127,4 +133,4 @@ def _evaluate_detector(model, detector_dir: str, dataset: str, evaluation: Detec
             click.echo(f"{source:<28} {scorer:<12} {metrics['auroc']:>6.3f} {metrics['aupr_in']:>7.3f} "
                        f"{metrics['aupr_out']:>8.3f} {metrics['fpr_at_95_tpr']:>6.3f}")
     alarms = report["alarms"]
-    click.echo(f"false-alarm rate at alpha {alarms['alpha']}: {alarms['false_alarm_rate']:.4f} on {dataset}; wrote {out}")
+    click.echo(f"{alarms['verdict']}; wrote {out}")

@@ -2,7 +2,10 @@
 
 Specs: ``fashion-mnist:train``, ``fashion-mnist:/root:test``, ``digits:test``,
 ``cifar10:/path/to/cifar-10-batches-py:train``, ``folder:/path`` (one sub-folder per class, or a flat folder of unlabelled images),
-``noise:gaussian[:N]`` / ``noise:uniform[:N]``. Any spec may end in a slice, ``digits:train[:200]``,
+``noise:gaussian[:N]`` / ``noise:uniform[:N]``. Any labelled spec may keep only some classes,
+``fashion-mnist:train[classes=0-7]`` (ids and ranges; the kept classes are renumbered 0.. in that
+order, so a classifier trains on them alone, and ``fashion-mnist:test[classes=8,9]`` gives the
+held-out ones as near out-of-distribution inputs, OpenOOD style). Any spec may end in a slice, ``digits:train[:200]``,
 and then in image transforms after ``|``, applied in order: ``fashion-mnist:test[:1000]|vflip|invert``
 (``hflip``, ``vflip``, ``invert``, ``rot90``), which make shifted or out-of-distribution sets.
 
@@ -138,16 +141,46 @@ class _Spec:
     kind: str
     args: list[str]
     index: slice | None
+    classes: list[int] | None = None
+
+
+def parse_classes(text: str) -> list[int]:
+    """``0-7`` or ``8,9`` or ``0-3,5``: class ids in the order given, each once."""
+    classes: list[int] = []
+    for item in text.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
+        if not match or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
+            raise SynthkdError(f"classes={text!r} is not a list of class ids or ranges; write e.g. classes=0-7 or classes=8,9")
+        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
+        classes += [c for c in range(first, last + 1) if c not in classes]
+    return classes
 
 
 def _parse(spec: str) -> _Spec:
-    index = None
+    index, classes = None, None
     match = re.fullmatch(r"(.*)\[(-?\d*):(-?\d*)\]", spec)
     if match:
         spec = match.group(1)
         index = slice(int(match.group(2)) if match.group(2) else None, int(match.group(3)) if match.group(3) else None)
+    match = re.fullmatch(r"(.*)\[classes=([^\]]*)\]", spec)
+    if match:
+        spec, classes = match.group(1), parse_classes(match.group(2))
     kind, _, rest = spec.partition(":")
-    return _Spec(kind, rest.split(":") if rest else [], index)
+    return _Spec(kind, rest.split(":") if rest else [], index, classes)
+
+
+def select_classes(dataset: Dataset, classes: list[int], spec: str) -> ImageDataset:
+    """The images of ``classes`` only, their labels renumbered 0.. in the order of ``classes``."""
+    if not isinstance(dataset, ImageDataset):
+        raise SynthkdError(f"[classes=...] needs a labelled dataset held in memory; {spec!r} is not one")
+    unknown = [c for c in classes if c >= dataset.num_classes]
+    if unknown:
+        raise SynthkdError(f"{spec!r} has classes 0-{dataset.num_classes - 1}, not {unknown[0]}")
+    keep = torch.isin(dataset.labels, torch.tensor(classes))
+    renumber = torch.full((dataset.num_classes,), -1, dtype=torch.long)
+    renumber[torch.tensor(classes)] = torch.arange(len(classes))
+    return ImageDataset(dataset.images[keep], renumber[dataset.labels[keep]], [dataset.class_names[c] for c in classes],
+                        f"{dataset.name}[classes={','.join(map(str, classes))}]")
 
 
 def _kind(parsed: _Spec, spec: str) -> DatasetKind:
@@ -162,6 +195,8 @@ def load_dataset(spec: str) -> Dataset:
     spec, *transforms = spec.split("|")
     parsed = _parse(spec)
     dataset = _kind(parsed, spec).read(parsed.args)
+    if parsed.classes is not None:
+        dataset = select_classes(dataset, parsed.classes, spec)
     if parsed.index is not None:
         total = len(dataset)
         dataset = dataset.subset(parsed.index) if hasattr(dataset, "subset") else torch.utils.data.Subset(

@@ -2,7 +2,8 @@
 Each registers itself: :data:`LOGIT_SCORES` (from the logits alone) and :data:`BASELINES`
 (feature scorers fitted at calibration beside the detector, on the same features).
 
-- maximum softmax probability (Hendrycks & Gimpel 2017) and energy (Liu et al. 2020): from logits;
+- maximum softmax probability (Hendrycks & Gimpel 2017), energy (Liu et al. 2020) and DOCTOR
+  (Granese et al. 2021, its D_alpha without input perturbation, at temperature 1): from logits, no fit;
 - Mahalanobis (Lee et al. 2018): class means of the features under the *predicted* labels and one
   shared covariance; score = minus the smallest squared Mahalanobis distance to a class mean;
 - k-nearest neighbours (Sun et al. 2022): features scaled to unit length; score = minus the
@@ -33,6 +34,13 @@ def max_softmax(logits: torch.Tensor) -> torch.Tensor:
 def energy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Minus the free energy, T * logsumexp(logits / T): high for confident inputs."""
     return temperature * torch.logsumexp(logits.float() / temperature, 1)
+
+
+@LOGIT_SCORES.register("doctor")
+def doctor(logits: torch.Tensor) -> torch.Tensor:
+    """The softmax's sum of squares g(x) = sum p_i^2: DOCTOR rejects where (1 - g) / g is large,
+    the same ranking as a low g."""
+    return logits.float().softmax(1).pow(2).sum(1)
 
 
 @BASELINES.register("mahalanobis")

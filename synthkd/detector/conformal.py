@@ -26,6 +26,26 @@ def conformal_p_values(scores: torch.Tensor, calibration_scores: torch.Tensor) -
     return ((1 + at_or_below) / (len(calibration) + 1)).float()
 
 
+def interpolated_p_values(scores: torch.Tensor, reference_scores: torch.Tensor) -> torch.Tensor:
+    """The conformal p-value with the count of reference scores at or below a score interpolated
+    linearly between neighbouring reference scores: continuous in the score, so scores combined
+    from several of them (:mod:`synthkd.detector.combinations`) rarely tie, and the conformal
+    p-value of the combination stays uniform rather than conservative. In (0, 1]."""
+    reference = reference_scores.detach().flatten().double().cpu().sort().values
+    if len(reference) == 0 or not torch.isfinite(reference).all():
+        raise SynthkdError("the reference scores are empty or hold NaN or inf; re-calibrate the detector")
+    values = scores.detach().double().cpu()
+    above = torch.searchsorted(reference, values, right=True).clamp(1, len(reference) - 1) if len(reference) > 1 else None
+    if above is None:
+        counts = (values >= reference[0]).double()
+    else:
+        low, high = reference[above - 1], reference[above]
+        fraction = ((values - low) / (high - low).clamp_min(1e-300)).clamp(0, 1)
+        counts = torch.where(values < reference[0], torch.zeros_like(values), above - 1 + fraction + 1)
+        counts = torch.where(values >= reference[-1], torch.full_like(values, len(reference)), counts)
+    return ((1 + counts) / (len(reference) + 1)).float()
+
+
 def alpha_problem(alpha: float) -> str | None:
     """What is wrong with a false-alarm rate, or None (the check of every ``alpha`` setting)."""
     return None if 0 < alpha < 1 else f"is a false-alarm rate and must lie in (0, 1), got {alpha:g}"

@@ -14,6 +14,15 @@ mean/std and the held-out calibration scores),
 features, for evaluation) and ``model/`` (a copy of the classifier, so ``synthkd detect`` needs
 only the detector directory). A detector used with another model than the one it was fitted on
 is refused: the fingerprints must match.
+
+What it flags by is its ``score``: one part of :data:`~synthkd.detector.parts.PARTS` (``density``
+by default, or the classifier's confidence, ...) or a rule of
+:data:`~synthkd.detector.combinations.COMBINATIONS` over several ``parts`` (e.g. Fisher's rule over
+the density's and MSP's p-values). Every part's score on the held-out inputs is kept
+(``calibration_parts``), so another score can be picked after calibration (``synthkd detect
+--score``). For a single part the whole held-out set calibrates its p-values; for a rule, the
+first half is the reference the parts' p-values are taken against and the second half calibrates
+the combined score, so the final p-value is valid whatever the dependence between the parts.
 """
 
 from __future__ import annotations
@@ -29,9 +38,11 @@ from safetensors.torch import save_file
 from ..errors import SynthkdError
 from ..io import atomic_write, atomic_write_json, inside, read_json, read_safetensors
 from ..models import Classifier
-from .conformal import check_alpha, conformal_p_values
+from .combinations import COMBINATIONS, combine
+from .conformal import check_alpha, conformal_p_values, interpolated_p_values
 from .density import FeatureScorer
 from .features import Features, features_of_batch
+from .parts import PARTS
 
 CONFIG_NAME = "detector.json"
 TENSORS_NAME = "detector.safetensors"
@@ -49,6 +60,26 @@ def check_batchnorm_weight(weight: float) -> float:
     if problem:
         raise SynthkdError(f"batchnorm_weight {problem}")
     return float(weight)
+
+
+def score_names() -> list[str]:
+    """What a detector can flag by: a part alone, or a combination rule over parts."""
+    return [*PARTS.names(), *COMBINATIONS.names()]
+
+
+def score_problem(score: str) -> str | None:
+    if score in PARTS or score in COMBINATIONS:
+        return None
+    return f"names no score part or combination rule ({score!r}); use one of {', '.join(score_names())}"
+
+
+def parts_problem(parts: Sequence[str]) -> str | None:
+    unknown = [part for part in parts if part not in PARTS]
+    if unknown:
+        return f"names an unknown score part {unknown[0]!r}; use some of {', '.join(PARTS.names())}"
+    if len(set(parts)) < 2 or len(set(parts)) != len(parts):
+        return f"must name at least two different score parts for a combination rule, got {', '.join(parts) or 'none'}"
+    return None
 
 
 class Detector:
@@ -70,6 +101,10 @@ class Detector:
         batchnorm: Sequence[str] = (),
         batchnorm_weight: float = 0.0,
         term_stats: torch.Tensor | None = None,
+        score: str = "density",
+        parts: Sequence[str] = ("density", "msp"),
+        component_classes: torch.Tensor | None = None,
+        calibration_parts: dict[str, torch.Tensor] | None = None,
     ):
         self.model = model.eval()
         self.density = density
@@ -87,6 +122,11 @@ class Detector:
             raise SynthkdError("a batchnorm_weight above 0 needs BatchNorm layers to read; name them with --batchnorm-layers")
         self.batchnorm = list(batchnorm)
         self.term_stats = term_stats  # mean and std of the density term, then of the BatchNorm term
+        self.component_classes = component_classes  # log P(class | mixture component), K x C
+        self.calibration_parts = dict(calibration_parts or {})  # every computable part on the held-out inputs
+        self.score_name, self.parts = "density", ["density", "msp"]
+        self.check_score(score, parts)
+        self.score_name, self.parts = score, list(parts)
 
     # ------------------------------------------------------------------ scores
     def standardize(self, features: torch.Tensor) -> torch.Tensor:
@@ -103,6 +143,10 @@ class Detector:
     def batchnorm_term(deviations: torch.Tensor) -> torch.Tensor:
         """Higher = closer to the training statistics."""
         return -deviations.float().mean(1).cpu()
+
+    def batchnorm_score(self, deviations: torch.Tensor | None) -> torch.Tensor:
+        """The BatchNorm term of inputs' deviations at this detector's BatchNorm layers."""
+        return self.batchnorm_term(self._deviations(deviations))
 
     def fit_terms(self, fitting: Features) -> None:
         """Mean and std of both terms on the fitting features, which put them on one scale."""
@@ -130,15 +174,95 @@ class Detector:
                                f"{got}; extract features with batchnorm=detector.batchnorm")
         return deviations
 
+    # ------------------------------------------------------------------ parts and combinations
+    def available_parts(self) -> list[str]:
+        """The parts this detector can compute."""
+        return [name for name in PARTS.names() if PARTS.get(name).needs(self) is None]
+
+    def check_score(self, score: str | None = None, parts: Sequence[str] | None = None) -> tuple[str, list[str]]:
+        """(score, parts), defaults filled in from the detector's own; refused with the fix when a
+        name is unknown or a needed part cannot be computed by this detector."""
+        score = self.score_name if score is None else score
+        parts = list(self.parts if parts is None else parts)
+        for problem in (score_problem(score), parts_problem(parts) if score in COMBINATIONS else None):
+            if problem:
+                raise SynthkdError(f"score {problem}" if problem.startswith("names no") else f"parts {problem}")
+        for part in parts if score in COMBINATIONS else [score]:
+            missing = PARTS.get(part).needs(self)
+            if missing:
+                raise SynthkdError(f"score part {part!r} needs {missing}")
+            if self.calibration_parts and part not in self.calibration_parts:
+                raise SynthkdError(f"the detector was calibrated without the score part {part!r}; calibrate it again")
+        return score, parts
+
+    def part_scores(self, data: Features, parts: Sequence[str]) -> dict[str, torch.Tensor]:
+        return {part: PARTS.get(part).compute(self, data).float().cpu() for part in parts}
+
+    def reference_and_calibration(self, score: str, parts: Sequence[str]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """(reference part scores, calibration scores of ``score``) from the held-out part scores
+        (see the module docstring)."""
+        if not self.calibration_parts:
+            if score != "density" or self.calibration_scores is None:
+                raise SynthkdError("this detector holds only its density's calibration scores; calibrate it again "
+                                   "to flag by another score")
+            return {}, self.calibration_scores
+        if score in PARTS:
+            return {}, self.calibration_parts[score]
+        held_out = len(next(iter(self.calibration_parts.values())))
+        if held_out < 4:
+            raise SynthkdError(f"a combination rule needs at least 4 held-out inputs, the detector has {held_out}; "
+                               "calibrate on more data or a larger --holdout")
+        half = held_out // 2
+        reference = {part: self.calibration_parts[part][:half] for part in parts}
+        calibration = {part: self.calibration_parts[part][half:] for part in parts}
+        return reference, combine(score, self._part_p_values(calibration, reference, parts))
+
+    @staticmethod
+    def _part_p_values(scores: dict[str, torch.Tensor], reference: dict[str, torch.Tensor],
+                       parts: Sequence[str]) -> torch.Tensor:
+        return torch.stack([interpolated_p_values(scores[part], reference[part]) for part in parts], 1)
+
+    def explain(self, data: Features, score: str | None = None, parts: Sequence[str] | None = None,
+                alpha: float | None = None) -> dict[str, Any]:
+        """Per input: the score, its p-value, the flag, and for a combination rule each part's
+        p-value against the reference inputs (why an input was flagged)."""
+        score, parts = self.check_score(score, parts)
+        return self.explain_parts(self.part_scores(data, parts if score in COMBINATIONS else [score]), score, parts, alpha)
+
+    def explain_parts(self, part_scores: dict[str, torch.Tensor], score: str, parts: Sequence[str],
+                      alpha: float | None = None) -> dict[str, Any]:
+        """:meth:`explain` from the parts' scores of the inputs."""
+        alpha = check_alpha(self.alpha if alpha is None else alpha)
+        reference, calibration = self.reference_and_calibration(score, parts)
+        explanation: dict[str, Any] = {"score_name": score}
+        if score in PARTS:
+            scores = part_scores[score]
+        else:
+            part_p_values = self._part_p_values(part_scores, reference, parts)
+            scores = combine(score, part_p_values)
+            explanation["part_p_values"] = dict(zip(parts, part_p_values.T))
+        p_values = conformal_p_values(scores, calibration)
+        return {**explanation, "scores": scores, "p_values": p_values, "flagged": p_values < alpha}
+
+    def scores(self, data: Features, score: str | None = None, parts: Sequence[str] | None = None) -> torch.Tensor:
+        """Scores of ``score`` (default: the detector's) on features, logits and deviations."""
+        return self.explain(data, score, parts)["scores"]
+
+    def calibrate_parts(self, held_out: Features) -> None:
+        """Keep every computable part's scores on the held-out inputs, and the calibration scores
+        of the detector's own score."""
+        self.calibration_parts = self.part_scores(held_out, self.available_parts())
+        self.check_score()
+        self.calibration_scores = self.reference_and_calibration(self.score_name, self.parts)[1].clone()
+
     def features(self, images: torch.Tensor) -> Features:
         device = next(self.model.parameters()).device
         data = features_of_batch(self.model, images.to(device), self.layer, self.batchnorm)
         return Features(data.features.cpu(), data.logits.cpu(), data.labels.cpu(), data.deviations.cpu())
 
     def score(self, images: torch.Tensor) -> torch.Tensor:
-        """Scores of a batch of [0,1] images N x C x H x W."""
-        data = self.features(images)
-        return self.score_features(data.features, data.deviations)
+        """Scores (the detector's score) of a batch of [0,1] images N x C x H x W."""
+        return self.scores(self.features(images))
 
     def p_values(self, scores: torch.Tensor) -> torch.Tensor:
         """Conformal p-values of scores against the held-out calibration scores."""
@@ -148,7 +272,7 @@ class Detector:
 
     def predict(self, images: torch.Tensor, alpha: float | None = None) -> torch.Tensor:
         """True where an input is flagged: p-value below alpha (the detector's alpha by default)."""
-        return self.p_values(self.score(images)) < check_alpha(self.alpha if alpha is None else alpha)
+        return self.explain(self.features(images), alpha=alpha)["flagged"]
 
     def threshold(self, alpha: float | None = None) -> float:
         """The score below which inputs are flagged at ``alpha`` (for plots)."""
@@ -179,12 +303,16 @@ class Detector:
             tensors["calibration_scores"] = self.calibration_scores.float().cpu().contiguous()
         if self.term_stats is not None:
             tensors["term_stats"] = self.term_stats.float().cpu().contiguous()
+        if self.component_classes is not None:
+            tensors["component_classes"] = self.component_classes.float().cpu().contiguous()
+        for part, scores in self.calibration_parts.items():
+            tensors[f"calibration_part.{part}"] = scores.float().cpu().contiguous()
         atomic_write(directory / TENSORS_NAME, lambda tmp: save_file(tensors, tmp))
         atomic_write_json(directory / CONFIG_NAME, {
             "format": FORMAT, "version": VERSION, "density": self.density.kind, "layer": self.layer,
             "alpha": self.alpha, "model_fingerprint": self.model_fingerprint, "normalize": self.normalize,
             "batchnorm": self.batchnorm, "batchnorm_weight": self.batchnorm_weight,
-            "baselines": sorted(self.baselines), **self.info,
+            "baselines": sorted(self.baselines), "score": self.score_name, "parts": self.parts, **self.info,
         })
 
     @classmethod
@@ -214,6 +342,11 @@ class Detector:
             batchnorm=config.pop("batchnorm", []),  # absent in detectors from before the BatchNorm term
             batchnorm_weight=float(config.pop("batchnorm_weight", 0.0)),
             term_stats=tensors.get("term_stats"),
+            score=config.pop("score", "density"),  # absent in detectors from before the combined scores
+            parts=config.pop("parts", ["density", "msp"]),
+            component_classes=tensors.get("component_classes"),
+            calibration_parts={name.split(".", 1)[1]: value for name, value in tensors.items()
+                               if name.startswith("calibration_part.")},
             info={k: v for k, v in config.items() if k not in ("format", "version", "density")},
             **arguments,
         )

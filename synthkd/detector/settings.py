@@ -12,7 +12,7 @@ from ..settings import Settings, refusal, setting
 from .attacks import ATTACKS
 from .conformal import alpha_problem
 from .densities import DENSITIES
-from .detector import batchnorm_weight_problem
+from .detector import batchnorm_weight_problem, parts_problem, score_names
 
 
 def fraction_problem(value: float) -> str | None:
@@ -24,6 +24,10 @@ def smoothing_problem(value: float) -> str | None:
 
 
 ALPHA_HELP = "False-alarm rate: flag inputs with p-value below it."
+SCORE_HELP = ("What inputs are flagged by: one score part (the density, a confidence, a class-conditional score) "
+              "or a combination rule of the conformal p-values of --parts (README: What it flags by).")
+PARTS_HELP = "The score parts a combination rule combines."
+CALIBRATION_VIEWS = ("plain", "crop", "mixup", "crop+mixup")
 OOD_ALIASES = {  # short names for the out-of-distribution sets available everywhere
     "digits": ("digits:test",),
     "noise": ("noise:gaussian", "noise:uniform"),
@@ -51,6 +55,13 @@ class CalibrationSettings(Settings):
         0.0, check=smoothing_problem,
         help="Widen the density by Gaussian noise of this variance (standardised feature units; 0: off); "
              "about 0.1 for synthetic data, whose features spread less than real ones (README).")
+    score: str = setting("density", help=SCORE_HELP, choices=score_names)
+    parts: list[str] = setting(default_factory=lambda: ["density", "msp"], help=PARTS_HELP, check=parts_problem)
+    calibration_views: str = setting(
+        "plain", choices=CALIBRATION_VIEWS,
+        help="Calibrate on the held-out images as they are (plain) or on perturbed views of them: crop "
+             "(pad-and-crop), mixup (each blended with another, weight of the partner up to 0.5), or both; "
+             "perturbed synthetic views score lower, which lowers false alarms on real inputs (README).")
 
 
 def _ood_problem(names: list[str]) -> str | None:
@@ -84,6 +95,9 @@ class DetectSettings(Settings):
     """How ``synthkd detect`` flags inputs with a calibrated detector."""
 
     alpha: float | None = setting(None, help="False-alarm rate (default: the detector's).", check=alpha_problem)
+    score: str | None = setting(None, help=SCORE_HELP + " Default: the detector's.", choices=score_names)
+    parts: list[str] | None = setting(None, help=PARTS_HELP + " Default: the detector's.",
+                                      check=lambda parts: parts_problem(parts) if parts else None)
     batch_size: int = setting(512, help="Inputs per batch.", positive=True)
 
 

@@ -207,9 +207,14 @@ class GaussianMixture(FeatureScorer):
 
     def score_features(self, features: torch.Tensor) -> torch.Tensor:
         """Log-likelihood of each row under the mixture."""
+        return torch.logsumexp(self.component_log_joint(features), 1).float()
+
+    def component_log_joint(self, features: torch.Tensor) -> torch.Tensor:
+        """log(weight_j) + log N(x | mean_j, cov_j) per row and component (N x K, float64): what
+        the class-conditional scores of the detector read."""
         self._check_fitted()
         x = self._check_dim(self._as_float64(features), self.means.shape[1])
-        return torch.logsumexp(self._log_joint(x, self.weights, self.means, self.covariances), 1).float()
+        return self._log_joint(x, self.weights, self.means, self.covariances)
 
     def _as_float64(self, features: torch.Tensor) -> torch.Tensor:
         device = self.means.device if self.fitted else features.device
