@@ -264,7 +264,7 @@ def test_folder_of_grayscale_pngs(tmp_path):
     data = load_dataset(f"folder:{tmp_path}")
     assert data.class_names == ["ant", "cat"]  # sorted folder names
     assert len(data) == 5 and data.image_shape == (1, 6, 5)
-    assert data.labels.tolist() == [0, 0, 0, 1, 1]
+    assert [data[i].targets for i in range(len(data))] == [0, 0, 0, 1, 1]
     assert np.array_equal((data[0].images[0] * 255).round().byte().numpy(), written[("ant", 0)])
     assert np.array_equal((data[4].images[0] * 255).round().byte().numpy(), written[("cat", 1)])
     assert len(load_dataset(f"folder:{tmp_path}[1:3]")) == 2

@@ -30,12 +30,16 @@ class PILDataset(Dataset):
     image takes the first one's mode (grey or RGB) and size, so batches stack."""
 
     def __init__(self, read: Callable[[int], tuple[Any, int]], length: int, class_names: Sequence[str], name: str,
-                 indices: Sequence[int] | None = None):
+                 indices: Sequence[int] | None = None, mode: str | None = None, size: tuple[int, int] | None = None):
+        """``mode`` ("L" or "RGB") and ``size`` (height, width): what every image becomes, by
+        default the first one's."""
         self.read, self.length, self.class_names, self.name = read, length, list(class_names), name
         self.indices = range(length) if indices is None else indices
-        first, _ = read(self.indices[0]) if len(self.indices) else (None, 0)
-        self.mode = "L" if first is not None and first.mode in ("L", "1", "I", "I;16", "F") else "RGB"
-        self.size = (first.height, first.width) if first is not None else (1, 1)
+        first = None
+        if (mode is None or size is None) and len(self.indices):
+            first, _ = read(self.indices[0])
+        self.mode = mode or ("L" if first is not None and first.mode in ("L", "1", "I", "I;16", "F") else "RGB")
+        self.size = size or ((first.height, first.width) if first is not None else (1, 1))
 
     def __len__(self) -> int:
         return len(self.indices)
@@ -53,7 +57,7 @@ class PILDataset(Dataset):
         return (1 if self.mode == "L" else 3, *self.size)
 
     def subset(self, index: slice) -> "PILDataset":
-        return PILDataset(self.read, self.length, self.class_names, self.name, self.indices[index])
+        return PILDataset(self.read, self.length, self.class_names, self.name, self.indices[index], self.mode, self.size)
 
     def channel_stats(self, max_images: int = 2000) -> tuple[list[float], list[float]]:
         """Per-channel mean and std of [0,1] pixels over (at most) the first ``max_images``."""

@@ -12,14 +12,11 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
-
-import numpy as np
-import torch
-from torch.utils.data import Dataset
+from typing import Any
 
 from ...errors import SynthkdError
-from ..batches import LabelledBatch
 from ..datasets import register_dataset
+from ..pil import PILDataset
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Largest image (width x height) a folder may hold, like PIL's Image.MAX_IMAGE_PIXELS;
@@ -80,51 +77,28 @@ def _header(path: Path, limit: int) -> tuple[str, tuple[int, int]]:
     return mode, size
 
 
-class ImageFolder(Dataset):
-    """The images of a folder, decoded and resized (to ``size``, height x width) on access."""
+class _ImageFiles:
+    """``read(i)``: image file i, decoded (a file that cannot be is named), and its class id."""
 
-    def __init__(self, files: list[Path], labels: list[int], class_names: list[str], mode: str,
-                 size: tuple[int, int], name: str):
-        self.files, self.labels = files, torch.tensor(labels, dtype=torch.long)
-        self.class_names, self.mode, self.size, self.name = class_names, mode, size, name
+    def __init__(self, files: list[Path], labels: list[int]):
+        self.files, self.labels = files, labels
 
-    def __len__(self) -> int:
-        return len(self.files)
-
-    def __getitem__(self, index: int) -> LabelledBatch:
+    def __call__(self, index: int) -> tuple[Any, int]:
         from PIL import Image
 
         path = self.files[index]
         try:
             with Image.open(path) as image:
-                array = np.asarray(image.convert(self.mode).resize(self.size[::-1], Image.BILINEAR))
+                image.load()
         except OSError as error:
             raise SynthkdError(f"{path} cannot be decoded ({error}); remove or replace it") from error
-        pixels = torch.from_numpy(array.copy())
-        pixels = pixels.unsqueeze(0) if self.mode == "L" else pixels.permute(2, 0, 1)
-        return LabelledBatch(pixels.float().div_(255), int(self.labels[index]))
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def image_shape(self) -> tuple[int, int, int]:
-        return (1 if self.mode == "L" else 3, *self.size)
-
-    def subset(self, index: slice) -> "ImageFolder":
-        return ImageFolder(self.files[index], self.labels[index].tolist(), self.class_names, self.mode, self.size, self.name)
-
-    def channel_stats(self, max_images: int = 2000) -> tuple[list[float], list[float]]:
-        """Per-channel mean and std of [0,1] pixels over (at most) the first ``max_images``."""
-        images = torch.stack([self[i].images for i in range(min(len(self), max_images))])
-        return images.mean((0, 2, 3)).tolist(), images.std((0, 2, 3)).tolist()
+        return image, self.labels[index]
 
 
 @register_dataset("folder", usage="folder:PATH[:HxW]", check=folder_args,
                   description="image files in PATH/CLASS/ (or PATH/ unlabelled), read on access and resized to HxW "
                               "(default: the most common size)")
-def folder(args: list[str]) -> ImageFolder:
+def folder(args: list[str]) -> PILDataset:
     root, size = folder_args(args)
     classes, entries = _entries(root)
     limit = max_image_pixels()
@@ -134,4 +108,5 @@ def folder(args: list[str]) -> ImageFolder:
         width, height = Counter(s for _, s in headers).most_common(1)[0][0]
         size = (height, width)
     suffix = f":{size[0]}x{size[1]}"
-    return ImageFolder([f for f, _ in entries], [label for _, label in entries], classes, mode, size, f"folder:{root}{suffix}")
+    read = _ImageFiles([f for f, _ in entries], [label for _, label in entries])
+    return PILDataset(read, len(entries), classes, f"folder:{root}{suffix}", mode=mode, size=size)
