@@ -27,6 +27,7 @@ from common import CACHE, load_setting, print_table, standard_synthetic, standar
 from synthkd.accelerator import make_accelerator  # noqa: E402
 from synthkd.data import load_dataset  # noqa: E402
 from synthkd.evaluation import evaluate  # noqa: E402
+from synthkd.models import load_model  # noqa: E402
 from synthkd.pipelines.distill import DistillSettings, distill_e2e, open_training_data  # noqa: E402
 from synthkd.search.explore import build_candidate  # noqa: E402
 from synthkd.pipelines.search import SearchSettings, explore, finetune_merged, search  # noqa: E402
@@ -79,6 +80,8 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, help="distillation epochs of every candidate piece")
     parser.add_argument("--finetune-epochs", type=int)
     parser.add_argument("--e2e-epochs", type=int, help="end-to-end KD epochs of the uniform student")
+    parser.add_argument("--teacher", help="a model directory instead of the cached standard teacher")
+    parser.add_argument("--data", help="a synthetic set directory instead of the cached inverted set")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, smaller (minutes)")
     parser.add_argument("--out")
@@ -91,8 +94,9 @@ def main() -> None:
     accelerator = make_accelerator()
     cache = Path(args.cache)
     timings: dict[str, float] = {}
-    teacher = standard_teacher(config, config["teacher"]["epochs"], cache, timings)
-    synthetic = standard_synthetic(config, teacher, config["generate"]["num_images"], config["generate"]["iterations"], cache, timings)
+    teacher = load_model(args.teacher) if args.teacher else standard_teacher(config, config["teacher"]["epochs"], cache, timings)
+    synthetic = args.data or standard_synthetic(config, teacher, config["generate"]["num_images"], config["generate"]["iterations"],
+                                                cache, timings)
     dist, eval_spec = config["distill"], config["eval_dataset"]
     candidates_dir, out = cache / "search-bench-candidates", cache / "search-bench-students"
     if accelerator.is_main_process:  # time training, not a resume of an earlier run

@@ -293,9 +293,14 @@ def thinned(base: dict[str, Any], kept: dict[str, int]) -> nn.Module:
 
 def is_thinning_of(student: Classifier, teacher: Classifier) -> bool:
     """Whether a zoo student is the teacher's architecture with only its blocks' insides thinner:
-    the same architecture and arguments but ``inner`` (``blocks`` may be spelled out), and the
-    same tensors by name."""
+    the same architecture and arguments but ``inner`` (``blocks`` may be spelled out), the same
+    tensors by name, and fewer parameters."""
     s, t = student.config, teacher.config
     differing = {key for key in {*s.arch_kwargs, *t.arch_kwargs} if s.arch_kwargs.get(key) != t.arch_kwargs.get(key)}
     return (s.arch == t.arch and differing <= {"inner", "blocks"}
-            and student.net.state_dict().keys() == teacher.net.state_dict().keys())
+            and student.net.state_dict().keys() == teacher.net.state_dict().keys()
+            and _parameters(student.net) < _parameters(teacher.net))  # the teacher itself is no student to start
+
+
+def _parameters(net: nn.Module) -> int:
+    return sum(p.numel() for p in net.parameters())
