@@ -49,7 +49,7 @@ from .seeds import derive_seed
 from .settings import setting
 from .training import KDSettings, TrainSettings, warmup_cosine
 from .models.neighbourhoods import (CutAdapter, activation_shapes, adapter_key, attach_cut_adapters, cut_channel_pairs,
-                                    fuse_adapters, resolve_cuts, split_network)
+                                    evaluating, fuse_adapters, resolve_cuts, split_network)
 from .teacher_activations import TeacherActivations
 
 
@@ -209,15 +209,16 @@ class NeighbourhoodDistiller:
         costs: list[Any] = [None]
         if self.accelerator.is_main_process:
             timed = []
-            for neighbourhood, probe in zip(self.neighbourhoods, probes):
-                x = probe[:1].expand(batch, *probe.shape[1:]).contiguous()
-                best = float("inf")
-                for _ in range(repeats):
-                    started = time.perf_counter()
-                    neighbourhood(x).float().pow(2).mean().backward()
-                    best = min(best, time.perf_counter() - started)
-                neighbourhood.zero_grad(set_to_none=True)
-                timed.append(best)
+            with evaluating(*self.neighbourhoods):  # timing must not move BatchNorm statistics
+                for neighbourhood, probe in zip(self.neighbourhoods, probes):
+                    x = probe[:1].expand(batch, *probe.shape[1:]).contiguous()
+                    best = float("inf")
+                    for _ in range(repeats):
+                        started = time.perf_counter()
+                        neighbourhood(x).float().pow(2).mean().backward()
+                        best = min(best, time.perf_counter() - started)
+                    neighbourhood.zero_grad(set_to_none=True)
+                    timed.append(best)
             costs = [timed]
         broadcast_object_list(costs)
         return costs[0]

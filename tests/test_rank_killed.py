@@ -52,8 +52,10 @@ def rank_process(launcher_pid: int, rank: int) -> int | None:
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
 def test_a_rank_killed_during_neighbourhood_training(teacher_dir, synthetic_dir, tmp_path):
     out = tmp_path / "student"
-    args = ["distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--student-width", "0.25", "--data",
-            str(synthetic_dir), "--mode", "neighbourhood", "--epochs", "6", "--finetune-epochs", "0", "--batch-size", "8",
+    args = ["distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--data",
+            # Enough epochs that the kill lands while the ranks still train (each neighbourhood trains
+            # alone from cached activations, a few milliseconds per epoch on this set).
+            str(synthetic_dir), "--mode", "neighbourhood", "--epochs", "300", "--finetune-epochs", "0", "--batch-size", "8",
             "--seed", "3", "--out", str(out)]
     launch = [*launcher(), "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
               "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "synthkd", *args]

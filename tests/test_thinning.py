@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from synthkd.errors import SynthkdError
-from synthkd.models import Classifier, InputFormat, ModelConfig, create_model, import_factory
+from synthkd.models import Classifier, InputFormat, ModelConfig, create_model, import_factory, trusting_code
 from synthkd.models.neighbourhoods import activation_shapes, resolve_cuts, split_network
 from synthkd.models.resnet import BasicBlock
 from synthkd.models.thinning import (
@@ -291,7 +291,8 @@ def test_user_cnn_thins_saves_and_loads(tmp_path):
     config = ModelConfig(arch=THINNED_ARCH, arch_kwargs=thinned_arch_kwargs(arch, {"num_classes": 5}, kept),
                          input=InputFormat(1, 8, 8), class_names=[str(i) for i in range(5)])
     Classifier(student, config).save_pretrained(tmp_path / "student")
-    loaded = Classifier.from_pretrained(tmp_path / "student").eval()
+    with trusting_code():  # the base is the user's own FILE.py: loading it runs code, so it needs their opt-in
+        loaded = Classifier.from_pretrained(tmp_path / "student").eval()
     assert shapes(loaded.net) == shapes(student)
     with torch.no_grad():
         assert torch.equal(loaded(x), Classifier(student.eval(), config)(x))

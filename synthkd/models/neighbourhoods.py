@@ -16,7 +16,9 @@ module, recorded in the model config so the model directory loads like any other
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.fx as fx
@@ -168,17 +170,26 @@ def activation_shapes(split: Split, probe: torch.Tensor) -> list[tuple[int, ...]
     """Shape (without batch) of the activation at every cut, then of the output (in eval mode,
     so a probe never moves BatchNorm statistics; each piece's mode is restored)."""
     shapes = []
-    modes = [piece.training for piece in split.pieces]
-    try:
-        with torch.no_grad():
-            x = probe
-            for piece in split.pieces:
-                x = piece.eval()(x)
-                shapes.append(tuple(x.shape[1:]))
-    finally:
-        for piece, mode in zip(split.pieces, modes):
-            piece.train(mode)
+    with evaluating(*split.pieces), torch.no_grad():
+        x = probe
+        for piece in split.pieces:
+            x = piece(x)
+            shapes.append(tuple(x.shape[1:]))
     return shapes
+
+
+@contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Within: every submodule in eval mode (a probe moves no BatchNorm statistics); after: each
+    back in its own mode (pieces share modules, so a piece's flag says nothing of theirs)."""
+    modes = {module: module.training for root in modules for module in root.modules()}
+    for module in modes:
+        module.training = False
+    try:
+        yield
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
 
 
 def cut_channel_pairs(teacher: Split, student: Split, probe: torch.Tensor) -> list[tuple[int, int] | None]:
