@@ -29,11 +29,11 @@ from synthkd.neighbourhood_training import NEIGHBOURHOOD_LR, NeighbourhoodDistil
 from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_factory, is_source_spec, load_model,
                             model_source_problem, open_source, unwrap)
 from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
-from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec
+from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec, spec_arguments
 from synthkd.models.sources import parse_source
 from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
 from synthkd.seeds import derive_seed
-from synthkd.settings import Settings, read_value, setting, shared_setting
+from synthkd.settings import Settings, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
 E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from NEIGHBOURHOOD_LR
@@ -151,8 +151,7 @@ def thinned_teacher(spec: str, teacher: Classifier, cuts: str | list[str], from_
     """``teacher:inner=R``: any traceable teacher (zoo or FILE.py:factory) with every inner channel
     group of each neighbourhood (a convolution/linear feeding exactly one other through per-channel
     operations) cut to R of its channels, found with torch.fx; the interfaces stay the teacher's."""
-    _, _, arguments = spec.partition(":")
-    kwargs = {key.strip(): read_value(value) for key, _, value in (part.partition("=") for part in arguments.split(",") if part)}
+    kwargs = spec_arguments(spec.partition(":")[2], spec)
     unknown = set(kwargs) - {"inner"}
     if unknown:
         raise SynthkdError(f"{spec!r}: the thinned teacher takes inner=R only, not {', '.join(sorted(unknown))}")

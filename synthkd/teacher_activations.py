@@ -77,7 +77,6 @@ class TeacherActivations:
         order = torch.randperm(self.num_images, generator=torch.Generator().manual_seed(config.seed))
         self.holdout_rows = order[:holdout].sort().values
         self._train_images = order[holdout:].sort().values
-        self._pairs: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         if self.per_neighbourhood:
             self._pairs = {k: self._per_neighbourhood_pair(dataset, k) for k in needed}
             self.summary = {"where": "activation set", "views": 1}

@@ -42,10 +42,16 @@ def parse_zoo_spec(spec: str) -> tuple[str, dict[str, Any]] | None:
     name, _, arguments = spec.partition(":")
     if name not in MODELS or (arguments and "=" not in arguments):
         return None
+    return name, spec_arguments(arguments, spec)
+
+
+def spec_arguments(arguments: str, spec: str) -> dict[str, Any]:
+    """``inner=0.5,blocks=1`` -> {"inner": 0.5, "blocks": 1}, values read as YAML; ``spec`` (the
+    whole spec) names where a malformed part was."""
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in arguments.split(","))):
         key, sep, value = part.partition("=")
         if not sep or not key.strip().isidentifier():
             raise SynthkdError(f"cannot read {part!r} in {spec!r}; write {ZOO_SPEC_GRAMMAR}")
         kwargs[key.strip()] = read_value(value.strip())
-    return name, kwargs
+    return kwargs
