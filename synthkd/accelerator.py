@@ -56,6 +56,15 @@ def accelerate_precision(mixed_precision: str | None) -> str:
     return mixed_precision or parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
 
 
+def training_memory_format(device: torch.device | str) -> torch.memory_format:
+    """The layout a model trains in on ``device``: channels-last on accelerators, where it pays,
+    and contiguous on CPU. On CPU, oneDNN's AVX2 weight gradient of a stride-2 1x1 convolution in
+    channels-last corrupts the heap at one thread (torch 2.13 and 2.14; see
+    tests/test_native_layout.py), and at two threads channels-last was the slower layout anyway
+    (benchmarks/memory_layout.py)."""
+    return torch.contiguous_format if torch.device(device).type == "cpu" else torch.channels_last
+
+
 def has_accelerator_device() -> bool:
     probe = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
     return probe.is_available() if probe is not None else torch.cuda.is_available()
