@@ -167,12 +167,33 @@ def no_progress_bars(accelerator: Accelerator) -> bool:
     return not accelerator.is_local_main_process or logging.getLogger(LOGGER_NAME).level > logging.INFO
 
 
+def progress_bar(accelerator: Accelerator, iterable: Any = None, **options: Any) -> Any:
+    """A tqdm bar drawn by the local main process on a terminal only: a redirected log gets
+    :func:`log_progress`'s line per epoch or shard instead of carriage-return frames, and
+    ``synthkd -q`` or TQDM_DISABLE=1 draws none."""
+    from tqdm.auto import tqdm
+
+    off = no_progress_bars(accelerator) or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, disable=True if off else None, mininterval=1.0, **options)
+
+
+# Progress bars of the Hugging Face libraries, by the module that switches them off and its function.
+_LIBRARY_PROGRESS = (("datasets.utils.logging", "disable_progress_bar"), ("huggingface_hub.utils", "disable_progress_bars"),
+                     ("transformers.utils.logging", "disable_progress_bar"))
+
+
 def show_log(level: int) -> None:
-    """Send synthkd's log records of ``level`` and above to stderr (the CLI's ``-v``/``-q``)."""
+    """Send synthkd's log records of ``level`` and above to stderr (the CLI's ``-v``/``-q``);
+    below INFO the Hugging Face libraries' progress bars go quiet too."""
     package = logging.getLogger(LOGGER_NAME)
     if not any(isinstance(h, _StderrHandler) for h in package.handlers):
         package.addHandler(_StderrHandler())
     package.setLevel(level)
+    if level > logging.INFO:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        for module, switch in _LIBRARY_PROGRESS:
+            if module in sys.modules:  # imported already, so the variables above came too late
+                getattr(sys.modules[module], switch)()
 
 
 @contextmanager

@@ -37,9 +37,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
-from .accelerator import log_progress, no_progress_bars, training_memory_format
+from .accelerator import log_progress, progress_bar, training_memory_format
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
@@ -316,8 +315,8 @@ class NeighbourhoodDistiller:
         on the seed and its index, never on which rank trains it or what else that rank owns."""
         config, device = self.config, self.accelerator.device
         results = {}
-        bar = tqdm(total=len(todo) * config.epochs, desc=f"neighbourhoods (rank {self.accelerator.process_index})",
-                   disable=no_progress_bars(self.accelerator), leave=False)
+        bar = progress_bar(self.accelerator, total=len(todo) * config.epochs,
+                           desc=f"neighbourhoods (rank {self.accelerator.process_index})", leave=False)
         for k in todo:
             inputs, targets = activations.pair(k)
             train_rows, held_out = activations.train_rows, activations.holdout_rows

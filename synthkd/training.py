@@ -21,9 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .accelerator import log_progress, logger, no_progress_bars, training_memory_format
+from .accelerator import log_progress, logger, progress_bar, training_memory_format
 from .data.loading import loader_options
 from .evaluation import evaluate
 from .errors import SynthkdError, one_line, warn
@@ -194,7 +193,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
     """One pass over ``loader``; the mean loss over the batches and the processes."""
     model.train()
     total, batches = 0.0, 0
-    bar = tqdm(loader, desc=description, disable=no_progress_bars(accelerator), leave=False)
+    bar = progress_bar(accelerator, loader, desc=description, leave=False)
     for batch in bar:
         with accelerator.autocast():
             loss = batch_loss(model, batch)
@@ -204,7 +203,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
         scheduler.step()
         total += loss.item()
         batches += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()
 
 
