@@ -67,7 +67,7 @@ def test_reduced_backward_runs_contiguous_and_says_which_channels_last_case_cras
 
 
 def test_training_on_cpu_is_contiguous_and_survives_the_avx2_kernel(tmp_path, teacher_dir, synthetic_dir):
-    """The issue's reproduction: e2e KD of a quarter-width resnet8 (two stride-2 shortcuts), 3
+    """The reproduction: e2e KD of a quarter-width resnet8 (two stride-2 shortcuts), 3
     epochs of batch 16, one thread. It aborted when training used channels-last on CPU."""
     from synthkd.accelerator import training_memory_format
 
