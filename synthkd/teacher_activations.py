@@ -58,6 +58,19 @@ def free_disk(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def cache_directory(config: Any, out: str | os.PathLike) -> Path:
+    """Where a disk cache lives: ``cache_dir``, else scratch space in the output directory."""
+    return Path(config.cache_dir) if config.cache_dir else Path(out) / "activation-cache"
+
+
+def cache_location(choice: str, size: int) -> str:
+    """memory or disk for a cache of ``size`` bytes: ``auto`` keeps it in memory when it takes at
+    most MEMORY_FRACTION of the memory free on this machine."""
+    if choice == "auto":
+        return "memory" if size <= MEMORY_FRACTION * available_memory() else "disk"
+    return choice
+
+
 def require_free_disk(directory: Path, size: int) -> None:
     """Refuse, before anything is written, a cache that the disk under ``directory`` cannot hold."""
     free = free_disk(directory)
@@ -116,7 +129,7 @@ class TeacherActivations:
         shapes = [tuple(probe.shape[1:])] + activation_shapes(split, probe)
         size = cache_bytes(shapes, self.num_images, self.views, config.cache_dtype)
         where = self._where(size, local)
-        directory = Path(config.cache_dir) if config.cache_dir else Path(out) / "activation-cache"
+        directory = cache_directory(config, out)
         self.summary = {"where": where, "bytes": size, "views": self.views, "dtype": config.cache_dtype,
                         **({"directory": str(directory)} if where == "disk" else {})}
         logger.info(f"teacher activations: {self.num_images} images x {self.views} view(s) x {len(shapes)} boundaries, "
@@ -149,11 +162,10 @@ class TeacherActivations:
                 raise SynthkdError("a disk activation cache is built by every rank together; this caller trains "
                                    "neighbourhoods alone, so use cache memory or pass the activations in")
             return "memory"
+        decision = [cache_location(choice, size)]
         if choice == "auto":
-            decision = ["memory" if size <= MEMORY_FRACTION * available_memory() else "disk"]
             broadcast_object_list(decision)
-            return decision[0]
-        return choice
+        return decision[0]
 
     def _views(self, images: torch.Tensor, view: int, shard: int) -> torch.Tensor:
         """View ``view`` of a shard's images: as made (view 0), else a seeded augmentation."""
