@@ -454,7 +454,7 @@ def plan_distillation(
     from synthkd.neighbourhood_plan import plan_neighbourhoods
 
     if settings.mode != "neighbourhood":
-        raise SynthkdError(f"--plan sizes neighbourhood distillation; this run is --mode {settings.mode}")
+        raise SynthkdError(f"--plan sizes neighbourhood distillation; this run distills in mode {settings.mode!r}")
     accelerator = accelerator or make_accelerator()
     distiller = NeighbourhoodDistiller(teacher, student_for(student, settings, teacher, seed), settings.neighbourhoods(seed),
                                        accelerator, owned=[])

@@ -68,3 +68,17 @@ def test_cli_plan_splits_the_disk_cache_and_writes_nothing(teacher_dir, syntheti
     estimate = plan["estimate"]
     assert estimate["finetune_seconds"] > 0
     assert estimate["seconds"] == estimate["cache_seconds"] + estimate["train_seconds"] + estimate["finetune_seconds"]
+
+
+def test_run_plan_sizes_the_distill_stage_of_a_config(teacher_dir, tmp_path):
+    """``synthkd run CONFIG --plan`` before anything ran: generate.num_images images, nothing written."""
+    config = tmp_path / "run.yaml"
+    config.write_text(f"out: {tmp_path / 'run'}\nteacher:\n  model: {teacher_dir}\nstudent:\n  arch: resnet8\n"
+                      "generate:\n  num_images: 64\ndistill:\n  mode: neighbourhood\n  epochs: 2\n  batch_size: 16\n"
+                      "  cache_views: 2\n")
+    result = CliRunner().invoke(main, ["run", str(config), "distill.cuts=stages", "--plan", "--plan-ranks", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    plan = json.loads(result.stdout)
+    assert plan["num_images"] == 64 and plan["views"] == 2 and plan["num_ranks"] == 2 and plan["epochs"] == 2
+    assert [n["name"] for n in plan["neighbourhoods"]] == ["stem", "layer1", "layer2", "layer3", "head"]
+    assert not (tmp_path / "run").exists()
