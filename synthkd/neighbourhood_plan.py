@@ -91,8 +91,11 @@ def _output_shape(neighbourhood: torch.nn.Module, probe: torch.Tensor) -> tuple[
 @torch.no_grad()
 def _teacher_forward_seconds(distiller: NeighbourhoodDistiller, batch: int, repeats: int) -> list[float]:
     """Seconds of each teacher piece's forward pass on a batch: the cost of making its boundary."""
-    pieces = distiller.teacher_split.pieces
-    return [best_seconds(lambda: piece(batch_of(probe, batch)), repeats) for piece, probe in zip(pieces, distiller.probes)]
+    timed = []
+    for piece, probe in zip(distiller.teacher_split.pieces, distiller.probes):
+        x = batch_of(probe, batch)
+        timed.append(best_seconds(lambda: piece(x), repeats))
+    return timed
 
 
 def _finetune_seconds(distiller: NeighbourhoodDistiller, epochs: int, num_images: int, num_ranks: int,

@@ -206,7 +206,7 @@ class NeighbourhoodDistiller:
             self.ranks = [[accelerator.process_index] if k in self.owned else [] for k in range(len(self.neighbourhoods))]
             self.groups = {}
         else:
-            costs = self.step_costs() if accelerator.num_processes > 1 else [float(f) for f in self.flops]
+            costs = self.step_costs(config.batch_size) if accelerator.num_processes > 1 else [float(f) for f in self.flops]
             self.assignment = balance(costs, accelerator.num_processes)
             self.ranks = replicate(self.assignment, costs)
             self.owned = [k for k, ranks in enumerate(self.ranks) if accelerator.process_index in ranks]
@@ -217,7 +217,7 @@ class NeighbourhoodDistiller:
     def names(self) -> list[str]:
         return self.student_split.names
 
-    def step_costs(self, batch: int = 32, repeats: int = 3) -> list[float]:
+    def step_costs(self, batch: int, repeats: int = 3) -> list[float]:
         """Seconds of one training step (forward and backward) of every neighbourhood on a batch
         of its input shape, timed by the main process and shared (so every rank makes the same
         assignment). Counted FLOPs mislead here: a block on large feature maps takes 2.5x the time
