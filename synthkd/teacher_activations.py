@@ -175,6 +175,7 @@ class TeacherActivations:
         torch.manual_seed(derive_seed(self.config.seed, "view", view, "shard", shard))
         return distillation_augmentation(fmt.height, fmt.width, self.config.flip, self.config.mixup).to(images.device)(images)
 
+    @torch.no_grad()
     def _image_boundary(self, images: torch.Tensor, view: int, shard: int) -> torch.Tensor:
         """Boundary 0 of one shard's view: the normalised image."""
         fmt = self.teacher.input_format
