@@ -94,7 +94,7 @@ def _teacher_forward_seconds(distiller: NeighbourhoodDistiller, batch: int, repe
     timed = []
     for piece, probe in zip(distiller.teacher_split.pieces, distiller.probes):
         x = batch_of(probe, batch)
-        timed.append(best_seconds(lambda: piece(x), repeats))
+        timed.append(best_seconds(lambda: piece(x), repeats, x.device))
     return timed
 
 
@@ -109,10 +109,10 @@ def _finetune_seconds(distiller: NeighbourhoodDistiller, epochs: int, num_images
     images = torch.rand(batch, *fmt.shape, device=distiller.probes[0].device)
     student = distiller.student
     with evaluating(student):
-        step = best_seconds(lambda: student(images).float().pow(2).mean().backward(), repeats)
+        step = best_seconds(lambda: student(images).float().pow(2).mean().backward(), repeats, images.device)
         student.zero_grad(set_to_none=True)
     with torch.no_grad():
-        teacher = best_seconds(lambda: distiller.teacher(images), repeats)
+        teacher = best_seconds(lambda: distiller.teacher(images), repeats, images.device)
     return epochs * math.ceil(num_images / (batch * num_ranks)) * (step + teacher)
 
 

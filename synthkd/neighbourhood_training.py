@@ -39,7 +39,7 @@ from torch.utils.data import Dataset
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm.auto import tqdm
 
-from .accelerator import log_progress, no_progress_bars
+from .accelerator import log_progress, no_progress_bars, synchronize
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
@@ -131,12 +131,15 @@ def batch_of(probe: torch.Tensor, batch: int) -> torch.Tensor:
     return probe[:1].expand(batch, *probe.shape[1:]).contiguous()
 
 
-def best_seconds(run: Callable[[], Any], repeats: int) -> float:
-    """The fastest of ``repeats`` calls of ``run``: the first one warms caches and allocators."""
+def best_seconds(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` calls of ``run`` on ``device``: the first one warms caches and
+    allocators."""
     best = float("inf")
     for _ in range(repeats):
+        synchronize(device)
         started = time.perf_counter()
         run()
+        synchronize(device)
         best = min(best, time.perf_counter() - started)
     return best
 
@@ -229,7 +232,7 @@ class NeighbourhoodDistiller:
             with evaluating(*self.neighbourhoods):  # timing must not move BatchNorm statistics
                 for neighbourhood, probe in zip(self.neighbourhoods, self.probes):
                     x = batch_of(probe, batch)
-                    timed.append(best_seconds(lambda: neighbourhood(x).float().pow(2).mean().backward(), repeats))
+                    timed.append(best_seconds(lambda: neighbourhood(x).float().pow(2).mean().backward(), repeats, x.device))
                     neighbourhood.zero_grad(set_to_none=True)
             costs = [timed]
         broadcast_object_list(costs)
