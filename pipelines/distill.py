@@ -33,6 +33,7 @@ from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec, spec_argum
 from synthkd.models.sources import parse_source
 from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
 from synthkd.seeds import derive_seed
+from synthkd.teacher_activations import cache_directory
 from synthkd.settings import Settings, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
@@ -433,8 +434,31 @@ def distill_neighbourhood(
     metrics["distill_seconds"] = metrics["neighbourhood_seconds"] + metrics.get("finetune_seconds", 0.0)
     result = finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
     if config.cache_dir is None and accelerator.is_main_process:
-        shutil.rmtree(out / "activation-cache", ignore_errors=True)  # the default cache is scratch space
+        shutil.rmtree(cache_directory(config, out), ignore_errors=True)  # the default cache is scratch space
     return result
+
+
+def plan_distillation(
+    teacher: Classifier,
+    student: StudentSettings,
+    num_images: int,
+    out: str | os.PathLike,
+    settings: DistillSettings,
+    seed: int = 0,
+    num_ranks: int = 1,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """What :func:`distill` in neighbourhood mode would cost on ``num_images`` images over
+    ``num_ranks`` ranks (:func:`synthkd.neighbourhood_plan.plan_neighbourhoods`); trains and
+    writes nothing."""
+    from synthkd.neighbourhood_plan import plan_neighbourhoods
+
+    if settings.mode != "neighbourhood":
+        raise SynthkdError(f"--plan sizes neighbourhood distillation; this run distills in mode {settings.mode!r}")
+    accelerator = accelerator or make_accelerator()
+    distiller = NeighbourhoodDistiller(teacher, student_for(student, settings, teacher, seed), settings.neighbourhoods(seed),
+                                       accelerator, owned=[])
+    return plan_neighbourhoods(distiller, num_images, num_ranks, out, settings.finetune_epochs)
 
 
 def distill(

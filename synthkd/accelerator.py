@@ -70,6 +70,13 @@ def has_accelerator_device() -> bool:
     return probe.is_available() if probe is not None else torch.cuda.is_available()
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously), so a timer around it
+    measures the work and not its launch."""
+    if device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
+
+
 def make_accelerator(mixed_precision: str | None = None, log_with: str | None = None,
                      project_dir: str | None = None) -> Accelerator:
     """An Accelerator for this machine. ``mixed_precision`` None leaves it to Accelerate (what

@@ -131,6 +131,17 @@ def with_evil_state(work: Path, name: str) -> Path:
     return out
 
 
+def cache_of_other_shapes(work: Path) -> Path:
+    """An activation cache directory whose settings record half the channels at cut layer1."""
+    plan = json.loads(must_pass(*PLAN(work), "--json").output)["neighbourhoods"]
+    shapes = [plan[0]["input_shape"]] + [n["output_shape"] for n in plan]
+    shapes[1][0] //= 2
+    cache = work / "cases" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "run.json").write_text(json.dumps({"shapes": shapes}))
+    return cache
+
+
 def three_channel_student(work: Path) -> Path:
     """A valid student for 3-channel 8x8 images (the teacher takes 1 channel)."""
     from synthkd.models import Classifier, InputFormat, ModelConfig
@@ -182,6 +193,7 @@ def resumed(work: Path, name: str) -> Path:
 T = lambda w: ["--teacher", w / "teacher"]  # noqa: E731
 DISTILL = lambda w, out: ["distill", *T(w), "--data", w / "set", "--student", "resnet8", "--student-width", "0.25",  # noqa: E731
                           "--epochs", 1, "--batch-size", 16, "--out", out]
+PLAN = lambda w: [*DISTILL(w, w / "cases" / "s"), "--mode", "neighbourhood", "--cuts", "layer1,layer2", "--plan"]  # noqa: E731
 TRAIN = lambda out: ["train-teacher", "--dataset", "digits:train[:256]", *TEACHER, "--epochs", 1, "--out", out]  # noqa: E731
 
 CASES = [
@@ -214,6 +226,11 @@ CASES = [
     Case("evaluate", "config.json names code", lambda w: ["evaluate", "--model", model_with(w, "code", arch="os:system",
                                                           arch_kwargs={"command": "echo PWNED"}), "--dataset", "digits:test[:8]"],
          "--trust-code"),
+    Case("distill", "--plan of a cache bigger than the disk", lambda w: [*PLAN(w), "--cache", "disk", "--cache-views", 10**8],
+         "short"),
+    Case("distill", "--plan against a cache of other shapes", lambda w: [*PLAN(w), "--cache", "disk", "--cache-dir",
+                                                                         cache_of_other_shapes(w)], "cut 'layer1'"),
+    Case("distill", "--json without --plan", lambda w: [*DISTILL(w, w / "cases" / "s"), "--json"], "with --plan"),
     Case("distill", "neighbourhood student with 3 channels, teacher 1", lambda w: [
         *DISTILL(w, w / "cases" / "s")[:5], "--student", three_channel_student(w), "--mode", "neighbourhood", "--cuts", "layer1",
         "--epochs", 1, "--out", w / "cases" / "s"], "teacher's input format"),
@@ -311,6 +328,9 @@ CASES = [
     Case("run", "distill.cuts naming no module", lambda w: ["run", run_config(w, "run-2"), "distill.mode=neighbourhood",
                                                             "distill.cuts=nolayer"], "nolayer"),
     Case("run", "eval_dataset misspelt", lambda w: ["run", run_config(w, "run-3"), "eval_dataset=digts:test"], "digts"),
+    Case("run", "--plan before the teacher is trained", lambda w: ["run", run_config(w, "run-plan"), "teacher.model=null",
+                                                                   "teacher.dataset=digits:train", "distill.mode=neighbourhood",
+                                                                   "--plan"], "not trained yet"),
     Case("run", "teacher.arch unknown", lambda w: ["run", run_config(w, "run-4"), "teacher.model=null", "teacher.dataset=digits:train",
                                                    "teacher.arch=resnet99"], "resnet99"),
     Case("run", "teacher.model naming code", lambda w: ["run", run_config(w, "run-5"), f"teacher.model={model_with(w, 'run-code', arch='os:system')}"],
