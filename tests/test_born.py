@@ -60,6 +60,7 @@ def test_born_at_width_one_computes_exactly_the_teachers_function():
 
 def test_half_width_has_the_zoo_shapes_and_the_teachers_chosen_filters():
     teacher = zoo_teacher(width=1.0)
+    teacher.requires_grad_(False)  # as distillation holds it
     born = prune_to_width(teacher.net, format_probe(FORMAT), 0.5)
     assert shapes(born.net) == shapes(create_model("resnet20", width=0.5, in_channels=1))
     stem = born.kept["stem.0"]["out"]

@@ -121,7 +121,7 @@ def prune(net: nn.Module, probe: torch.Tensor, keep: Callable[[str, int], int], 
     ``importance``; ``images`` (normalised network inputs) feed the Taylor criterion. The
     classifier head keeps its classes. Raises one line naming the module where the network cannot
     be pruned consistently (its forward pass fails after pruning)."""
-    net = copy.deepcopy(net)
+    net = copy.deepcopy(net).requires_grad_(True)  # the graph is traced through autograd (a frozen teacher has none)
     criterion = importance_criterion(importance)
     with _evaluating(net):
         with torch.no_grad():
