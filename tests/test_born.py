@@ -239,3 +239,28 @@ def test_an_unreachable_budget_says_the_least_reachable():
 def test_taylor_without_images_says_where_it_works():
     with pytest.raises(SynthkdError, match="importance=taylor needs synthetic images"):
         prune(zoo_teacher().net, format_probe(FORMAT), lambda _p, c: c // 2, "taylor")
+
+
+def test_the_api_distills_a_born_student_that_reloads(teacher_dir, synthetic_dir, tmp_path):
+    import synthkd
+
+    student, metrics = synthkd.distill(str(teacher_dir), synthetic_dir, tmp_path / "student", student="teacher:params=0.5",
+                                       epochs=1, batch_size=16)
+    teacher = Classifier.from_pretrained(teacher_dir)
+    assert student.config.arch == "pruned"
+    assert sum(p.numel() for p in student.parameters()) <= 0.5 * sum(p.numel() for p in teacher.parameters())
+    loaded = Classifier.from_pretrained(tmp_path / "student").eval()  # a zoo base: no trust needed
+    with torch.no_grad():
+        assert torch.equal(loaded(images()), student.eval()(images()))
+
+
+def test_a_run_config_takes_the_same_specs(tmp_path):
+    from synthkd.pipelines.config import validate
+
+    errors: list[str] = []
+    base = {"out": str(tmp_path / "run"), "teacher": {"dataset": "digits:train"}}
+    assert validate({**base, "student": {"arch": "teacher:flops=0.3,importance=taylor"}}, errors) and not errors
+    assert validate({**base, "student": {"arch": "resnet20:width=0.5,importance=bn"}, "distill": {"mode": "neighbourhood"}},
+                    errors) and not errors
+    validate({**base, "student": {"arch": "teacher:width=2"}}, errors)
+    assert len(errors) == 1 and "in (0, 1]" in errors[0]
