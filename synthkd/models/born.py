@@ -123,14 +123,16 @@ def prune(net: nn.Module, probe: torch.Tensor, keep: Callable[[str, int], int], 
     be pruned consistently (its forward pass fails after pruning)."""
     net = copy.deepcopy(net).requires_grad_(True)  # the graph is traced through autograd (a frozen teacher has none)
     criterion = importance_criterion(importance)
+    device = next(net.parameters()).device
+    probe = probe.to(device)
     with _evaluating(net):
         with torch.no_grad():
             classes = net(probe).shape[1]
         if importance == "taylor":
             if images is None:
-                raise SynthkdError("importance=taylor needs synthetic images: use it where the student is distilled "
-                                   "(synthkd distill / run), or choose importance=l1 or bn")
-            _accumulate_taylor_gradients(net, images)
+                raise SynthkdError("importance=taylor needs synthetic images, which distillation from a synthetic set "
+                                   "gives (not --synthesize or --inputs activations); or choose importance=l1 or bn")
+            _accumulate_taylor_gradients(net, images.to(device))
         try:
             graph = tp.DependencyGraph().build_dependency(net, example_inputs=probe)
         except Exception as error:  # torch-pruning raises many types on code it cannot follow
