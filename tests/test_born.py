@@ -5,6 +5,7 @@ are born, saved and reloaded (library sources without trust); the bad specs are 
 
 from __future__ import annotations
 
+import re
 import textwrap
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from synthkd.errors import SynthkdError
-from synthkd.models import Classifier, InputFormat, ModelConfig, create_model, load_model, trusting_code
+from synthkd.models import Classifier, InputFormat, ModelConfig, create_model, import_factory, load_model, trusting_code
 from synthkd.models.born import (born_like, format_probe, network_cost, prune, prune_to_budget, prune_to_width,
                                  recalibrate_batchnorm)
 from synthkd.pipelines.distill import build_student, student_spec_problem
@@ -187,7 +188,7 @@ def teacher_of(spec: str, tmp_path) -> Classifier:
         return load_model(spec, input_shape=(3, 16, 16))
     path = tmp_path / "cnn.py"
     path.write_text(USER_CNN)
-    net = randomise_norms(__import__("synthkd.models", fromlist=["import_factory"]).import_factory(f"{path}:{spec}")())
+    net = randomise_norms(import_factory(f"{path}:{spec}")())
     return Classifier(net, ModelConfig(f"{path}:{spec}", InputFormat(3, 16, 16), {}, [str(i) for i in range(10)]))
 
 
@@ -228,7 +229,7 @@ def test_a_network_the_graph_cannot_follow_names_the_module(tmp_path):
 ])
 def test_bad_specs_are_refused_before_any_model(spec, message):
     assert student_spec_problem(spec) is not None
-    assert __import__("re").search(message, student_spec_problem(spec)), student_spec_problem(spec)
+    assert re.search(message, student_spec_problem(spec)), student_spec_problem(spec)
 
 
 def test_an_unreachable_budget_says_the_least_reachable():
@@ -264,3 +265,33 @@ def test_a_run_config_takes_the_same_specs(tmp_path):
                     errors) and not errors
     validate({**base, "student": {"arch": "teacher:width=2"}}, errors)
     assert len(errors) == 1 and "in (0, 1]" in errors[0]
+
+
+def test_a_bare_parameter_is_pruned_and_rebuilt(tmp_path):
+    path = tmp_path / "scaled.py"
+    path.write_text(textwrap.dedent('''
+        import torch
+        from torch import nn
+
+
+        class Net(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(3, 8, 3, padding=1)
+                self.scale = nn.Parameter(torch.rand(1, 8, 1, 1))
+                self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 10))
+
+            def forward(self, x):
+                return self.head(self.conv(x) * self.scale)
+    '''))
+    arch = f"{path}:Net"
+    net = import_factory(arch)().eval()
+    teacher = Classifier(net, ModelConfig(arch, InputFormat(3, 8, 8), {}, [str(i) for i in range(10)]))
+    student = build_student("teacher:width=0.5", teacher, from_teacher=True).eval()
+    assert student.config.arch_kwargs["channels"] == {"conv": {"out": 4}, "scale": {"out": 4}, "head.2": {"in": 4}}
+    student.save_pretrained(tmp_path / "student")
+    with trusting_code():
+        loaded = Classifier.from_pretrained(tmp_path / "student").eval()
+    x = torch.rand(2, 3, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), student(x))

@@ -134,7 +134,7 @@ def prune(net: nn.Module, probe: torch.Tensor, keep: Callable[[str, int], int], 
                                    "gives (not --synthesize or --inputs activations); or choose importance=l1 or bn")
             _accumulate_taylor_gradients(net, images.to(device))
         try:
-            graph = tp.DependencyGraph().build_dependency(net, example_inputs=probe)
+            graph = tp.DependencyGraph().build_dependency(net, example_inputs=probe, verbose=False)
         except Exception as error:  # torch-pruning raises many types on code it cannot follow
             raise SynthkdError(f"cannot follow the dependency graph of {type(net).__name__} ({one_line(error)}); "
                                f"{SUGGESTION}") from error
@@ -307,13 +307,11 @@ def _resize_to(net: nn.Module, path: str, counts: dict[str, int]) -> None:
     """Give the module (or parameter) at ``path`` ``counts`` channels per side, dropping the last ones
     (the values come from the weights file)."""
     parameters = dict(net.named_parameters())
-    if path in parameters:  # a bare nn.Parameter torch-pruning pruned along its channel dimension
+    if path in parameters:  # a bare nn.Parameter: torch-pruning prunes its last non-singleton dimension
         owner, _, name = path.rpartition(".")
         shape = list(parameters[path].shape)
-        dim = next((d for d, size in enumerate(shape) if size > counts.get("out", size)), None)
-        if dim is not None:
-            shape[dim] = counts["out"]
-            setattr(net.get_submodule(owner) if owner else net, name, nn.Parameter(torch.empty(shape)))
+        shape[max(d for d, size in enumerate(shape) if size > 1)] = counts["out"]
+        setattr(net.get_submodule(owner) if owner else net, name, nn.Parameter(torch.empty(shape)))
         return
     module = net.get_submodule(path)
     pruner = tp.pruner.function.PrunerBox.get(tp.ops.module2type(module))
