@@ -9,8 +9,9 @@ Rows (``{arch}``/``{width}``: the teacher's architecture and width):
 
 The synthetic set is ``--data`` or made here with the fast generator (its time is charged to
 every row). For each minute budget every row is one end-to-end KD run of its own (a cosine
-schedule that ends at the budget): the epochs that fit are the budget less generation and the
-student's birth, over the row's seconds per epoch (timed by a one-epoch run first, not charged).
+schedule that ends at the budget): the epochs that fit are the budget less generation, the
+student's birth and the run's fixed costs, over the row's seconds per epoch (both timed by a
+one-epoch run first, not charged).
 Test evaluations run outside the timed budget. How a born student is made (importance criterion,
 BatchNorm recalibration) is chosen per row on a validation split of the training set
 (``--validation``, by default the last 5k of fashion-mnist:train) after ``--choice-epochs`` of
@@ -83,24 +84,27 @@ def born(teacher: Classifier, spec: str, init: str, images: torch.Tensor, seed: 
     return student, time.perf_counter() - started
 
 
-def kd_run(teacher: Classifier, spec: str, init: str, data: str, images: torch.Tensor, epochs: int, batch_size: int,
+def kd_run(teacher: Classifier, spec: str, init: str, data: str, images: torch.Tensor, epochs: int, kd: dict[str, Any],
            seed: int, out: Path, accelerator) -> tuple[Classifier, dict[str, Any]]:
     """Birth + end-to-end KD (timed together), with the machine's load around it."""
     shutil.rmtree(out, ignore_errors=True)  # a fresh run, never a resume
     load_before = machine_load()
     student, birth_seconds = born(teacher, spec, init, images, seed)
-    student, metrics = distill_e2e(teacher, student, data, out, DistillSettings(epochs=epochs, batch_size=batch_size, init=init),
+    student, metrics = distill_e2e(teacher, student, data, out, DistillSettings(epochs=epochs, init=init, **kd),
                                    seed, accelerator=accelerator)
     load_after = machine_load()
     threads = torch.get_num_threads()
+    epoch_seconds = [epoch["seconds"] for epoch in metrics["history"]]
     return student, {"epochs": epochs, "birth_seconds": birth_seconds, "distill_seconds": metrics["distill_seconds"],
+                     "epoch_seconds": sum(epoch_seconds) / len(epoch_seconds),
+                     "fixed_seconds": metrics["distill_seconds"] - sum(epoch_seconds),
                      "seconds": birth_seconds + metrics["distill_seconds"], "threads": threads,
                      "load_before": load_before, "load_after": load_after,
                      "alone": max(load_before, load_after) <= threads + 0.5}
 
 
 def choose_birth(row: dict[str, Any], teacher: Classifier, data: str, images: torch.Tensor, validation, epochs: int,
-                 batch_size: int, out: Path, accelerator) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+                 kd: dict[str, Any], out: Path, accelerator) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """The birth options of the best validation accuracy after ``epochs`` of KD (and each one's
     accuracy at birth and after), on the validation split."""
     names = list(row["choices"])
@@ -112,7 +116,7 @@ def choose_birth(row: dict[str, Any], teacher: Classifier, data: str, images: to
         spec = with_options(row["spec"], options)
         student, _ = born(teacher, spec, row["init"], images, seed=0)
         at_birth = evaluate(student, validation, accelerator)["accuracy"]
-        student, record = kd_run(teacher, spec, row["init"], data, images, epochs, batch_size, 0, out, accelerator)
+        student, record = kd_run(teacher, spec, row["init"], data, images, epochs, kd, 0, out, accelerator)
         trials.append({"options": options, "validation_at_birth": at_birth,
                        "validation": evaluate(student, validation, accelerator)["accuracy"], "seconds": record["seconds"]})
     return max(trials, key=lambda trial: trial["validation"])["options"], trials
@@ -133,6 +137,7 @@ def main() -> None:
                         help="the split the birth options are chosen on, never the test set (default: %(default)s)")
     parser.add_argument("--eval-dataset", help="test set (default: the setting's eval_dataset)")
     parser.add_argument("--batch-size", type=int, help="KD batch size (default: the setting's)")
+    parser.add_argument("--lr", type=float, help="KD learning rate (default: synthkd distill's)")
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, tiny (seconds to minutes)")
@@ -143,7 +148,7 @@ def main() -> None:
     minutes = [float(m) for m in (args.minutes or defaults["minutes"]).split(",")]
     seeds = [int(s) for s in (args.seeds or defaults["seeds"]).split(",")]
     choice_epochs = args.choice_epochs or defaults["choice_epochs"]
-    batch_size = args.batch_size or config["distill"]["batch_size"]
+    kd = {"batch_size": args.batch_size or config["distill"]["batch_size"], "lr": args.lr}
     eval_spec = args.eval_dataset or config["eval_dataset"]
     accelerator = make_accelerator()
     work = Path(args.cache) / "headline"
@@ -168,16 +173,15 @@ def main() -> None:
 
     results, table = [], []
     for row in (r for r in rows_for(teacher) if r["row"] in args.rows.split(",")):
-        options, trials = choose_birth(row, teacher, data, images, validation, choice_epochs, batch_size, work / "choice",
-                                       accelerator)
+        options, trials = choose_birth(row, teacher, data, images, validation, choice_epochs, kd, work / "choice", accelerator)
         spec = with_options(row["spec"], options)
-        _, timing = kd_run(teacher, spec, row["init"], data, images, 1, batch_size, 0, work / "timing", accelerator)
-        entry = {**row, "chosen": options, "trials": trials, "spec": spec, "seconds_per_epoch": timing["distill_seconds"],
+        _, timing = kd_run(teacher, spec, row["init"], data, images, 1, kd, 0, work / "timing", accelerator)
+        entry = {**row, "chosen": options, "trials": trials, "spec": spec, "seconds_per_epoch": timing["epoch_seconds"],
                  "budgets": []}
         for budget, seed in itertools.product(minutes, seeds):
-            kd_seconds = 60 * budget - generation_seconds - timing["birth_seconds"]
-            epochs = max(1, math.floor(kd_seconds / timing["distill_seconds"]))
-            student, record = kd_run(teacher, spec, row["init"], data, images, epochs, batch_size, seed,
+            kd_seconds = 60 * budget - generation_seconds - timing["birth_seconds"] - timing["fixed_seconds"]
+            epochs = max(1, math.floor(kd_seconds / timing["epoch_seconds"]))
+            student, record = kd_run(teacher, spec, row["init"], data, images, epochs, kd, seed,
                                      work / f"{row['row']}-{budget:g}-{seed}", accelerator)
             scores = evaluate(student, test, accelerator)  # outside the timed budget
             record.update(minutes_budget=budget, seed=seed, minutes=(generation_seconds + record["seconds"]) / 60,
@@ -204,7 +208,7 @@ def main() -> None:
                             f"({entry['row']}) birth options on {args.validation}: chose {entry['chosen']}")
         write_json(args.out, {"benchmark": "headline", "quick": args.quick, "teacher": args.teacher, "data": data,
                               "generation_seconds": generation_seconds, "eval_dataset": eval_spec,
-                              "validation": args.validation, "choice_epochs": choice_epochs, "batch_size": batch_size,
+                              "validation": args.validation, "choice_epochs": choice_epochs, "kd": kd,
                               "teacher_eval": teacher_eval, "results": results})
 
 
