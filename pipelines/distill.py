@@ -375,12 +375,17 @@ class KDObjective(nn.Module):
         return DISTILLATION_LOSSES.get("kd")(student(views).float(), target, self.temperature)
 
 
+def is_dataset_spec(data: str | os.PathLike) -> bool:
+    """Whether ``data`` names a real dataset (``fashion-mnist:train``) rather than a synthetic set directory."""
+    return not Path(data).exists() and ":" in str(data)
+
+
 def open_training_data(data: str | os.PathLike, teacher: Classifier, accelerator: Accelerator,
                        stored_targets: bool = False) -> Dataset:
     """A synthetic set directory, or a real dataset spec (for the KD-on-real-data reference);
     a synthetic set must have the teacher's classes. ``stored_targets``: its logits will be the
     targets, so it must be a synthetic set made by this very teacher."""
-    if not Path(data).exists() and ":" in str(data):
+    if is_dataset_spec(data):
         if stored_targets:
             raise SynthkdError(f"--no-augment reads the teacher's logits stored with a synthetic set, and {data} is a "
                                "real dataset; drop --no-augment")
@@ -550,10 +555,9 @@ def distill(
 ) -> tuple[Classifier, dict[str, Any]]:
     """The distill stage (``synthkd distill`` and ``synthkd run``): build the student, distill it in
     ``settings.mode``, save it to ``out``. ``inputs``: see :func:`distill_neighbourhood`."""
-    accelerator = accelerator or make_accelerator()
     images = None
     if settings.init == "teacher" and inputs == "images":
-        images = sample_images(open_training_data(data, teacher, accelerator))
+        images = sample_images(load_dataset(str(data)) if is_dataset_spec(data) else SyntheticDataset(data))
     student_model = student_for(student, settings, teacher, seed, images)
     if settings.mode == "neighbourhood" and student_model.input_format.shape != teacher.input_format.shape:
         raise SynthkdError(
