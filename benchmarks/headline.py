@@ -58,9 +58,10 @@ def rows_for(teacher: Classifier) -> list[dict[str, Any]]:
     """The four rows for this teacher, each with the birth options to choose among."""
     arch, width = teacher.config.arch, float(teacher.config.arch_kwargs.get("width", 1.0))
     birth = {"importance": list(IMPORTANCES), "recalibrate": [True, False]}
+    half = f"{arch}:width={width / 2:g}"
     return [
-        {"row": "a", "label": "fresh weights", "spec": f"{arch}:width={width / 2:g}", "init": "random", "choices": {}},
-        {"row": "b", "label": "born from the teacher", "spec": f"{arch}:width={width / 2:g}", "init": "teacher", "choices": birth},
+        {"row": "a", "label": "fresh weights", "spec": half, "init": "random", "choices": {}},
+        {"row": "b", "label": "born from the teacher", "spec": half, "init": "teacher", "choices": birth},
         {"row": "c", "label": "teacher at 25% params", "spec": "teacher:params=0.25", "init": "teacher", "choices": birth},
         {"row": "d", "label": "inner=0.5 born", "spec": f"{arch}:width={width:g},inner=0.5", "init": "teacher",
          "choices": {"recalibrate": [True, False]}},  # inner thinning keeps its own criterion (L1 x |BN scale|)

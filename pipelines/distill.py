@@ -50,8 +50,9 @@ class StudentSettings(Settings):
                              "neighbourhood); teacher:width=W, teacher:params=F or teacher:flops=F (the teacher pruned "
                              "through its dependency graph, residual streams included, to width W or within a fraction F "
                              "of its parameters/FLOPs; importance=l1|bn|taylor, recalibrate=true|false in any student "
-                             "spec: how it is born from the teacher); a model source (torchvision:NAME, timm:NAME, hf:DIR, hub:DIR:ENTRY, "
-                             "each with ?KEY=VALUE arguments); or a model directory / FILE.py:factory to start from.")
+                             "spec: how it is born from the teacher); a model source (torchvision:NAME, timm:NAME, hf:DIR, "
+                             "hub:DIR:ENTRY, each with ?KEY=VALUE arguments); or a model directory / FILE.py:factory to "
+                             "start from.")
     width: float | None = setting(None, flag="--student-width", positive=True,
                                   help="Width multiplier of a zoo student. Default: 0.5 end to end; in neighbourhood mode "
                                        "the teacher's width with inner=0.5 (thinner inside each block, so every cut "

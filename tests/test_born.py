@@ -69,7 +69,8 @@ def test_half_width_has_the_zoo_shapes_and_the_teachers_chosen_filters():
     assert torch.equal(born.net.stem[0].weight, teacher.net.stem[0].weight[stem])
     # the residual stream is one group: every layer on it keeps the stem's channels, on both sides
     assert born.kept["layer1.0.conv2"]["out"] == stem and born.kept["layer1.0.conv1"]["in"] == stem
-    assert torch.equal(born.net.layer1[0].conv1.weight, teacher.net.layer1[0].conv1.weight[born.kept["layer1.0.conv1"]["out"]][:, stem])
+    inner = born.kept["layer1.0.conv1"]["out"]
+    assert torch.equal(born.net.layer1[0].conv1.weight, teacher.net.layer1[0].conv1.weight[inner][:, stem])
     # the zoo student of those shapes is born as exactly this network
     student = build_student("resnet20:width=0.5", teacher, from_teacher=True)
     assert all(torch.equal(student.net.state_dict()[k], v) for k, v in born.net.state_dict().items())

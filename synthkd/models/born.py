@@ -169,9 +169,9 @@ def prune(net: nn.Module, probe: torch.Tensor, keep: Callable[[str, int], int], 
         failure = _first_failing_module(net, probe)
         if failure is not None:
             module, error = failure
-            raise SynthkdError(f"cannot prune {type(net).__name__}: after pruning, {module!r} "
-                               f"({type(net.get_submodule(module)).__name__ if module in paths.values() else 'the network'}) "
-                               f"fails ({one_line(error)}): it depends on channels the dependency graph does not see; {SUGGESTION}")
+            kind = type(net.get_submodule(module)).__name__ if module in paths.values() else "the network"
+            raise SynthkdError(f"cannot prune {type(net).__name__}: after pruning, {module!r} ({kind}) fails "
+                               f"({one_line(error)}): it depends on channels the dependency graph does not see; {SUGGESTION}")
         with torch.no_grad():
             if net(probe).shape[1] != classes:
                 raise SynthkdError(f"pruning {type(net).__name__} changed its number of classes; {SUGGESTION}")
@@ -251,7 +251,8 @@ def is_narrower_copy(student_net: nn.Module, teacher_net: nn.Module) -> bool:
     by name, no larger in any dimension, and it has fewer parameters (fewer blocks drop names)."""
     student, teacher = student_net.state_dict(), teacher_net.state_dict()
     return (set(student) <= set(teacher)
-            and all(s.ndim == teacher[k].ndim and all(a <= b for a, b in zip(s.shape, teacher[k].shape)) for k, s in student.items())
+            and all(tensor.ndim == teacher[key].ndim and all(a <= b for a, b in zip(tensor.shape, teacher[key].shape))
+                    for key, tensor in student.items())
             and sum(p.numel() for p in student_net.parameters()) < sum(p.numel() for p in teacher_net.parameters()))
 
 
