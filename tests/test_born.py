@@ -187,13 +187,19 @@ def teacher_of(spec: str, tmp_path) -> Classifier:
     torch.manual_seed(0)
     if spec.startswith(("torchvision:", "timm:")):
         return load_model(spec, input_shape=(3, 16, 16))
+    if spec == "hf":  # a transformers ResNet saved locally
+        from transformers import ResNetConfig, ResNetForImageClassification
+
+        config = ResNetConfig(num_channels=3, embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], num_labels=10)
+        ResNetForImageClassification(config).save_pretrained(tmp_path / "hf")
+        return load_model(f"hf:{tmp_path / 'hf'}", input_shape=(3, 16, 16))
     path = tmp_path / "cnn.py"
     path.write_text(USER_CNN)
     net = randomise_norms(import_factory(f"{path}:{spec}")())
     return Classifier(net, ModelConfig(f"{path}:{spec}", InputFormat(3, 16, 16), {}, [str(i) for i in range(10)]))
 
 
-@pytest.mark.parametrize("spec", [*LIBRARY_TEACHERS, "make"])
+@pytest.mark.parametrize("spec", [*LIBRARY_TEACHERS, "hf", "make"])
 def test_library_and_file_teachers_are_born_saved_and_reloaded(spec, tmp_path):
     teacher = teacher_of(spec, tmp_path)
     randomise_norms(teacher.net)
