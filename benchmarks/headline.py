@@ -20,7 +20,7 @@ after it: a figure counts when ``alone`` (the load stayed within the threads thi
 
     python benchmarks/headline.py --minutes 5,10,20,30 --out benchmarks/results/headline.json
     python benchmarks/headline.py --quick --teacher DIR --data SET --eval-dataset digits:test \
-        --validation 'digits:train[-200:]' --out /tmp/headline_quick.json     # seconds: a smoke test
+        --validation 'digits:train[-200:]' --out headline_quick.json     # seconds: a smoke test
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import CACHE, SHIPPED_TEACHER, load_setting, print_table, write_json  # noqa: E402
+from common import CACHE, REPO, SHIPPED_TEACHER, load_setting, print_table, write_json  # noqa: E402
 
 import torch  # noqa: E402
 
@@ -71,6 +71,15 @@ def rows_for(teacher: Classifier) -> list[dict[str, Any]]:
 def with_options(spec: str, options: dict[str, Any]) -> str:
     extra = ",".join(f"{key}={str(value).lower()}" for key, value in options.items())
     return spec if not extra else f"{spec}{',' if ':' in spec else ':'}{extra}"
+
+
+def recorded_path(path: str | os.PathLike, cache: Path) -> str:
+    """``path`` as a result file records it: relative to the repository or the cache, not this machine."""
+    resolved = Path(path).resolve()
+    for root, prefix in ((cache.resolve(), Path("cache")), (REPO, Path("."))):
+        if resolved.is_relative_to(root):
+            return str(prefix / resolved.relative_to(root))
+    return str(path)
 
 
 def machine_load() -> float:
@@ -207,7 +216,8 @@ def main() -> None:
                 print_table([{"options": trial["options"], "val at birth": trial["validation_at_birth"],
                               f"val after {choice_epochs} ep": trial["validation"]} for trial in entry["trials"]],
                             f"({entry['row']}) birth options on {args.validation}: chose {entry['chosen']}")
-        write_json(args.out, {"benchmark": "headline", "quick": args.quick, "teacher": args.teacher, "data": data,
+        write_json(args.out, {"benchmark": "headline", "quick": args.quick, "teacher": recorded_path(args.teacher, work),
+                              "data": recorded_path(data, work),
                               "generation_seconds": generation_seconds, "eval_dataset": eval_spec,
                               "validation": args.validation, "choice_epochs": choice_epochs, "kd": kd,
                               "teacher_eval": teacher_eval, "results": results})
