@@ -18,7 +18,8 @@ import torch
 from synthkd.accelerator import make_accelerator
 from synthkd.data.activation_cache import boundaries_of, boundary_builders, cache_bytes
 from synthkd.models import load_model
-from synthkd.neighbourhood_training import NeighbourhoodDistiller, balance, count_flops
+from synthkd.models.born import count_flops
+from synthkd.neighbourhood_training import NeighbourhoodDistiller, balance
 from synthkd.pipelines.distill import DistillSettings, StudentSettings, student_for
 from synthkd.teacher_activations import human
 

@@ -16,7 +16,8 @@ import torch
 from .data.activation_cache import boundaries_of, boundary_builders, cache_bytes
 from .data.format import MANIFEST_NAME
 from .models.neighbourhoods import evaluating
-from .neighbourhood_training import NeighbourhoodDistiller, balance, batch_of, best_seconds, count_flops, replicate
+from .models.born import count_flops
+from .neighbourhood_training import NeighbourhoodDistiller, balance, batch_of, best_seconds, replicate
 from .teacher_activations import (cache_directory, cache_location, human, require_cache_fits, require_free_disk)
 
 

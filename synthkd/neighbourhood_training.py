@@ -36,7 +36,6 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
-from torch.utils.flop_counter import FlopCounterMode
 
 from .accelerator import log_progress, progress_bar, synchronize, training_memory_format
 from .data.activations import ActivationDataset
@@ -44,6 +43,7 @@ from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import DISTILLATION_LOSSES, relative_squared_error
 from .models import Classifier, unwrap
+from .models.born import count_flops
 from .seeds import derive_seed
 from .settings import setting
 from .training import KDSettings, TrainSettings, warmup_cosine
@@ -141,14 +141,6 @@ def best_seconds(run: Callable[[], Any], repeats: int, device: torch.device) -> 
         synchronize(device)
         best = min(best, time.perf_counter() - started)
     return best
-
-
-def count_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``x``, counted wherever the module's weights are."""
-    weight = next(module.parameters(), None)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(x if weight is None else x.to(weight.device))
-    return counter.get_total_flops()
 
 
 class NeighbourhoodDistiller:

@@ -190,6 +190,23 @@ def resumed(work: Path, name: str) -> Path:
     return copy(work, name, f"{name}-resumed")
 
 
+def unprunable_teacher(work: Path) -> list:
+    """A FILE.py teacher whose per-channel factor is a buffer, which the dependency graph does not prune."""
+    folder = work / "cases" / "unprunable"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Scale(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.register_buffer('factor', torch.ones(1, 8, 1, 1))\n\n"
+        "    def forward(self, x):\n        return x * self.factor\n\n\n"
+        "def make():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), Scale(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+        "nn.Linear(8, 10))\n")
+    torch.manual_seed(0)
+    from synthkd.models import import_factory
+
+    torch.save(import_factory(f"{folder / 'net.py'}:make")().state_dict(), folder / "weights.pt")
+    return ["--teacher", f"{folder / 'net.py'}:make", "--teacher-weights", folder / "weights.pt", "--input-shape", "1,8,8"]
+
+
 T = lambda w: ["--teacher", w / "teacher"]  # noqa: E731
 DISTILL = lambda w, out: ["distill", *T(w), "--data", w / "set", "--student", "resnet8", "--student-width", "0.25",  # noqa: E731
                           "--epochs", 1, "--batch-size", 16, "--out", out]
@@ -206,6 +223,13 @@ CASES = [
     Case("distill", "--epochs 0", lambda w: [*DISTILL(w, w / "cases" / "s"), "--epochs", 0], "--epochs must be positive"),
     Case("distill", "--student-width -1", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student-width", -1], "must be positive"),
     Case("distill", "--mixup -1", lambda w: [*DISTILL(w, w / "cases" / "s"), "--mixup", -1], "--mixup must be at least 0"),
+    Case("distill", "--student teacher:params=0.001 (no pruning reaches it)",
+         lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:params=0.001"], "cannot be reached by pruning"),
+    Case("distill", "--student teacher:width=1.5", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:width=1.5"],
+         "in (0, 1]"),
+    Case("distill", "a teacher the dependency graph cannot prune", lambda w: [
+        "distill", *unprunable_teacher(w), "--data", "digits:test[:64]", "--student", "teacher:width=0.5", "--epochs", 1,
+        "--out", w / "cases" / "s"], "'1' (Scale) fails"),
     Case("generate", "--num-images 0", lambda w: ["generate", *T(w), "--num-images", 0, "--out", w / "cases" / "g"], "must be positive"),
     Case("evaluate", "--batch-size 0", lambda w: ["evaluate", "--model", w / "teacher", "--dataset", "digits:test", "--batch-size", 0],
          "--batch-size must be positive"),
@@ -327,6 +351,8 @@ CASES = [
                                                                    "detector.ood=[digts:test]"], "digts"),
     Case("run", "distill.cuts naming no module", lambda w: ["run", run_config(w, "run-2"), "distill.mode=neighbourhood",
                                                             "distill.cuts=nolayer"], "nolayer"),
+    Case("run", "student.arch teacher:width=2", lambda w: ["run", run_config(w, "run-6"), "student.arch=teacher:width=2"],
+         "in (0, 1]"),
     Case("run", "eval_dataset misspelt", lambda w: ["run", run_config(w, "run-3"), "eval_dataset=digts:test"], "digts"),
     Case("run", "--plan before the teacher is trained", lambda w: ["run", run_config(w, "run-plan"), "teacher.model=null",
                                                                    "teacher.dataset=digits:train", "distill.mode=neighbourhood",

@@ -18,7 +18,7 @@ from torch import nn
 
 from ..accelerator import synchronize
 from ..errors import SynthkdError
-from ..neighbourhood_training import count_flops
+from ..models.born import count_flops
 
 KINDS = ("params", "flops", "latency")
 LATENCY_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
