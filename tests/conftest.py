@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 # Tiny models run fastest on one thread, and several threads on a loaded 2-core machine spin
 # against each other (a 4 ms step becomes 0.7 s). SYNTHKD_TEST_THREADS overrides.
@@ -141,3 +142,18 @@ def synthetic_dir(tmp_path_factory, teacher_dir, accelerator) -> Path:
 @pytest.fixture
 def python() -> str:
     return sys.executable
+
+
+def randomise_norms(net: nn.Module, seed: int = 0) -> nn.Module:
+    """Batch norms with random scales and statistics, so channel importance is not uniform and
+    a wrongly copied channel shows in the output."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                n = module.num_features
+                module.weight.copy_(torch.rand(n, generator=generator) + 0.1)
+                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
+                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
+    return net.eval()

@@ -12,6 +12,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomise_norms
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier, InputFormat, ModelConfig, create_model, import_factory, load_model, trusting_code
 from synthkd.models.born import (born_like, format_probe, network_cost, prune, prune_to_budget, prune_to_width,
@@ -19,21 +20,6 @@ from synthkd.models.born import (born_like, format_probe, network_cost, prune, p
 from synthkd.pipelines.distill import build_student, student_spec_problem
 
 FORMAT = InputFormat(1, 12, 12)
-
-
-def randomise_norms(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Batch norms with random scales and statistics, so channel importance is not uniform and a
-    wrongly copied channel shows in the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.1)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return net.eval()
 
 
 def zoo_teacher(arch: str = "resnet20", width: float = 0.5) -> Classifier:

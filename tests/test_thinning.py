@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+from conftest import randomise_norms
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier, InputFormat, ModelConfig, create_model, import_factory, trusting_code
 from synthkd.models.neighbourhoods import activation_shapes, resolve_cuts, split_network
@@ -23,21 +24,6 @@ NETWORKS = {  # arch: (width, input shape)
     "resnet20": (0.25, (3, 16, 16)),
     "resnet18": (0.125, (3, 16, 16)),
 }
-
-
-def randomise_norms(net: nn.Module, seed: int = 0) -> nn.Module:
-    """Batch norms with random scales and statistics, so channel importance is not uniform and
-    a wrongly copied channel shows in the output."""
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.modules.batchnorm._BatchNorm):
-                n = module.num_features
-                module.weight.copy_(torch.rand(n, generator=generator) + 0.1)
-                module.bias.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_mean.copy_(torch.randn(n, generator=generator) * 0.1)
-                module.running_var.copy_(torch.rand(n, generator=generator) + 0.5)
-    return net.eval()
 
 
 def teacher(arch: str, **kwargs) -> nn.Module:
