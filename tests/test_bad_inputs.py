@@ -24,7 +24,8 @@ TEACHER = ["--arch", "resnet8", "--width", "0.25", "--batch-size", "64"]
 
 
 def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+    """The command with "y" on stdin: no bad input may be accepted by answering a prompt."""
+    return CliRunner().invoke(main, [str(a) for a in args], input="y\n")
 
 
 def must_pass(*args):
@@ -143,6 +144,17 @@ def three_channel_student(work: Path) -> Path:
     return student
 
 
+def hf_with_remote_code(work: Path) -> str:
+    """A transformers model directory whose config maps its classes to its own code, which leaves a
+    marker file when imported (transformers asks "[y/N]" on stdin for such a model by default)."""
+    model = work / "cases" / "hf-remote-code"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "evil-net", "auto_map": {
+        "AutoConfig": "evil.EvilConfig", "AutoModelForImageClassification": "evil.EvilModel"}}))
+    (model / "evil.py").write_text(f"open({str(work / 'MARKER')!r}, 'w').close()\nprint('PWNED')\n")
+    return f"hf:{model}"
+
+
 def set_with_shard_name(work: Path, name: str) -> Path:
     data = copy(work, "set", "renamed-shard")
     manifest = json.loads((data / "manifest.json").read_text())
@@ -211,6 +223,8 @@ CASES = [
     Case("evaluate", "config.json class_names of wrong length",
          lambda w: ["evaluate", "--model", model_with(w, "names", class_names=["a", "b"]), "--dataset", "digits:test[:8]"],
          "class names"),
+    Case("evaluate", "hf: directory with remote code, 'y' on stdin", lambda w: ["evaluate", "--model", hf_with_remote_code(w),
+                                                                              "--dataset", "digits:test[:8]"], "--trust-code"),
     Case("evaluate", "config.json names code", lambda w: ["evaluate", "--model", model_with(w, "code", arch="os:system",
                                                           arch_kwargs={"command": "echo PWNED"}), "--dataset", "digits:test[:8]"],
          "--trust-code"),
@@ -328,6 +342,6 @@ def test_bad_input(case: Case, work: Path, monkeypatch):
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert case.expect in lines[0], lines[0]
-    assert "PWNED" not in result.output
+    assert "PWNED" not in result.output and not (work / "MARKER").exists()
     changed = {name for name in set(before) | set(tree_state(work)) if before.get(name) != tree_state(work).get(name)}
     assert not changed, f"files changed: {sorted(changed)}"

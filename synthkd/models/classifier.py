@@ -190,6 +190,12 @@ def trusting_code(trusted: bool = True, archs: Iterable[str] = ()) -> Iterator[N
         _TRUSTED_ARCHS.reset(token)
 
 
+def code_trusted() -> bool:
+    """Whether ``--trust-code`` is in force: the code any model names may run (an HF repository's
+    own modelling code included), not only the architectures the user named."""
+    return _TRUSTED_ARCHS.get() is True
+
+
 @contextmanager
 def _loading_directory(directory: Path) -> Iterator[None]:
     token = _UNTRUSTED_DIRECTORY.set(directory)

@@ -243,23 +243,30 @@ class LogitsOf(nn.Module):
                  description="a transformers image classifier (its logits); classes from id2label, input from its "
                              "image processor config")
 def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
-    """``AutoModelForImageClassification.from_pretrained(name, **kwargs)`` (never with remote code);
-    a saved model rebuilds it from the HF config it recorded (``config``), with no access to
-    ``name``. Classes from ``id2label``; input size and normalisation from the image processor
-    config (``preprocessor_config.json``), else ``image_size`` of the model config."""
+    """``AutoModelForImageClassification.from_pretrained(name, **kwargs)``; a saved model rebuilds
+    it from the HF config it recorded (``config``), with no access to ``name``. A repository's own
+    modelling code runs only under ``--trust-code``: ``trust_remote_code`` is always passed, so
+    transformers never asks on stdin. Classes from ``id2label``; input size and normalisation from
+    the image processor config (``preprocessor_config.json``), else ``image_size`` of the model config."""
+    from .classifier import code_trusted
+
     transformers = _library("transformers", "hf", "transformers", "pip install transformers")
     kwargs = dict(kwargs)
-    if kwargs.get("trust_remote_code"):
-        raise SynthkdError(f"hf:{name}: models with remote code are not loaded; a repository's own code goes through "
-                           "hub:DIR:ENTRY (a hubconf.py you have read)")
+    if "trust_remote_code" in kwargs:
+        raise SynthkdError(f"hf:{name}: trust_remote_code is not an argument here; a repository's own code runs "
+                           "only with --trust-code (pass it if you have read that code)")
+    trust = {"trust_remote_code": code_trusted()}
     recorded = kwargs.pop("config", None)
     try:
         if recorded is not None:
             config = transformers.AutoConfig.for_model(**recorded)
-            model = transformers.AutoModelForImageClassification.from_config(config)
+            model = transformers.AutoModelForImageClassification.from_config(config, **trust)
         else:
-            model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs, **trust)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        if "trust_remote_code" in str(error):
+            raise SynthkdError(f"hf:{name} needs its repository's own modelling code (auto_map in its config), which "
+                               "runs only with --trust-code: pass it if you have read that code") from error
         if Path(name).is_dir():
             where = ""
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:
