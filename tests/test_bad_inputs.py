@@ -186,6 +186,18 @@ def run_config(work: Path, name: str) -> Path:
     return config
 
 
+def config_file(work: Path, name: str, content: str | bytes) -> Path:
+    config = work / "cases" / name
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_bytes(content.encode() if isinstance(content, str) else content)
+    return config
+
+
+# 10 levels of 10 aliases each: 10^10 values once expanded, in 11 lines.
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)) + "teacher: *a9\n"
+
+
 def resumed(work: Path, name: str) -> Path:
     """A finished output directory copied, to resume with other settings."""
     return copy(work, name, f"{name}-resumed")
@@ -327,6 +339,13 @@ CASES = [
     Case("run", "eval_dataset misspelt", lambda w: ["run", run_config(w, "run-3"), "eval_dataset=digts:test"], "digts"),
     Case("run", "teacher.arch unknown", lambda w: ["run", run_config(w, "run-4"), "teacher.model=null", "teacher.dataset=digits:train",
                                                    "teacher.arch=resnet99"], "resnet99"),
+    Case("run", "YAML alias bomb", lambda w: ["run", config_file(w, "bomb.yaml", ALIAS_BOMB)], "more than 100,000 values"),
+    Case("run", "YAML alias bomb as an override", lambda w: ["run", run_config(w, "run-6"), "seed=" + " ".join(
+        ALIAS_BOMB.replace("\n", ", ").rstrip(", ").join("{}").split())], "more than 100,000 values"),
+    Case("run", "YAML alias naming itself", lambda w: ["run", config_file(w, "recursive.yaml", "teacher: &a [*a]\n")],
+         "contains itself"),
+    Case("run", "config of binary garbage", lambda w: ["run", config_file(w, "garbage.yaml", bytes(range(256)) * 4)],
+         "is not a YAML text file"),
     Case("run", "teacher.model naming code", lambda w: ["run", run_config(w, "run-5"), f"teacher.model={model_with(w, 'run-code', arch='os:system')}"],
          "--trust-code"),
 ]
