@@ -230,6 +230,9 @@ CASES = [
          "is not a readable safetensors file"),
     Case("evaluate", "config.json bad arch_kwargs", lambda w: ["evaluate", "--model", model_with(w, "kw", arch_kwargs={"depth": 3}),
                                                                "--dataset", "digits:test[:8]"], "cannot build 'resnet8' with arch_kwargs"),
+    Case("evaluate", "config.json width 2000", lambda w: ["evaluate", "--model", model_with(
+        w, "wide", arch_kwargs={**json.loads((w / "teacher" / "config.json").read_text())["arch_kwargs"], "width": 2000}),
+        "--dataset", "digits:test[:8]"], "does not belong to these weights"),
     Case("evaluate", "config.json input_shape 0", lambda w: ["evaluate", "--model", model_with(w, "shape", input_shape=[1, 0, 8]),
                                                              "--dataset", "digits:test[:8]"], "three positive integers"),
     Case("evaluate", "config.json class_names of wrong length",

@@ -277,6 +277,7 @@ class Classifier(nn.Module):
             raise SynthkdError(f"{directory / CONFIG_NAME} is not a valid model config: {error}") from error
         try:
             with _loading_directory(directory):
+                _check_size(directory, config)
                 model = cls.from_config(config)
         except (TypeError, ValueError, KeyError) as error:
             raise SynthkdError(f"{directory / CONFIG_NAME}: cannot build {config.arch!r} with arch_kwargs "
@@ -287,6 +288,20 @@ class Classifier(nn.Module):
     def fingerprint(self) -> str:
         """A hash of config and weights: synthetic data records which teacher made it."""
         return weights_fingerprint(self.config.to_dict(), [("", self.net)])
+
+
+def _check_size(directory: Path, config: ModelConfig) -> None:
+    """Refuse a config whose network has more values than its weights file has bytes (a
+    hand-edited ``"width": 2000`` asks for tens of GB), sized on the meta device, allocating nothing."""
+    with torch.device("meta"):
+        shapes = Classifier.from_config(config)
+    values = sum(tensor.numel() for tensor in shapes.net.state_dict().values())
+    stored = (directory / WEIGHTS_NAME).stat().st_size
+    if values > stored:
+        raise SynthkdError(
+            f"{directory / CONFIG_NAME} describes a network of {values:,} values but {directory / WEIGHTS_NAME} holds "
+            f"{stored:,} bytes: the config does not belong to these weights; restore the config.json saved with them"
+        )
 
 
 def weights_fingerprint(header: Any, modules: Iterable[tuple[str, nn.Module]]) -> str:
