@@ -233,6 +233,14 @@ CASES = [
     Case("evaluate", "config.json width 2000", lambda w: ["evaluate", "--model", model_with(
         w, "wide", arch_kwargs={**json.loads((w / "teacher" / "config.json").read_text())["arch_kwargs"], "width": 2000}),
         "--dataset", "digits:test[:8]"], "does not belong to these weights"),
+    Case("evaluate", "config.json asks torchvision for weights=DEFAULT", lambda w: ["evaluate", "--model", model_with(
+        w, "tv-weights", arch="torchvision:resnet18", arch_kwargs={"weights": "DEFAULT"}), "--dataset", "digits:test[:8]"],
+         "never downloads"),
+    Case("evaluate", "config.json asks timm for pretrained weights", lambda w: ["evaluate", "--model", model_with(
+        w, "timm-weights", arch="timm:test_resnet?pretrained=true", arch_kwargs={"num_classes": 10}), "--dataset",
+        "digits:test[:8]"], "never downloads"),
+    Case("evaluate", "config.json names an hf id without its config", lambda w: ["evaluate", "--model", model_with(
+        w, "hf-id", arch="hf:google/vit-base-patch16-224", arch_kwargs={}), "--dataset", "digits:test[:8]"], "never downloads"),
     Case("evaluate", "config.json input_shape 0", lambda w: ["evaluate", "--model", model_with(w, "shape", input_shape=[1, 0, 8]),
                                                              "--dataset", "digits:test[:8]"], "three positive integers"),
     Case("evaluate", "config.json class_names of wrong length",

@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import SynthkdError, one_line
 from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
-from .sources import is_library_source, is_source_spec, open_source, source_usages
+from .sources import fetch_request, is_library_source, is_source_spec, open_source, source_usages
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -214,6 +214,12 @@ def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
             f"{directory / CONFIG_NAME} names code (arch {arch!r}); loading a model directory never runs code: "
             f"pass --trust-code if you wrote it, or name the factory yourself as the model, with "
             f"{directory / WEIGHTS_NAME} as its weights and --input-shape"
+        )
+    request = fetch_request(arch, arch_kwargs) if directory is not None else None
+    if request:
+        raise SynthkdError(
+            f"{directory / CONFIG_NAME} asks {arch} for its weights ({request}); loading a model directory never "
+            f"downloads, its weights are {directory / WEIGHTS_NAME}: remove that from the config"
         )
     if is_registered(arch):
         return create_model(arch, **arch_kwargs)
