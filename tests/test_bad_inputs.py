@@ -265,6 +265,10 @@ CASES = [
     # Data that cannot be read.
     Case("evaluate", "empty slice digits:test[5:2]", lambda w: ["evaluate", "--model", w / "teacher", "--dataset", "digits:test[5:2]"],
          "empty"),
+    Case("evaluate", "classes=0-100000,1-100000", lambda w: ["evaluate", "--model", w / "teacher", "--dataset",
+                                                            "digits:test[classes=0-100000,1-100000]"], "has classes 0-9, not 100000"),
+    Case("evaluate", "slice before classes", lambda w: ["evaluate", "--model", w / "teacher", "--dataset",
+                                                        "digits:test[:10][classes=0-7]"], "write the classes first"),
     Case("train-teacher", "empty slice", lambda w: ["train-teacher", "--dataset", "digits:train[5:2]", *TEACHER, "--epochs", 1,
                                                     "--out", w / "cases" / "t"], "empty"),
     Case("distill", "empty slice as --data", lambda w: [*DISTILL(w, w / "cases" / "s")[:3], "--data", "digits:test[5:2]",
