@@ -43,6 +43,28 @@ def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: lis
     return {"accuracy": correct.float().mean().item(), "num_images": len(labels), "per_class": per_class}
 
 
+def model_class_ids(model_names: list[str], dataset: Dataset) -> torch.Tensor | None:
+    """The model's class id of each of ``dataset``'s labels, matched by class name where the dataset
+    names classes the model has (a ``[classes=8,9]`` subset numbers them 0, 1; the model 8, 9); None
+    where the labels are the model's ids already (the same names, or none) or the class counts
+    match (names of another vocabulary, scored by index). Refused where they cannot be matched."""
+    names = list(getattr(dataset, "class_names", None) or [])
+    if not names or names == model_names:
+        return None
+    if set(names) <= set(model_names):
+        return torch.tensor([model_names.index(name) for name in names])
+    if len(names) == len(model_names):
+        return None
+    missing = [name for name in names if name not in model_names]
+    raise SynthkdError(f"the dataset's classes {', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''} are not among "
+                       f"the model's {len(model_names)} classes; evaluate on a set of its classes (e.g. "
+                       f"[classes=...] of the dataset it was trained on)")
+
+
 def evaluate(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch_size: int = 512) -> dict[str, Any]:
+    """Accuracy of ``model`` on ``dataset``, its labels taken as the model's classes of the same name."""
+    ids = model_class_ids(model.config.class_names, dataset)
     logits, labels = predict(model, dataset, accelerator, batch_size)
+    if ids is not None:
+        labels = torch.where(labels >= 0, ids[labels.clamp(min=0)], labels)
     return accuracy_report(logits, labels, model.config.class_names)
