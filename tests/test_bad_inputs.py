@@ -155,6 +155,42 @@ def hf_with_remote_code(work: Path) -> str:
     return f"hf:{model}"
 
 
+BRANCHY = """import torch
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        logits = self.head(x.flatten(1))
+        return logits * 3 if x.mean() > 0.9 else logits  # another answer on bright images
+
+
+def branchy():
+    return Branchy()
+"""
+
+
+def branchy_model(work: Path) -> list:
+    """A model given as code whose forward branches on the data, as --model and its flags."""
+    from safetensors.torch import save_file
+
+    folder = work / "cases" / "branchy"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "branchy.py").write_text(BRANCHY)
+    save_file({"head.weight": torch.randn(10, 64), "head.bias": torch.zeros(10)}, str(folder / "w.safetensors"))
+    return ["--model", f"{folder / 'branchy.py'}:branchy", "--weights", folder / "w.safetensors", "--input-shape", "1,8,8"]
+
+
+def existing_file(work: Path, name: str) -> Path:
+    path = work / "cases" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("the user's own file\n")
+    return path
+
+
 def set_with_shard_name(work: Path, name: str) -> Path:
     data = copy(work, "set", "renamed-shard")
     manifest = json.loads((data / "manifest.json").read_text())
@@ -354,6 +390,20 @@ CASES = [
     Case("evaluate", "--ood with a misspelt dataset", lambda w: [
         "evaluate", "--model", w / "teacher", "--dataset", "digits:test[:40]", "--detector", w / "detector", "--ood", "digts:test",
         "--out", w / "cases" / "e"], "digts"),
+    Case("export", "--out the model's own weights, with --overwrite", lambda w: [
+        "export", "--model", w / "teacher", "--overwrite", "--out", w / "teacher" / "model.safetensors"], "inside the model directory"),
+    Case("export", "--out an existing file", lambda w: ["export", "--model", w / "teacher", "--out", existing_file(w, "mine.onnx")],
+         "already exists"),
+    Case("export", "--out an existing FILE.json", lambda w: ["export", "--model", w / "teacher", "--out", existing_file(
+        w, "new.onnx.json").with_suffix("")], "already exists"),
+    Case("export", "torchscript of a forward branching on the data",
+         lambda w: ["export", *branchy_model(w), "--format", "torchscript", "--out", w / "cases" / "b.pt"], "trace may be wrong"),
+    Case("export", "exported-program of a forward branching on the data",
+         lambda w: ["export", *branchy_model(w), "--format", "exported-program", "--out", w / "cases" / "b.pt2"],
+         "cannot export this model"),
+    Case("export", "onnx of a forward branching on the data",
+         lambda w: ["export", *branchy_model(w), "--format", "onnx", "--out", w / "cases" / "b.onnx"], "cannot export this model"),
+    Case("export", "no --out", lambda w: ["export", "--model", w / "teacher"], "Missing option '--out'"),
     # synthkd run: every spec checked before the first stage.
     Case("run", "detector.ood with a misspelt dataset", lambda w: ["run", run_config(w, "run-1"), "detector.enabled=true",
                                                                    "detector.ood=[digts:test]"], "digts"),

@@ -65,9 +65,9 @@ def tagged(*decorators: Callable, **attributes: Any) -> Callable:
 
 
 class SynthkdGroup(click.Group):
-    """Turns :class:`SynthkdError` into a one-line message and exit code 2, and closes the
-    process group a command under ``accelerate launch`` opened (left to interpreter exit, gloo's
-    threads can abort the process after the work is done)."""
+    """Turns :class:`SynthkdError` and a command's usage errors into a one-line message and exit
+    code 2, and closes the process group a command under ``accelerate launch`` opened (left to
+    interpreter exit, gloo's threads can abort the process after the work is done)."""
 
     command_class = SynthkdCommand
 
@@ -76,6 +76,10 @@ class SynthkdGroup(click.Group):
             return super().invoke(ctx)
         except SynthkdError as error:
             click.echo(f"error: {one_line(error, limit=2000)}", err=True)
+            ctx.exit(2)
+        except click.UsageError as error:  # a command's missing or malformed option: one line, not click's three
+            where = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            click.echo(f"error: {one_line(error.format_message(), limit=2000)} (see {where} -h)", err=True)
             ctx.exit(2)
         finally:
             close_process_group()
