@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -191,6 +192,18 @@ def existing_file(work: Path, name: str) -> Path:
     return path
 
 
+def student_of_classes(work: Path, count: int) -> Path:
+    """A valid student for the teacher's images that predicts ``count`` classes."""
+    from synthkd.models import Classifier, InputFormat, ModelConfig
+
+    student = work / "cases" / f"{count}-class-student"
+    if not student.is_dir():
+        config = ModelConfig(arch="resnet8", arch_kwargs={"width": 0.25, "in_channels": 1, "num_classes": count},
+                             input=InputFormat(1, 8, 8), class_names=[str(i) for i in range(count)])
+        Classifier.from_config(config).save_pretrained(student)
+    return student
+
+
 def set_with_shard_name(work: Path, name: str) -> Path:
     data = copy(work, "set", "renamed-shard")
     manifest = json.loads((data / "manifest.json").read_text())
@@ -298,6 +311,9 @@ CASES = [
     Case("distill", "neighbourhood student with 3 channels, teacher 1", lambda w: [
         *DISTILL(w, w / "cases" / "s")[:5], "--student", three_channel_student(w), "--mode", "neighbourhood", "--cuts", "layer1",
         "--epochs", 1, "--out", w / "cases" / "s"], "teacher's input format"),
+    Case("inspect", "--student of another class count", lambda w: ["inspect", "--teacher", w / "teacher", "--data", w / "set",
+                                                                   "--student", student_of_classes(w, 3)],
+         "the student predicts 3"),
     # Data that cannot be read.
     Case("evaluate", "empty slice digits:test[5:2]", lambda w: ["evaluate", "--model", w / "teacher", "--dataset", "digits:test[5:2]"],
          "empty"),
@@ -437,3 +453,16 @@ def test_bad_input(case: Case, work: Path, monkeypatch):
     assert "PWNED" not in result.output and not (work / "MARKER").exists()
     changed = {name for name in set(before) | set(tree_state(work)) if before.get(name) != tree_state(work).get(name)}
     assert not changed, f"files changed: {sorted(changed)}"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_inspect_of_a_read_only_set_prints_the_diagnostic(work):
+    data = copy(work, "set", "read-only-set")
+    (data / "diagnostic.json").unlink()
+    data.chmod(0o555)
+    try:
+        result = invoke("inspect", "--teacher", work / "teacher", "--data", data, "--json")
+    finally:
+        data.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["made_of"] and "not saved" in result.stderr
