@@ -40,6 +40,9 @@ def exclusive_directory(directory: str | os.PathLike) -> Iterator[Path]:
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / LOCK_NAME
+    if lock_path.is_dir():
+        raise SynthkdError(f"{lock_path} is a directory where synthkd keeps its lock file; remove it (nothing of "
+                           "synthkd's is in it) and run again")
     lock = FileLock(lock_path, timeout=0, is_singleton=False)
     try:
         lock.acquire()

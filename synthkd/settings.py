@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import MISSING, asdict, fields, is_dataclass
@@ -68,6 +69,12 @@ def refusal(read: Callable[[Any], Any]) -> Check:
         return None
 
     return check
+
+
+def directory_problem(path: str) -> str | None:
+    """A check of a directory setting: refused where the path is something other than a directory."""
+    return f"{path} is a file, not a directory; give a directory" if os.path.lexists(path) and not os.path.isdir(path) \
+        else None
 
 
 def choices_of(spec: dataclasses.Field) -> list[str] | None:

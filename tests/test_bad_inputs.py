@@ -24,9 +24,9 @@ from synthkd.io import LOCK_NAME
 TEACHER = ["--arch", "resnet8", "--width", "0.25", "--batch-size", "64"]
 
 
-def invoke(*args):
+def invoke(*args, env: dict | None = None):
     """The command with "y" on stdin: no bad input may be accepted by answering a prompt."""
-    return CliRunner().invoke(main, [str(a) for a in args], input="y\n")
+    return CliRunner().invoke(main, [str(a) for a in args], input="y\n", env=env)
 
 
 def must_pass(*args):
@@ -95,6 +95,7 @@ class Case:
     bad: str
     make: Callable[[Path], list]
     expect: str  # a phrase the one error line must contain
+    env: Callable[[Path], dict] | None = None  # environment variables of the command
 
     @property
     def id(self) -> str:
@@ -202,6 +203,26 @@ def student_of_classes(work: Path, count: int) -> Path:
                              input=InputFormat(1, 8, 8), class_names=[str(i) for i in range(count)])
         Classifier.from_config(config).save_pretrained(student)
     return student
+
+
+def png_claiming(folder: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` pixels (and holds none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    (folder / "c").mkdir(parents=True, exist_ok=True)
+    (folder / "c" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return folder
+
+
+def out_with_lock_directory(work: Path) -> Path:
+    out = work / "cases" / "locked"
+    (out / LOCK_NAME).mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def set_with_shard_name(work: Path, name: str) -> Path:
@@ -345,6 +366,23 @@ CASES = [
         "distill", *T(w), "--data", activation_set_with_shard(w, str(w / "set" / "shard-00000.safetensors")), "--mode",
         "neighbourhood", "--inputs", "activations", "--cuts", "layer1", "--student", "resnet8", "--student-width", "0.25",
         "--epochs", 1, "--out", w / "cases" / "s"], "outside"),
+    Case("detect", "PNG header claiming 100000x100000", lambda w: ["detect", "--detector", w / "detector", "--inputs",
+                                                                  f"folder:{png_claiming(w / 'cases' / 'bomb', 100000, 100000)}"],
+         "claims more pixels than an image may have"),
+    Case("evaluate", "hf:imagefolder with a PNG header claiming 100000x100000", lambda w: [
+        "evaluate", "--model", w / "teacher", "--dataset", f"hf:imagefolder:{png_claiming(w / 'cases' / 'bomb', 100000, 100000)}:train"],
+         "claims more pixels than an image may have"),
+    Case("distill", "--cache-dir a regular file", lambda w: [
+        *DISTILL(w, w / "cases" / "s")[:-2], "--mode", "neighbourhood", "--cache", "disk", "--cache-dir",
+        existing_file(w, "cache-file"), "--out", w / "cases" / "s"], "is a file, not a directory"),
+    Case("search", "--cache-dir a regular file", lambda w: ["search", *T(w), "--data", w / "set", "--cache-dir",
+                                                            existing_file(w, "cache-file"), "--out", w / "cases" / "q"],
+         "is a file, not a directory"),
+    Case("search", "HOME a regular file (the default cache)", lambda w: ["search", *T(w), "--data", w / "set", "--epochs", 1,
+                                                                        "--out", w / "cases" / "q"], "Not a directory",
+         env=lambda w: {"HOME": str(existing_file(w, "home-file")), "XDG_CACHE_HOME": None, "SYNTHKD_CACHE": None}),
+    Case("distill", "--out holding a directory named like the lock file", lambda w: DISTILL(w, out_with_lock_directory(w)),
+         "where synthkd keeps its lock file"),
     # Resumes: an evil pickle as the checkpoint, and every changed setting or input.
     Case("train-teacher", "evil pickle as training_state.pt", lambda w: [*TRAIN(with_evil_state(w, "teacher"))],
          "is not a training state"),
@@ -443,9 +481,9 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input(case: Case, work: Path, monkeypatch):
     monkeypatch.chdir(work)
-    args = case.make(work)
+    args, env = case.make(work), case.env(work) if case.env else None
     before = tree_state(work)
-    result = invoke(*args)
+    result = invoke(*args, env=env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
