@@ -383,6 +383,9 @@ CASES = [
          env=lambda w: {"HOME": str(existing_file(w, "home-file")), "XDG_CACHE_HOME": None, "SYNTHKD_CACHE": None}),
     Case("distill", "--out holding a directory named like the lock file", lambda w: DISTILL(w, out_with_lock_directory(w)),
          "where synthkd keeps its lock file"),
+    Case("evaluate", "evil pickle as --weights", lambda w: ["evaluate", *branchy_model(w)[:2], "--weights",
+                                                            with_evil_state(w, "teacher") / "training_state.pt", "--input-shape",
+                                                            "1,8,8", "--dataset", "digits:test[:8]"], "Unsupported global"),
     # Resumes: an evil pickle as the checkpoint, and every changed setting or input.
     Case("train-teacher", "evil pickle as training_state.pt", lambda w: [*TRAIN(with_evil_state(w, "teacher"))],
          "is not a training state"),
@@ -489,6 +492,7 @@ def test_bad_input(case: Case, work: Path, monkeypatch):
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert case.expect in lines[0], lines[0]
     assert "PWNED" not in result.output and not (work / "MARKER").exists()
+    assert "weights_only=False" not in result.output  # torch's advice to load a pickle with its code is never passed on
     changed = {name for name in set(before) | set(tree_state(work)) if before.get(name) != tree_state(work).get(name)}
     assert not changed, f"files changed: {sorted(changed)}"
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import SynthkdError, one_line
+from ..errors import SynthkdError, one_line, unpickling_problem
 from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
 from .sources import fetch_request, is_library_source, is_source_spec, open_source, source_usages
@@ -340,7 +340,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise SynthkdError(
-                f"cannot load {path} as a state dict with weights_only=True ({one_line(error)}); "
+                f"cannot load {path} as a state dict with weights_only=True ({unpickling_problem(error)}); "
                 "save it as safetensors or as model.state_dict()"
             ) from error
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
