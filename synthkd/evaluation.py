@@ -30,9 +30,6 @@ def predict(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch
 
 
 def accuracy_report(logits: torch.Tensor, labels: torch.Tensor, class_names: list[str]) -> dict[str, Any]:
-    if logits.shape[1] != len(class_names):
-        raise SynthkdError(f"the model predicts {logits.shape[1]} classes but its config names {len(class_names)} class "
-                           "names; fix class_names in its config.json")
     predictions = logits.argmax(1)
     correct = predictions == labels
     per_class = {}
@@ -63,8 +60,12 @@ def model_class_ids(model_names: list[str], dataset: Dataset) -> torch.Tensor | 
 
 def evaluate(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch_size: int = 512) -> dict[str, Any]:
     """Accuracy of ``model`` on ``dataset``, its labels taken as the model's classes of the same name."""
-    ids = model_class_ids(model.config.class_names, dataset)
+    names = model.config.class_names
     logits, labels = predict(model, dataset, accelerator, batch_size)
+    if logits.shape[1] != len(names):
+        raise SynthkdError(f"the model predicts {logits.shape[1]} classes but its config names {len(names)} class "
+                           "names; fix class_names in its config.json")
+    ids = model_class_ids(names, dataset)
     if ids is not None:
         labels = torch.where(labels >= 0, ids[labels.clamp(min=0)], labels)
-    return accuracy_report(logits, labels, model.config.class_names)
+    return accuracy_report(logits, labels, names)
