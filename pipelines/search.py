@@ -81,8 +81,6 @@ def explore(
     """Every candidate piece distilled (or read from the cache) with its local error and costs.
     A parameter or FLOPs ``budget`` that no student can meet fails before any training."""
     accelerator = accelerator or make_accelerator()
-    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
-    cache_dir.mkdir(parents=True, exist_ok=True)  # a cache that cannot be made (e.g. HOME unwritable) stops before any work
     space = candidate_space(settings.candidates, teacher)
     training_data = open_training_data(data, teacher, accelerator)
     exploration = Exploration(teacher, space, settings.pieces(seed), settings.pruned_epochs(), accelerator)
@@ -92,6 +90,8 @@ def explore(
         if least > limit:
             raise no_student_fits(describe(budget.kind, limit),
                                   f"the cheapest piece of every neighbourhood together costs {describe(budget.kind, least)}")
+    cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)  # a cache that cannot be made (e.g. HOME unwritable) stops before any work
     exploration.distill(training_data, data_fingerprint(data, training_data), cache_dir)
     return exploration
 
