@@ -58,6 +58,11 @@ def model_class_ids(model_names: list[str], dataset: Dataset) -> torch.Tensor | 
                        f"[classes=...] of the dataset it was trained on)")
 
 
+def as_model_labels(labels: torch.Tensor, ids: torch.Tensor | None) -> torch.Tensor:
+    """``labels`` of a dataset as the model's class ids (:func:`model_class_ids`); -1 stays -1."""
+    return labels if ids is None else torch.where(labels >= 0, ids.to(labels.device)[labels.clamp(min=0)], labels)
+
+
 def evaluate(model: Classifier, dataset: Dataset, accelerator: Accelerator, batch_size: int = 512) -> dict[str, Any]:
     """Accuracy of ``model`` on ``dataset``, its labels taken as the model's classes of the same name."""
     names = model.config.class_names
@@ -65,7 +70,4 @@ def evaluate(model: Classifier, dataset: Dataset, accelerator: Accelerator, batc
     if logits.shape[1] != len(names):
         raise SynthkdError(f"the model predicts {logits.shape[1]} classes but its config names {len(names)} class "
                            "names; fix class_names in its config.json")
-    ids = model_class_ids(names, dataset)
-    if ids is not None:
-        labels = torch.where(labels >= 0, ids[labels.clamp(min=0)], labels)
-    return accuracy_report(logits, labels, names)
+    return accuracy_report(logits, as_model_labels(labels, model_class_ids(names, dataset)), names)

@@ -168,6 +168,14 @@ def test_a_class_subset_is_scored_as_the_models_classes(teacher, accelerator, tm
     everything = evaluate(teacher, load_dataset("digits:test"), accelerator)["per_class"]
     subset = evaluate(teacher, load_dataset("digits:test[classes=9,8]"), accelerator)
     assert subset["per_class"] == {"8": everything["8"], "9": everything["9"]}  # ids 8, 9, not renumbered 0, 1
+    # the detector's evaluation takes the model's ids too: its mistakes and the attacks' true labels
+    from synthkd.detector.features import default_layer
+    from synthkd.detector.settings import DetectorEvaluationSettings
+    from synthkd.pipelines.evaluate_detector import collect_sources
+
+    sources = collect_sources(teacher, "digits:test[classes=9,8]", DetectorEvaluationSettings(ood=[], attacks=["fgsm"]),
+                              default_layer(teacher), accelerator, cache_dir=None)
+    assert set(sources["digits:test[classes=9,8]"].labels.tolist()) == set(sources["fgsm"].labels.tolist()) == {8, 9}
     for name in ("cat", "dog"):  # classes the model does not have
         (tmp_path / name).mkdir()
         Image.new("L", (8, 8)).save(tmp_path / name / "a.png")
