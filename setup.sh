@@ -13,19 +13,14 @@ if [ ! -d /usr/share/datasets/fashion-mnist ] && command -v apt-get >/dev/null 2
     fi
 fi
 
-# torch and torchvision from PyPI itself, as one matching pair: torchvision's compiled operators
-# must be those of the installed torch (PyPI's torchvision over a CPU-only torch from another index
-# fails at `import torchvision`). PyPI's torch 2.13.0 is the CUDA build, which also runs on CPU and
-# which a GPU machine needs anyway (~2.6 GB with its CUDA libraries). Local pip configuration
-# (extra indexes, find-links, constraints) is left out of this one command so that both come from PyPI.
-# Skipped where a torch and torchvision that import together are installed already; a torch of
-# another build (e.g. 2.13.0+cpu, which satisfies ==2.13.0) is replaced.
+# torch and torchvision as one matching pair: torchvision's compiled operators must be those of the
+# installed torch (a torchvision over a torch of another build fails at `import torchvision`).
+# Skipped where a torch and torchvision that import together are installed already. pip uses its
+# own configuration (index, find-links, constraints). 2.14.1 is the CUDA build where the index
+# serves it, which also runs on CPU.
 if ! python3 -c "import torch, torchvision" >/dev/null 2>&1; then
-    REPLACE=""
-    python3 -c "import torch" >/dev/null 2>&1 && REPLACE="--force-reinstall"
-    env -u PIP_FIND_LINKS -u PIP_EXTRA_INDEX_URL -u PIP_INDEX_URL -u PIP_CONSTRAINT PIP_CONFIG_FILE=/dev/null \
-        python3 -m pip install -q --disable-pip-version-check --index-url https://pypi.org/simple $REPLACE \
-        torch==2.13.0 torchvision==0.28.0
+    echo "setup: installing torch 2.14.1 and torchvision 0.29.1 (no torch and torchvision that import together here)" >&2
+    python3 -m pip install -q --disable-pip-version-check torch==2.14.1 torchvision==0.29.1
 fi
 # The package with every extra the tests use: timm, datasets, onnx, onnxscript, onnxruntime, ...
 python3 -m pip install -q --disable-pip-version-check -e ".[test]"

@@ -16,7 +16,7 @@ The KD-cost section distills the baseline's finished set twice with the same epo
 labelling fresh views at every step (the default) and ``--teacher-views V`` (V views per image
 labelled once), and gives the time ratio and both accuracies.
 
-    python benchmarks/datafree_quality.py --quick --out /tmp/datafree_quality_quick.json      # < 5 min
+    python benchmarks/datafree_quality.py --quick --out runs/datafree_quality_quick.json      # < 5 min
     python benchmarks/datafree_quality.py --budget-minutes 30 --seeds 0,1,2 --out benchmarks/results/datafree_quality.json
     python benchmarks/datafree_quality.py --teacher runs/digits-teacher --validation digits:train --test digits:test \\
         --budget-minutes 1.5 --images 1024 --out benchmarks/results/datafree_quality_digits.json   # any model directory

@@ -1,4 +1,4 @@
-"""The failure detector, restated (issue 20): do combined scores of the label-free density and the
+"""The failure detector, restated: do combined scores of the label-free density and the
 classifier's confidence beat MSP on its mistakes, does calibration on synthetic data cost little
 against real training features, and does it keep its false-alarm promise?
 
@@ -289,7 +289,7 @@ def view_table(result: dict[str, Any]) -> list[dict[str, Any]]:
 
 
 def targets(result: dict[str, Any]) -> dict[str, Any]:
-    """The targets of issue 20, met or not, with the figures behind them."""
+    """The detector targets, met or not, with the figures behind them."""
     rows = result["rows"]
     msp = rows["msp [real]"]["auroc"][MISCLASSIFICATION]
     out: dict[str, Any] = {}

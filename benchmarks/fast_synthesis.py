@@ -6,7 +6,7 @@ data set alone and scored on the 10k real test images. A method's curve has one 
 size N: the student trained on the first N images of its set, and the time it took to make them.
 
 - Plain inversion: the first N images of the cached 6,144-image inverted set
-  (benchmarks/common.standard_synthetic, 100 steps per batch of 256, made in an earlier session);
+  (benchmarks/common.standard_synthetic, 100 steps per batch of 256, made by an earlier run);
   its generation time is N/256 batches x the per-batch time measured in this run (the cost of a
   step does not depend on the step, so ``--inversion-iterations`` steps are timed and scaled to 100).
 - Fast: one set made here with the library's default fast generator (the options below override
@@ -19,7 +19,7 @@ reach it (linear between a curve's points; only an upper bound where a curve's f
 already above it; none if it never gets there), and their ratio.
 
     python benchmarks/fast_synthesis.py --skip-activations --out benchmarks/results/fast_synthesis_kd2400.json
-    python benchmarks/fast_synthesis.py --quick --out /tmp/fast_synthesis_quick.json
+    python benchmarks/fast_synthesis.py --quick --out runs/fast_synthesis_quick.json
     python benchmarks/fast_synthesis.py --kd-steps 800 --inversion-points 1024,2048,4096,6144 \
         --fast-points 2048,4096,6144,8192 --out benchmarks/results/fast_synthesis.json   # the earlier 800-step run
     python benchmarks/fast_synthesis.py --summary-of benchmarks/results/fast_synthesis.json   # tables only

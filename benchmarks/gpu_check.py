@@ -1,8 +1,8 @@
 """Exercise synthkd's GPU code paths end to end, through the CLI only, and time a plain-torch
 micro-benchmark; a table on stdout, every step in a JSON file.
 
-    python3 benchmarks/gpu_check.py --out /tmp/gpu_check.json            # GPU sizes (about 2-3 min on an H200)
-    python3 benchmarks/gpu_check.py --quick --out /tmp/gpu_check.json    # tiny sizes (CPU: a few minutes)
+    python3 benchmarks/gpu_check.py --out runs/gpu_check.json            # GPU sizes (about 2-3 min on an H200)
+    python3 benchmarks/gpu_check.py --quick --out runs/gpu_check.json    # tiny sizes (CPU: a few minutes)
 
 Runs on scikit-learn's digits (``digits:train`` / ``digits:test``, no download) in a temporary
 directory: train-teacher, generate (inversion, fast, diffusion), distill (e2e bf16 and fp16,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check of synthkd (a borrowed machine, no network): install the carried wheels
+# One prepared GPU check of synthkd (a machine without network): install the carried wheels
 # and the checkout without network, show the GPU and torch, then run benchmarks/gpu_check.py,
 # which drives the CLI end to end on scikit-learn digits with bf16/fp16 autocast and times a
 # plain-torch resnet20 micro-benchmark. Everything is time-limited and a failing step does not

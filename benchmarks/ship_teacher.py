@@ -6,7 +6,7 @@ Copies model.safetensors and config.json, measures the teacher's accuracy on the
 with the library's evaluation (what `synthkd evaluate` prints), and writes teacher.json beside them
 with the command that trained it, the settings the benchmarks check and that accuracy.
 
-    python benchmarks/ship_teacher.py --source /work/cache/teacher-resnet20-w1.0-e15    # a finished teacher
+    python benchmarks/ship_teacher.py --source .cache/benchmarks/teacher-resnet20-w1.0-e15    # a finished teacher
 """
 
 from __future__ import annotations

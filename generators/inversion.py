@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from synthkd.accelerator import training_memory_format
 from synthkd.errors import SynthkdError
 from synthkd.losses import BatchNormStatisticsLoss, image_l2, jensen_shannon, soft_cross_entropy, total_variation
 from synthkd.models import Classifier
@@ -206,7 +207,7 @@ class ActivationInversion(SyntheticImageGenerator):
         generator = torch.Generator(device="cpu").manual_seed(seed)
         torch.manual_seed(seed)  # kornia draws its augmentation parameters from the global RNG
         init = (0.5 + 0.2 * torch.randn(len(targets), *fmt.shape, generator=generator)).clamp(0, 1)
-        images = init.to(device).contiguous(memory_format=torch.channels_last).requires_grad_(True)
+        images = init.to(device).contiguous(memory_format=training_memory_format(device)).requires_grad_(True)
         targets = self.objective.aim(targets.to(device), seed)
         optimizer = torch.optim.Adam([images], lr=cfg.lr, betas=(0.5, 0.9))
         best_loss, best_images = math.inf, images.detach().clone()

@@ -7,9 +7,8 @@ import os
 from typing import Any
 
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
-from synthkd.accelerator import make_accelerator, no_progress_bars
+from synthkd.accelerator import make_accelerator, progress_bar
 from synthkd.data.activations import ActivationWriter
 from synthkd.generators.activations import ActivationSynthesizer
 from synthkd.generators.base import teacher_record
@@ -34,7 +33,7 @@ def generate_activations(
               "teacher": teacher_record(teacher), "names": synthesizer.names}
     writer = ActivationWriter(out, record, synthesizer.input_shapes, num_inputs, batch_size, accelerator)
     jobs = writer.pending()
-    for k, shard in tqdm(jobs, desc="generate (activations)", disable=no_progress_bars(accelerator)):
+    for k, shard in progress_bar(accelerator, jobs, desc="generate (activations)"):
         inputs = synthesizer.synthesize(k, writer.shard_count(shard), derive_seed(seed, "activations", k, shard))
         writer.write(k, shard, inputs)
     return writer.finalize()

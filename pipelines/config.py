@@ -22,7 +22,7 @@ from synthkd.settings import Settings, load_yaml, read_value, refusal, setting, 
 
 from .generate import GenerateSettings
 
-from .distill import DistillSettings, StudentSettings
+from .distill import BIRTH_OPTIONS, DistillSettings, StudentSettings
 from .search import SearchSettings
 from .train_teacher import TeacherSettings
 
@@ -189,7 +189,8 @@ def _check_cuts(config: RunConfig, errors: list[str]) -> None:
     if config.distill.mode != "neighbourhood" or config.search.enabled or parsed is None:
         return
     name, kwargs = parsed
-    kwargs.pop("sparsity", None)  # applied to the built student, not an argument of its architecture
+    for key in ("sparsity", *BIRTH_OPTIONS):  # applied to the built student, not arguments of its architecture
+        kwargs.pop(key, None)
     try:  # module paths depend on the structure only, not on the widths
         resolve_cuts(create_model(name, **{"width": student.width or 1.0, **kwargs}), config.distill.cuts)
     except SynthkdError as error:

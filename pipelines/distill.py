@@ -31,8 +31,11 @@ from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_facto
 from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
 from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec, spec_arguments
 from synthkd.models.sources import parse_source
+from synthkd.models.born import (IMPORTANCES, PRUNED_ARCH, born_like, format_probe, is_narrower_copy, prune_to_budget,
+                                 prune_to_width, pruned_arch_kwargs, recalibrate_batchnorm)
 from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
 from synthkd.seeds import derive_seed
+from synthkd.teacher_activations import cache_directory
 from synthkd.settings import Settings, setting, shared_setting
 from synthkd.training import KDSettings, TrainSettings, discard_training_state, fit
 
@@ -43,10 +46,14 @@ E2E_LR = 0.05  # SGD on the whole student; each neighbourhood's Adam starts from
 class StudentSettings(Settings):
     """The student: a zoo architecture (with arguments), a model source, or a model directory / FILE.py:factory to start from."""
 
-    arch: str = setting("resnet20", flag="--student", check=lambda spec: model_source_problem(spec, zoo=True),
+    arch: str = setting("resnet20", flag="--student", check=lambda spec: student_spec_problem(spec),
                         help=f"{ZOO_SPEC_GRAMMAR}; teacher:inner=R (any traceable teacher, thinner inside each "
-                             "neighbourhood); a model source (torchvision:NAME, timm:NAME, hf:DIR, hub:DIR:ENTRY, "
-                             "each with ?KEY=VALUE arguments); or a model directory / FILE.py:factory to start from.")
+                             "neighbourhood); teacher:width=W, teacher:params=F or teacher:flops=F (the teacher pruned "
+                             "through its dependency graph, residual streams included, to width W or within a fraction F "
+                             "of its parameters/FLOPs; importance=l1|bn|taylor, recalibrate=true|false in any student "
+                             "spec: how it is born from the teacher); a model source (torchvision:NAME, timm:NAME, hf:DIR, "
+                             "hub:DIR:ENTRY, each with ?KEY=VALUE arguments); or a model directory / FILE.py:factory to "
+                             "start from.")
     width: float | None = setting(None, flag="--student-width", positive=True,
                                   help="Width multiplier of a zoo student. Default: 0.5 end to end; in neighbourhood mode "
                                        "the teacher's width with inner=0.5 (thinner inside each block, so every cut "
@@ -86,8 +93,9 @@ class DistillSettings(KDSettings):
     eval_every_epoch: bool = setting(True, cli=False, help="Evaluate on eval_dataset after every epoch (synthkd run).")
     init: Literal["teacher", "random"] = setting(
         "teacher", help="teacher: a student that is the teacher's zoo architecture thinner inside its blocks (e.g. "
-                        "inner=0.5) starts from the teacher's most important channels; random: fresh weights. "
-                        "Other students always start from their own weights.")
+                        "inner=0.5), narrower or with fewer blocks, or teacher:width/params/flops, starts as the teacher's "
+                        "most important channels; random: fresh weights. Other students always start from their own "
+                        "weights.")
     adapters: bool = shared_setting(NeighbourhoodSettings, "adapters")
     cache: Literal["auto", "memory", "disk"] = shared_setting(NeighbourhoodSettings, "cache")
     cache_dir: str | None = shared_setting(NeighbourhoodSettings, "cache_dir")
@@ -138,48 +146,121 @@ def finetune_settings(epochs: int, batch_size: int, lr: float, seed: int) -> Tra
     return TrainSettings(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, warmup_epochs=0.0)
 
 
-def student_for(student: StudentSettings, settings: DistillSettings, teacher: Classifier, seed: int = 0) -> Classifier:
-    """The student a distill stage in ``settings.mode`` starts from."""
+def student_for(student: StudentSettings, settings: DistillSettings, teacher: Classifier, seed: int = 0,
+                images: torch.Tensor | None = None) -> Classifier:
+    """The student a distill stage in ``settings.mode`` starts from (``images``: see :func:`build_student`)."""
     return build_student(student.spec(settings.mode, teacher), teacher, seed=seed, from_teacher=settings.init == "teacher",
-                         cuts=settings.cuts)
+                         cuts=settings.cuts, images=images)
 
 
-THINNED_TEACHER = "teacher"  # the spec ``teacher[:inner=R]``: the teacher itself, thinner inside each neighbourhood
+TEACHER_STUDENT = "teacher"  # the spec ``teacher[:KEY=VALUE,...]``: the teacher itself, thinned or pruned
+TEACHER_SIZES = ("inner", "width", "params", "flops")
+# How a student starts from the teacher, in any student spec: the channels' importance criterion
+# and whether batch-norm statistics are re-estimated on the synthetic images after pruning.
+BIRTH_OPTIONS: dict[str, Any] = {"importance": "l1", "recalibrate": True}
 
 
-def thinned_teacher(spec: str, teacher: Classifier, cuts: str | list[str], from_teacher: bool) -> Classifier:
-    """``teacher:inner=R``: any traceable teacher (zoo or FILE.py:factory) with every inner channel
-    group of each neighbourhood (a convolution/linear feeding exactly one other through per-channel
-    operations) cut to R of its channels, found with torch.fx; the interfaces stay the teacher's."""
+def birth_options(kwargs: dict[str, Any], spec: str) -> dict[str, Any]:
+    """The birth options of a spec's arguments, removed from ``kwargs`` (they are no architecture's)."""
+    options = {key: kwargs.pop(key, default) for key, default in BIRTH_OPTIONS.items()}
+    if options["importance"] not in IMPORTANCES:
+        raise SynthkdError(f"{spec!r}: importance={options['importance']} is none of {', '.join(IMPORTANCES)}")
+    if not isinstance(options["recalibrate"], bool):
+        raise SynthkdError(f"{spec!r}: recalibrate is true or false, got {options['recalibrate']!r}")
+    return options
+
+
+def teacher_size(spec: str) -> tuple[str, float, dict[str, Any]]:
+    """``teacher:KEY=VALUE,...`` -> (size key, its value, birth options); one line where it is malformed:
+    one size of ``inner`` (interface-keeping thinning, default 0.5), ``width`` (every channel group
+    pruned), ``params`` / ``flops`` (a budget, as a fraction of the teacher's), each in (0, 1]."""
     kwargs = spec_arguments(spec.partition(":")[2], spec)
-    unknown = set(kwargs) - {"inner"}
+    options = birth_options(kwargs, spec)
+    unknown = sorted(set(kwargs) - set(TEACHER_SIZES))
     if unknown:
-        raise SynthkdError(f"{spec!r}: the thinned teacher takes inner=R only, not {', '.join(sorted(unknown))}")
+        raise SynthkdError(f"{spec!r}: the teacher as a student takes one of {', '.join(f'{k}=R' for k in TEACHER_SIZES)} "
+                           f"(and importance=, recalibrate=), not {', '.join(unknown)}")
+    if len(kwargs) > 1:
+        raise SynthkdError(f"{spec!r}: give one size of {', '.join(TEACHER_SIZES)}, not {', '.join(sorted(kwargs))}")
+    key, value = next(iter(kwargs.items()), ("inner", 0.5))
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
+        raise SynthkdError(f"{spec!r}: {key} is a fraction of the teacher's in (0, 1], got {value!r}")
+    return key, float(value), options
+
+
+def student_spec_problem(spec: str) -> str | None:
+    """Why ``spec`` cannot name a student, before any model is loaded, or None."""
+    try:
+        if spec == TEACHER_STUDENT or spec.startswith(TEACHER_STUDENT + ":"):
+            teacher_size(spec)
+            return None
+        parsed = parse_zoo_spec(spec)
+        if parsed is not None:
+            birth_options(parsed[1], spec)
+    except SynthkdError as error:
+        return str(error)
+    return model_source_problem(spec, zoo=True)
+
+
+def network_inputs(teacher: Classifier, images: torch.Tensor) -> torch.Tensor:
+    """[0, 1] images as the teacher's network takes them."""
     fmt = teacher.input_format
-    probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0)))
-    net, kept = thin(unwrap(teacher.net).cpu(), float(kwargs.get("inner", 0.5)), cuts, probe=probe,
-                     teacher_weights=from_teacher)
-    config = ModelConfig(arch=THINNED_ARCH, arch_kwargs=thinned_arch_kwargs(teacher.config.arch, teacher.config.arch_kwargs, kept),
-                         input=fmt, class_names=list(teacher.config.class_names))
-    return Classifier(net, config)
+    return fmt.normalize(fmt.adapt(images))
+
+
+def teacher_student(spec: str, teacher: Classifier, cuts: str | list[str], from_teacher: bool,
+                    images: torch.Tensor | None = None) -> Classifier:
+    """``teacher:inner=R``: any traceable teacher with every inner channel group of each
+    neighbourhood (a convolution/linear feeding exactly one other through per-channel operations)
+    cut to R of its channels, found with torch.fx; the interfaces stay the teacher's.
+    ``teacher:width=W`` / ``params=F`` / ``flops=F``: the teacher pruned through its dependency
+    graph (residual streams included) to width W, or to the widest uniform width within the
+    budget. ``from_teacher`` False: the same shapes with fresh weights."""
+    key, value, options = teacher_size(spec)
+    net = unwrap(teacher.net).cpu()
+    probe = format_probe(teacher.input_format)
+    if key == "inner":
+        if options["importance"] != BIRTH_OPTIONS["importance"]:
+            raise SynthkdError(f"{spec!r}: inner thinning keeps the channels of largest L1 x |batch-norm scale|; "
+                               "importance= is for width=, params= and flops=")
+        thinned, kept = thin(net, value, cuts, probe=probe, teacher_weights=from_teacher)
+        arch_kwargs = thinned_arch_kwargs(teacher.config.arch, teacher.config.arch_kwargs, kept)
+        return Classifier(thinned, ModelConfig(arch=THINNED_ARCH, arch_kwargs=arch_kwargs, input=teacher.input_format,
+                                               class_names=list(teacher.config.class_names)))
+    inputs = None if images is None else network_inputs(teacher, images)
+    if key == "width":
+        born = prune_to_width(net, probe, value, options["importance"], inputs)
+    else:
+        born = prune_to_budget(net, probe, key, value, options["importance"], inputs)
+    config = ModelConfig(arch=PRUNED_ARCH, arch_kwargs=pruned_arch_kwargs(teacher.config.arch, teacher.config.arch_kwargs, born),
+                         input=teacher.input_format, class_names=list(teacher.config.class_names))
+    return Classifier(born.net, config) if from_teacher else Classifier.from_config(config)
 
 
 def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: int = 0,
-                  from_teacher: bool = False, cuts: str | list[str] = "blocks") -> Classifier:
+                  from_teacher: bool = False, cuts: str | list[str] = "blocks",
+                  images: torch.Tensor | None = None) -> Classifier:
     """A zoo architecture (``NAME[:KEY=VALUE,...]``; ``width`` unless the spec gives one) sized
-    to the teacher's input and classes, a model source (given the teacher's number of classes
-    unless its spec sets them), or an existing model directory / FILE.py:factory used as the
-    starting point; classes must match the teacher's. ``from_teacher``: a zoo student that
-    is the teacher's architecture thinner inside its blocks starts from the teacher's most
-    important channels; ``sparsity=S`` in the spec then zeroes the smallest weights."""
+    to the teacher's input and classes, the teacher thinned or pruned (``teacher:...``, see
+    :func:`teacher_student`), a model source (given the teacher's number of classes unless its spec
+    sets them), or an existing model directory / FILE.py:factory used as the starting point;
+    classes must match the teacher's. ``from_teacher``: a zoo student that is the teacher's
+    architecture thinner inside its blocks starts from the teacher's most important channels, and
+    one that is narrower or has fewer blocks per stage is the teacher pruned to its shapes
+    (``importance=`` in the spec: the criterion); ``sparsity=S`` in the spec then zeroes the
+    smallest weights. ``images`` ([0, 1] synthetic images): the Taylor criterion's, and a student
+    started from the teacher re-estimates its batch-norm statistics on them (``recalibrate=false``
+    in the spec: not)."""
     fmt = teacher.input_format
     set_seed(seed)  # initial weights come from the global RNG
-    if student == THINNED_TEACHER or student.startswith(THINNED_TEACHER + ":"):
-        return thinned_teacher(student, teacher, cuts, from_teacher)
+    if student == TEACHER_STUDENT or student.startswith(TEACHER_STUDENT + ":"):
+        model = teacher_student(student, teacher, cuts, from_teacher, images)
+        return recalibrated(model, images) if from_teacher and teacher_size(student)[2]["recalibrate"] else model
     parsed = parse_zoo_spec(student)
     if parsed is not None:
         name, kwargs = parsed
         sparsity = float(kwargs.pop("sparsity", 0.0))
+        options = birth_options(kwargs, student)
         config = ModelConfig(
             arch=name,
             arch_kwargs={"width": width, **kwargs, "in_channels": fmt.channels, "num_classes": teacher.num_classes},
@@ -190,8 +271,16 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
             model = Classifier.from_config(config)
         except TypeError as error:
             raise SynthkdError(f"{student!r}: {error}; write {ZOO_SPEC_GRAMMAR}") from error
-        if from_teacher and is_thinning_of(model, teacher):
+        born = from_teacher and config.arch == teacher.config.arch
+        if born and is_thinning_of(model, teacher):
             copy_from_teacher(model.net, teacher.net)
+        elif born and is_narrower_copy(model.net, unwrap(teacher.net)):
+            inputs = None if images is None else network_inputs(teacher, images)
+            born_like(model.net, unwrap(teacher.net).cpu(), format_probe(teacher.input_format), options["importance"], inputs)
+        else:
+            born = False
+        if born and options["recalibrate"]:
+            recalibrated(model, images)
         if sparsity:
             if not 0 < sparsity < 1:
                 raise SynthkdError(f"sparsity must be in (0, 1) in {student!r}")
@@ -215,6 +304,19 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
             "build the student with the teacher's number of classes"
         )
     return model
+
+
+def recalibrated(model: Classifier, images: torch.Tensor | None) -> Classifier:
+    """``model`` with batch-norm statistics re-estimated on ``images`` (unchanged without images)."""
+    if images is not None:
+        recalibrate_batchnorm(model, images)
+    return model
+
+
+def sample_images(dataset: Dataset, count: int = 1024) -> torch.Tensor:
+    """The first ``count`` images of a synthetic set (or real dataset): what a student born from the
+    teacher is calibrated on."""
+    return torch.stack([dataset[i].images.float() for i in range(min(count, len(dataset)))])
 
 
 class LabelledViews(Dataset):
@@ -275,12 +377,17 @@ class KDObjective(nn.Module):
         return DISTILLATION_LOSSES.get("kd")(student(views).float(), target, self.temperature)
 
 
+def is_dataset_spec(data: str | os.PathLike) -> bool:
+    """Whether ``data`` names a real dataset (``fashion-mnist:train``) rather than a synthetic set directory."""
+    return not Path(data).exists() and ":" in str(data)
+
+
 def open_training_data(data: str | os.PathLike, teacher: Classifier, accelerator: Accelerator,
                        stored_targets: bool = False) -> Dataset:
     """A synthetic set directory, or a real dataset spec (for the KD-on-real-data reference);
     a synthetic set must have the teacher's classes. ``stored_targets``: its logits will be the
     targets, so it must be a synthetic set made by this very teacher."""
-    if not Path(data).exists() and ":" in str(data):
+    if is_dataset_spec(data):
         if stored_targets:
             raise SynthkdError(f"--no-augment reads the teacher's logits stored with a synthetic set, and {data} is a "
                                "real dataset; drop --no-augment")
@@ -433,8 +540,31 @@ def distill_neighbourhood(
     metrics["distill_seconds"] = metrics["neighbourhood_seconds"] + metrics.get("finetune_seconds", 0.0)
     result = finish(teacher, student, metrics, out, evaluation, eval_dataset, accelerator)
     if config.cache_dir is None and accelerator.is_main_process:
-        shutil.rmtree(out / "activation-cache", ignore_errors=True)  # the default cache is scratch space
+        shutil.rmtree(cache_directory(config, out), ignore_errors=True)  # the default cache is scratch space
     return result
+
+
+def plan_distillation(
+    teacher: Classifier,
+    student: StudentSettings,
+    num_images: int,
+    out: str | os.PathLike,
+    settings: DistillSettings,
+    seed: int = 0,
+    num_ranks: int = 1,
+    accelerator: Accelerator | None = None,
+) -> dict[str, Any]:
+    """What :func:`distill` in neighbourhood mode would cost on ``num_images`` images over
+    ``num_ranks`` ranks (:func:`synthkd.neighbourhood_plan.plan_neighbourhoods`); trains and
+    writes nothing."""
+    from synthkd.neighbourhood_plan import plan_neighbourhoods
+
+    if settings.mode != "neighbourhood":
+        raise SynthkdError(f"--plan sizes neighbourhood distillation; this run distills in mode {settings.mode!r}")
+    accelerator = accelerator or make_accelerator()
+    distiller = NeighbourhoodDistiller(teacher, student_for(student, settings, teacher, seed), settings.neighbourhoods(seed),
+                                       accelerator, owned=[])
+    return plan_neighbourhoods(distiller, num_images, num_ranks, out, settings.finetune_epochs)
 
 
 def distill(
@@ -450,7 +580,10 @@ def distill(
 ) -> tuple[Classifier, dict[str, Any]]:
     """The distill stage (``synthkd distill`` and ``synthkd run``): build the student, distill it in
     ``settings.mode``, save it to ``out``. ``inputs``: see :func:`distill_neighbourhood`."""
-    student_model = student_for(student, settings, teacher, seed)
+    images = None
+    if settings.init == "teacher" and inputs == "images":
+        images = sample_images(load_dataset(str(data)) if is_dataset_spec(data) else SyntheticDataset(data))
+    student_model = student_for(student, settings, teacher, seed, images)
     if settings.mode == "neighbourhood" and student_model.input_format.shape != teacher.input_format.shape:
         raise SynthkdError(
             f"the student {student.arch} takes inputs of shape {student_model.input_format.shape} and the teacher "

@@ -22,9 +22,8 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from tqdm.auto import tqdm
 
-from synthkd.accelerator import log_progress, make_accelerator, no_progress_bars
+from synthkd.accelerator import log_progress, make_accelerator, progress_bar
 from synthkd.data.writer import SyntheticWriter
 from synthkd.errors import SynthkdError
 from synthkd.generators.activations import ActivationSettings
@@ -350,7 +349,7 @@ def generate(
     unfinished = max_rounds is not None and max_rounds < rounds
     rounds = min(rounds, max_rounds) if unfinished else rounds
     empty = torch.zeros(0, dtype=torch.long)
-    bar = tqdm(total=rounds, desc=f"generate ({generator.method})", disable=no_progress_bars(accelerator))
+    bar = progress_bar(accelerator, total=rounds, desc=f"generate ({generator.method})")
     for round_index in range(rounds):
         started = time.perf_counter()
         shard = pending[round_index] if round_index < len(pending) else None

@@ -268,6 +268,27 @@ def plan(config: RunConfig, run_dir: Path) -> list[Step]:
     return steps
 
 
+def size_distillation(config: RunConfig, accelerator: Accelerator, num_ranks: int) -> dict[str, Any]:
+    """``synthkd run CONFIG --plan``: what the distill stage will cost in neighbourhood mode
+    (:func:`synthkd.pipelines.distill.plan_distillation`), on the run's synthetic set if it is
+    made, else on ``generate.num_images`` images; nothing runs and nothing is written."""
+    from synthkd.data.reader import SyntheticDataset
+
+    from .distill import plan_distillation
+
+    if config.search.enabled:
+        raise SynthkdError("--plan sizes the distill stage; this config runs Student Search (search.enabled)")
+    run_dir = Path(config.out)
+    if config.teacher.model is None and not (run_dir / "teacher").is_dir():
+        raise SynthkdError(f"--plan times the teacher's pieces and {run_dir / 'teacher'} is not trained yet; run the "
+                           "teacher stage first, or give teacher.model")
+    synthetic = run_dir / "synthetic"
+    num_images = len(SyntheticDataset(synthetic)) if is_synthetic_dir(synthetic) else config.generate.num_images
+    ctx = RunContext(config, run_dir, accelerator)
+    return plan_distillation(ctx.teacher(), config.student, num_images, run_dir / "student", config.distill, config.seed,
+                             num_ranks, accelerator)
+
+
 def describe_plan(steps: list[Step]) -> str:
     width = max(len(s.stage.name) for s in steps)
     return "\n".join(f"  {s.stage.name.ljust(width)}  {s.action:<6}  {s.reason}" for s in steps)

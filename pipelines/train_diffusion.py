@@ -19,9 +19,8 @@ import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
-from synthkd.accelerator import log_progress, make_accelerator, no_progress_bars
+from synthkd.accelerator import log_progress, make_accelerator, progress_bar
 from synthkd.data import load_dataset
 from synthkd.io import atomic_write_json, read_json
 from synthkd.models import InputFormat, unwrap
@@ -149,14 +148,13 @@ class DiffusionTraining:
         accelerator = self.accelerator
         self.unet.train()
         started, total, batches = time.perf_counter(), 0.0, 0
-        bar = tqdm(loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False,
-                   disable=no_progress_bars(accelerator))
+        bar = progress_bar(accelerator, loader, desc=f"train-diffusion {epoch + 1}/{epochs}", leave=False)
         for batch in bar:
             if self.step >= self.total_steps:
                 break
             loss = self.train_step(batch.images)
             self.step, total, batches = self.step + 1, total + loss, batches + 1
-            bar.set_postfix(loss=f"{loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
         mean = accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()
         record = {"epoch": epoch + 1, "steps": batches, "loss": mean, "seconds": time.perf_counter() - started}
         log_progress(accelerator, "train-diffusion", record)

@@ -56,9 +56,25 @@ def accelerate_precision(mixed_precision: str | None) -> str:
     return mixed_precision or parse_choice_from_env("ACCELERATE_MIXED_PRECISION", "no")
 
 
+def training_memory_format(device: torch.device | str) -> torch.memory_format:
+    """The layout a model trains in on ``device``: channels-last on accelerators, where it pays,
+    and contiguous on CPU. On CPU, oneDNN's AVX2 weight gradient of a stride-2 1x1 convolution in
+    channels-last corrupts the heap at one thread (torch 2.13 and 2.14; see
+    tests/test_native_layout.py), and at two threads channels-last was the slower layout anyway
+    (benchmarks/memory_layout.py)."""
+    return torch.contiguous_format if torch.device(device).type == "cpu" else torch.channels_last
+
+
 def has_accelerator_device() -> bool:
     probe = getattr(torch, "accelerator", None)  # torch >= 2.6: CUDA, XPU, MPS, ...
     return probe.is_available() if probe is not None else torch.cuda.is_available()
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for the work queued on ``device`` (a GPU runs asynchronously), so a timer around it
+    measures the work and not its launch."""
+    if device.type != "cpu" and hasattr(torch, "accelerator"):
+        torch.accelerator.synchronize(device)
 
 
 def make_accelerator(mixed_precision: str | None = None, log_with: str | None = None,
@@ -158,12 +174,33 @@ def no_progress_bars(accelerator: Accelerator) -> bool:
     return not accelerator.is_local_main_process or logging.getLogger(LOGGER_NAME).level > logging.INFO
 
 
+def progress_bar(accelerator: Accelerator, iterable: Any = None, **options: Any) -> Any:
+    """A tqdm bar drawn by the local main process on a terminal only: a redirected log gets
+    :func:`log_progress`'s line per epoch or shard instead of carriage-return frames, and
+    ``synthkd -q`` or TQDM_DISABLE=1 draws none."""
+    from tqdm.auto import tqdm
+
+    off = no_progress_bars(accelerator) or os.environ.get("TQDM_DISABLE", "").lower() in ("1", "true", "yes")
+    return tqdm(iterable, disable=True if off else None, mininterval=1.0, **options)
+
+
+# Progress bars of the Hugging Face libraries, by the module that switches them off and its function.
+_LIBRARY_PROGRESS = (("datasets.utils.logging", "disable_progress_bar"), ("huggingface_hub.utils", "disable_progress_bars"),
+                     ("transformers.utils.logging", "disable_progress_bar"))
+
+
 def show_log(level: int) -> None:
-    """Send synthkd's log records of ``level`` and above to stderr (the CLI's ``-v``/``-q``)."""
+    """Send synthkd's log records of ``level`` and above to stderr (the CLI's ``-v``/``-q``);
+    below INFO the Hugging Face libraries' progress bars go quiet too."""
     package = logging.getLogger(LOGGER_NAME)
     if not any(isinstance(h, _StderrHandler) for h in package.handlers):
         package.addHandler(_StderrHandler())
     package.setLevel(level)
+    if level > logging.INFO:
+        os.environ["HF_DATASETS_DISABLE_PROGRESS_BARS"] = os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] = "1"
+        for module, switch in _LIBRARY_PROGRESS:
+            if module in sys.modules:  # imported already, so the variables above came too late
+                getattr(sys.modules[module], switch)()
 
 
 @contextmanager

@@ -28,7 +28,7 @@ import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Callable, Literal
 
 import torch
 from accelerate import Accelerator
@@ -36,15 +36,14 @@ from accelerate.utils import broadcast_object_list, gather_object
 from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.utils.data import Dataset
-from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
-from .accelerator import log_progress, no_progress_bars
+from .accelerator import log_progress, progress_bar, synchronize, training_memory_format
 from .data.activations import ActivationDataset
 from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import DISTILLATION_LOSSES, relative_squared_error
 from .models import Classifier, unwrap
+from .models.born import count_flops
 from .seeds import derive_seed
 from .settings import directory_problem, setting
 from .training import KDSettings, TrainSettings, warmup_cosine
@@ -127,12 +126,22 @@ def replicate(assignment: list[list[int]], costs: list[float]) -> list[list[int]
     return ranks
 
 
-def count_flops(module: nn.Module, x: torch.Tensor) -> int:
-    """FLOPs of one forward pass on ``x``, counted wherever the module's weights are."""
-    weight = next(module.parameters(), None)
-    with FlopCounterMode(display=False) as counter, torch.no_grad():
-        module(x if weight is None else x.to(weight.device))
-    return counter.get_total_flops()
+def batch_of(probe: torch.Tensor, batch: int) -> torch.Tensor:
+    """A batch of ``batch`` copies of a probe's first row, to time a piece on."""
+    return probe[:1].expand(batch, *probe.shape[1:]).contiguous()
+
+
+def best_seconds(run: Callable[[], Any], repeats: int, device: torch.device) -> float:
+    """The fastest of ``repeats`` calls of ``run`` on ``device``: the first one warms caches and
+    allocators."""
+    best = float("inf")
+    for _ in range(repeats):
+        synchronize(device)
+        started = time.perf_counter()
+        run()
+        synchronize(device)
+        best = min(best, time.perf_counter() - started)
+    return best
 
 
 class NeighbourhoodDistiller:
@@ -180,18 +189,19 @@ class NeighbourhoodDistiller:
                 CutAdapter(before[0], before[1]) if before else None,
                 CutAdapter(after[1], after[0]) if after else None,
             ).to(device))
-        inputs = [probe]
+        # The teacher's activation entering each neighbourhood, on the probe.
+        self.probes = [probe]
         for piece in self.teacher_split.pieces[:-1]:
             with torch.no_grad():
-                inputs.append(piece(inputs[-1]))
-        self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, inputs)]
+                self.probes.append(piece(self.probes[-1]))
+        self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, self.probes)]
         self.local = owned is not None
         if self.local:
             self.owned = sorted(owned)
             self.ranks = [[accelerator.process_index] if k in self.owned else [] for k in range(len(self.neighbourhoods))]
             self.groups = {}
         else:
-            costs = self.step_costs(inputs) if accelerator.num_processes > 1 else [float(f) for f in self.flops]
+            costs = self.step_costs(config.batch_size) if accelerator.num_processes > 1 else [float(f) for f in self.flops]
             self.assignment = balance(costs, accelerator.num_processes)
             self.ranks = replicate(self.assignment, costs)
             self.owned = [k for k, ranks in enumerate(self.ranks) if accelerator.process_index in ranks]
@@ -202,24 +212,20 @@ class NeighbourhoodDistiller:
     def names(self) -> list[str]:
         return self.student_split.names
 
-    def step_costs(self, probes: list[torch.Tensor], batch: int = 32, repeats: int = 3) -> list[float]:
-        """Seconds of one training step of every neighbourhood on a batch of its input shape, timed
-        by the main process and shared (so every rank makes the same assignment). Counted FLOPs
-        mislead here: a block on large feature maps takes 2.5x the time of one with the same FLOPs
-        on small ones (memory traffic), which left one rank 12% over its share."""
+    def step_costs(self, batch: int, repeats: int = 3) -> list[float]:
+        """Seconds of one training step (forward and backward) of every neighbourhood on a batch
+        of its input shape, timed by the main process and shared (so every rank makes the same
+        assignment). Counted FLOPs mislead here: a block on large feature maps takes 2.5x the time
+        of one with the same FLOPs on small ones (memory traffic), which left one rank 12% over
+        its share."""
         costs: list[Any] = [None]
         if self.accelerator.is_main_process:
             timed = []
             with evaluating(*self.neighbourhoods):  # timing must not move BatchNorm statistics
-                for neighbourhood, probe in zip(self.neighbourhoods, probes):
-                    x = probe[:1].expand(batch, *probe.shape[1:]).contiguous()
-                    best = float("inf")
-                    for _ in range(repeats):
-                        started = time.perf_counter()
-                        neighbourhood(x).float().pow(2).mean().backward()
-                        best = min(best, time.perf_counter() - started)
+                for neighbourhood, probe in zip(self.neighbourhoods, self.probes):
+                    x = batch_of(probe, batch)
+                    timed.append(best_seconds(lambda: neighbourhood(x).float().pow(2).mean().backward(), repeats, x.device))
                     neighbourhood.zero_grad(set_to_none=True)
-                    timed.append(best)
             costs = [timed]
         broadcast_object_list(costs)
         return costs[0]
@@ -317,13 +323,12 @@ class NeighbourhoodDistiller:
         on the seed and its index, never on which rank trains it or what else that rank owns."""
         config, device = self.config, self.accelerator.device
         results = {}
-        bar = tqdm(total=len(todo) * config.epochs, desc=f"neighbourhoods (rank {self.accelerator.process_index})",
-                   disable=no_progress_bars(self.accelerator), leave=False)
+        bar = progress_bar(self.accelerator, total=len(todo) * config.epochs,
+                           desc=f"neighbourhoods (rank {self.accelerator.process_index})", leave=False)
         for k in todo:
             inputs, targets = activations.pair(k)
             train_rows, held_out = activations.train_rows, activations.holdout_rows
-            # Channels-last convolutions are faster on CPU and GPU alike (5-25% per step measured here).
-            layout = torch.channels_last if inputs.ndim == 4 else torch.contiguous_format
+            layout = training_memory_format(device) if inputs.ndim == 4 else torch.contiguous_format
             neighbourhood = self.neighbourhoods[k].train().to(memory_format=layout)
             optimizer = self._optimizer(neighbourhood)
             steps_per_epoch = max(1, len(train_rows) // config.batch_size)

@@ -7,6 +7,11 @@ during training. Kept in memory when it fits, else in a disk cache
 (:mod:`synthkd.data.activation_cache`) whose size is announced, checked against the free disk
 before anything is written, and which resumes after a kill. Rows are view-major:
 ``view * num_images + image``.
+
+Each boundary is computed from the one before it *as stored* (in the cache's dtype), so a target
+is the teacher's output on exactly the input its neighbourhood trains on, and the disk cache can
+be split by rank: each rank makes only the targets of the neighbourhoods it trains, from inputs
+another rank may have made.
 """
 
 from __future__ import annotations
@@ -18,15 +23,17 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import broadcast_object_list
+from accelerate.utils import broadcast_object_list, gather_object
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from .accelerator import logger
 from .augment import distillation_augmentation
-from .data.activation_cache import DTYPES, ActivationCache, ActivationCacheWriter, cache_bytes
+from .data.activation_cache import (DTYPES, ActivationCache, ActivationCacheWriter, boundaries_of, boundary_builders,
+                                    cache_bytes)
 from .data.activations import ActivationDataset
-from .data.format import MANIFEST_NAME
+from .data.format import MANIFEST_NAME, RUN_NAME
 from .errors import SynthkdError
+from .io import read_json
 from .models import Classifier
 from .models.neighbourhoods import Split, activation_shapes
 from .seeds import derive_seed
@@ -49,6 +56,42 @@ def free_disk(path: Path) -> int:
     while not path.exists():
         path = path.parent
     return shutil.disk_usage(path).free
+
+
+def cache_directory(config: Any, out: str | os.PathLike) -> Path:
+    """Where a disk cache lives: ``cache_dir``, else scratch space in the output directory."""
+    return Path(config.cache_dir) if config.cache_dir else Path(out) / "activation-cache"
+
+
+def cache_location(choice: str, size: int) -> str:
+    """memory or disk for a cache of ``size`` bytes: ``auto`` keeps it in memory when it takes at
+    most MEMORY_FRACTION of the memory free on this machine."""
+    if choice == "auto":
+        return "memory" if size <= MEMORY_FRACTION * available_memory() else "disk"
+    return choice
+
+
+def require_free_disk(directory: Path, size: int) -> None:
+    """Refuse, before anything is written, a cache that the disk under ``directory`` cannot hold."""
+    free = free_disk(directory)
+    if size > free:
+        raise SynthkdError(
+            f"the activation cache needs {human(size)} but {directory} has {human(free)} free ({human(size - free)} short); "
+            "use --cache-dtype float16, fewer --cache-views, another --cache-dir or --cache memory (nothing was written)")
+
+
+def require_cache_fits(directory: Path, shapes: list[tuple[int, ...]], names: list[str]) -> None:
+    """Refuse an existing cache whose activation at some cut has another shape than the one the
+    neighbourhoods take there, naming the cut (``names``: of boundaries 1.., the cuts then the head)."""
+    run = directory / RUN_NAME
+    if not run.is_file():
+        return
+    stored = [tuple(shape) for shape in read_json(run).get("shapes", [])]
+    for b, (mine, theirs) in enumerate(zip(shapes, stored)):
+        if tuple(mine) != theirs:
+            where = "the input" if b == 0 else f"cut {names[b - 1]!r}"
+            raise SynthkdError(f"the activation cache {directory} holds {theirs} at {where}, the student's neighbourhoods "
+                               f"take {tuple(mine)} there; use another --cache-dir or delete this one")
 
 
 def human(size: float) -> str:
@@ -86,16 +129,16 @@ class TeacherActivations:
         shapes = [tuple(probe.shape[1:])] + activation_shapes(split, probe)
         size = cache_bytes(shapes, self.num_images, self.views, config.cache_dtype)
         where = self._where(size, local)
-        directory = Path(config.cache_dir) if config.cache_dir else Path(out) / "activation-cache"
+        directory = cache_directory(config, out)
         self.summary = {"where": where, "bytes": size, "views": self.views, "dtype": config.cache_dtype,
                         **({"directory": str(directory)} if where == "disk" else {})}
         logger.info(f"teacher activations: {self.num_images} images x {self.views} view(s) x {len(shapes)} boundaries, "
                     f"{human(size)} ({config.cache_dtype}) in {where}" + (f" at {directory}" if where == "disk" else ""))
-        boundaries = sorted({b for k in needed for b in (k, k + 1)})
+        boundaries = boundaries_of(needed)
         if where == "memory":
             stored = self._compute_in_memory(dataset, boundaries, shapes)
         else:
-            stored = self._from_disk(dataset, directory, shapes, size, data_fingerprint, boundaries)
+            stored = self._from_disk(dataset, directory, shapes, size, data_fingerprint, needed)
         self._pairs = {k: (stored[k], stored[k + 1]) for k in needed}
 
     @property
@@ -119,11 +162,10 @@ class TeacherActivations:
                 raise SynthkdError("a disk activation cache is built by every rank together; this caller trains "
                                    "neighbourhoods alone, so use cache memory or pass the activations in")
             return "memory"
+        decision = [cache_location(choice, size)]
         if choice == "auto":
-            decision = ["memory" if size <= MEMORY_FRACTION * available_memory() else "disk"]
             broadcast_object_list(decision)
-            return decision[0]
-        return choice
+        return decision[0]
 
     def _views(self, images: torch.Tensor, view: int, shard: int) -> torch.Tensor:
         """View ``view`` of a shard's images: as made (view 0), else a seeded augmentation."""
@@ -134,20 +176,33 @@ class TeacherActivations:
         return distillation_augmentation(fmt.height, fmt.width, self.config.flip, self.config.mixup).to(images.device)(images)
 
     @torch.no_grad()
-    def _boundaries(self, images: torch.Tensor, view: int, shard: int, depth: int) -> list[torch.Tensor]:
-        """Boundaries 0..depth of one shard's view (each piece on a clone: a piece may start
-        with an in-place op that would overwrite the previous boundary)."""
+    def _image_boundary(self, images: torch.Tensor, view: int, shard: int) -> torch.Tensor:
+        """Boundary 0 of one shard's view: the normalised image."""
         fmt = self.teacher.input_format
-        images = self._views(images.to(self._device), view, shard)
-        found = [fmt.normalize(fmt.adapt(images))]
-        for piece in self.split.pieces[:depth]:
-            found.append(piece(found[-1].clone()))
+        return fmt.normalize(fmt.adapt(self._views(images.to(self._device), view, shard)))
+
+    @torch.no_grad()
+    def _next_boundary(self, b: int, previous: torch.Tensor) -> torch.Tensor:
+        """Boundary ``b`` from boundary b-1 as the cache stores it (on a float32 copy: a piece may
+        start with an in-place op that would overwrite the previous boundary)."""
+        stored = previous.to(self._device, DTYPES[self.config.cache_dtype])
+        return self.split.pieces[b - 1](stored.to(torch.float32, copy=True))
+
+    def _boundaries(self, images: torch.Tensor, view: int, shard: int, depth: int) -> list[torch.Tensor]:
+        """Boundaries 0..depth of one shard's view."""
+        found = [self._image_boundary(images, view, shard)]
+        for b in range(1, depth + 1):
+            found.append(self._next_boundary(b, found[-1]))
         return found
+
+    def _shard_images(self, dataset: Dataset, shard: int) -> torch.Tensor:
+        start = shard * SHARD_SIZE
+        subset = Subset(dataset, range(start, min(self.num_images, start + SHARD_SIZE)))
+        return next(iter(DataLoader(subset, batch_size=SHARD_SIZE))).images
 
     def _shards(self, dataset: Dataset):
         for shard, start in enumerate(range(0, self.num_images, SHARD_SIZE)):
-            subset = Subset(dataset, range(start, min(self.num_images, start + SHARD_SIZE)))
-            yield shard, start, next(iter(DataLoader(subset, batch_size=SHARD_SIZE))).images
+            yield shard, start, self._shard_images(dataset, shard)
 
     def _compute_in_memory(self, dataset: Dataset, boundaries: list[int], shapes: list[tuple[int, ...]]) -> dict[int, torch.Tensor]:
         dtype = DTYPES[self.config.cache_dtype]
@@ -164,28 +219,33 @@ class TeacherActivations:
         return stored
 
     def _from_disk(self, dataset: Dataset, directory: Path, shapes: list[tuple[int, ...]], size: int,
-                   data_fingerprint: str, boundaries: list[int]) -> dict[int, torch.Tensor]:
-        if not (directory / MANIFEST_NAME).is_file() and size > free_disk(directory):
-            raise SynthkdError(
-                f"the activation cache needs {human(size)} but {directory} has {human(free_disk(directory))} free; "
-                "use --cache-dtype float16, fewer --cache-views, another --cache-dir or --cache memory (nothing was written)")
+                   data_fingerprint: str, needed: list[int]) -> dict[int, torch.Tensor]:
+        """Build (collectively) or reuse the disk cache, split by rank: this rank makes the
+        boundaries it is the builder of, in (shard, view, boundary) order on every rank, so a
+        boundary made from another rank's one never waits for a shard that waits on it."""
+        require_cache_fits(directory, shapes, self.split.names)
+        if not (directory / MANIFEST_NAME).is_file():
+            require_free_disk(directory, size)
         config = self.config
         record = {"teacher": self.teacher.fingerprint(), "data": data_fingerprint, "cuts": list(self.split.cuts),
                   "augmentation": {"flip": config.flip, "mixup": config.mixup, "seed": config.seed} if self.views > 1 else None}
+        builders = boundary_builders(gather_object([needed]), len(shapes))
         writer = ActivationCacheWriter(directory, record, shapes, self.num_images, SHARD_SIZE, self.views,
-                                       config.cache_dtype, self.accelerator)
+                                       config.cache_dtype, builders, self.accelerator)
         pending = writer.pending()
-        if pending:
-            for shard, _, images in self._shards(dataset):
-                for view in range(self.views):
-                    missing = pending.get((view, shard))
-                    if missing:
-                        found = self._boundaries(images, view, shard, max(missing))
-                        for b in missing:
-                            writer.write(b, view, shard, found[b])
+        for shard in range(writer.num_shards):
+            for view in range(self.views):
+                made: dict[int, torch.Tensor] = {}
+                for b in pending.get((view, shard), []):
+                    if b == 0:
+                        made[b] = self._image_boundary(self._shard_images(dataset, shard), view, shard)
+                    else:
+                        previous = made[b - 1] if b - 1 in made else writer.read(b - 1, view, shard)
+                        made[b] = self._next_boundary(b, previous)
+                    writer.write(b, view, shard, made[b])
         writer.finalize()
         cache = ActivationCache(directory)
-        return {b: cache.boundary(b) for b in boundaries}
+        return {b: cache.boundary(b) for b in boundaries_of(needed)}
 
     @torch.no_grad()
     def _per_neighbourhood_pair(self, dataset: ActivationDataset, k: int) -> tuple[torch.Tensor, torch.Tensor]:

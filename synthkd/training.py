@@ -21,9 +21,8 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
-from tqdm.auto import tqdm
 
-from .accelerator import log_progress, logger, no_progress_bars
+from .accelerator import log_progress, logger, progress_bar, training_memory_format
 from .data.loading import loader_options
 from .evaluation import evaluate
 from .errors import SynthkdError, unpickling_problem, warn
@@ -46,7 +45,8 @@ class TrainSettings(Settings):
     momentum: float = setting(0.9, help="SGD momentum (Nesterov).", at_least=0, below=1)
     warmup_epochs: float = setting(0.5, help="Epochs of linear warm-up before the cosine decay.", at_least=0)
     seed: int = setting(0, help="Seeds the batch order, augmentation and MixUp of every epoch.")
-    channels_last: bool = setting(True, help="Train in channels-last memory format.", cli=False)
+    channels_last: bool = setting(True, help="Train in channels-last memory format where it is safe and pays "
+                                              "(accelerators; CPU stays contiguous).", cli=False)
 
 
 @dataclass
@@ -145,7 +145,7 @@ def fit(
     refused). ``on_epoch_start(epoch)``
     runs before each epoch, e.g. to add data to ``dataset`` (whose length must not change)."""
     if config.channels_last:
-        model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=training_memory_format(accelerator.device))
     generator = torch.Generator()  # the loader's order, seeded per epoch in _run_epoch
     loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True, drop_last=len(dataset) > config.batch_size,
                         generator=generator, **loader_options())
@@ -193,7 +193,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
     """One pass over ``loader``; the mean loss over the batches and the processes."""
     model.train()
     total, batches = 0.0, 0
-    bar = tqdm(loader, desc=description, disable=no_progress_bars(accelerator), leave=False)
+    bar = progress_bar(accelerator, loader, desc=description, leave=False)
     for batch in bar:
         with accelerator.autocast():
             loss = batch_loss(model, batch)
@@ -203,7 +203,7 @@ def _run_epoch(model: nn.Module, loader: DataLoader, batch_loss: BatchLoss, opti
         scheduler.step()
         total += loss.item()
         batches += 1
-        bar.set_postfix(loss=f"{loss.item():.4f}")
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
     return accelerator.reduce(torch.tensor(total / max(1, batches), device=accelerator.device), "mean").item()
 
 

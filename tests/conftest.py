@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 import os
+import shutil
 import signal
 import socket
 import struct
@@ -52,6 +53,12 @@ def run_killed_after_shards(command: list[str], shards: int, timeout: float) -> 
         pytest.fail(f"expected a SIGKILL after {shards} shards, the process exited with {result.returncode}: "
                     f"{result.stderr[-3000:]}")
     return result
+
+
+def launcher() -> list[str]:
+    """``accelerate launch``, or the same module run by this Python where the script is not on PATH."""
+    accelerate = shutil.which("accelerate")
+    return [accelerate, "launch"] if accelerate else [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 def free_port() -> int:

@@ -109,3 +109,14 @@ def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path, teacher_dir, s
     result = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_dir), "--data", str(synthetic_dir),
                                        "--epochs", "1", "--tracker", missing, "--out", str(tmp_path / "s")])
     assert result.exit_code == 2 and f"pip install {missing}" in result.output, result.output
+
+
+def test_a_redirected_log_has_one_line_per_epoch_and_no_progress_frames(tmp_path):
+    """A log written to a file (not a terminal) gets the epoch lines only: no carriage-return frames."""
+    result = subprocess.run(
+        [sys.executable, "-m", "synthkd", "train-teacher", "--dataset", "digits:train[:256]", "--arch", "resnet8",
+         "--width", "0.25", "--epochs", "2", "--batch-size", "16", "--out", str(tmp_path / "teacher")],
+        capture_output=True, text=True, env=subprocess_env(), timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "\r" not in result.stderr and "it/s" not in result.stderr
+    assert [line.split(",")[0] for line in result.stderr.splitlines()] == ["teacher: epoch 1", "teacher: epoch 2"]

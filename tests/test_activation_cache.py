@@ -1,7 +1,8 @@
 """Neighbourhood distillation from the teacher's cached activations: students that keep the
 teacher's interfaces, the cache in memory and on disk (round trip, resume after SIGKILL, a
-changed key refused, a corrupt shard redone, a cache too big for the disk refused), the student
-spec grammar and its mode defaults."""
+changed key refused, a corrupt shard redone, a cache too big for the disk refused; split by rank
+under 2 ranks, and resumed in 1 process after a rank is killed), the student spec grammar and its
+mode defaults."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from synthkd.neighbourhood_training import NeighbourhoodDistiller, Neighbourhood
 from synthkd.pipelines.distill import DistillSettings, StudentSettings, build_student, data_fingerprint
 from synthkd.teacher_activations import TeacherActivations
 
-from conftest import REPO, run_killed_after_shards, subprocess_env
+from conftest import REPO, free_port, launcher, run_killed_after_shards, subprocess_env
 
 BLOCK_CUTS = ["stem", "layer1.0", "layer2.0", "layer3.0"]
 
@@ -107,6 +108,12 @@ def distill_command(teacher_dir: Path, synthetic_dir: Path, out: Path, cache: Pa
     return [sys.executable, "-m", "synthkd", "distill", "--teacher", str(teacher_dir), "--student", "resnet8",
             "--data", str(synthetic_dir), "--mode", "neighbourhood", "--epochs", "1", "--batch-size", "16",
             "--cache", "disk", "--cache-dir", str(cache), "--cache-views", "3", "--out", str(out), *extra]
+
+
+def on_two_ranks(command: list[str]) -> list[str]:
+    """A ``python -m synthkd ...`` command under ``accelerate launch`` with two CPU (or GPU) ranks."""
+    return [*launcher(), "--multi_gpu", "--mixed_precision", "no", "--dynamo_backend", "no", "--num_processes", "2",
+            "--num_machines", "1", "--main_process_port", str(free_port()), "-m", "synthkd", *command[3:]]
 
 
 def run(command: list[str]):
@@ -221,3 +228,49 @@ def test_a_user_teacher_thinned_by_fx_distils_and_reloads(tmp_path, accelerator)
     images = torch.stack([data[i].images for i in range(8)])
     with torch.no_grad():
         assert torch.allclose(loaded(images), student.eval()(images), atol=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
+def test_two_ranks_split_the_disk_cache_by_their_cuts(teacher_dir, synthetic_dir, tmp_path):
+    """Under 2 ranks each boundary of the cache is made by one rank, the one whose neighbourhood it
+    is the target of (the image by the rank training the first piece), and the cache is the same,
+    byte for byte, as one process makes."""
+    two, one = tmp_path / "two-cache", tmp_path / "one-cache"
+    done = run(on_two_ranks(distill_command(teacher_dir, synthetic_dir, tmp_path / "s2", two, "--cache-views", "2")))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(distill_command(teacher_dir, synthetic_dir, tmp_path / "s1", one, "--cache-views", "2"))
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    assignment = json.loads((tmp_path / "s2" / "metrics.json").read_text())["assignment"]
+    names = BLOCK_CUTS + ["head"]
+    owner = {names.index(name): int(rank) for rank, owned in assignment.items() for name in owned}
+    assert set(owner.values()) == {0, 1}
+    made_by = {}
+    for shard in json.loads((two / "manifest.json").read_text())["shards"]:
+        made_by.setdefault(int(shard["file"][2:4]), set()).add(shard["rank"])
+    assert made_by == {b: {owner[max(b - 1, 0)]} for b in range(len(names) + 1)}
+    for rank in (0, 1):  # a rank made only the targets of its neighbourhoods (and the image if it trains the first)
+        made = {b for b, ranks in made_by.items() if rank in ranks}
+        assert made <= {k + 1 for k, r in owner.items() if r == rank} | ({0} if owner[0] == rank else set())
+    shards = [name for name in tree_hashes(one) if name.endswith(".safetensors")]
+    assert len(shards) == 6 * 2 and all(tree_hashes(two)[name] == tree_hashes(one)[name] for name in shards)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
+def test_a_split_cache_killed_under_two_ranks_resumes_in_one_process(teacher_dir, synthetic_dir, tmp_path):
+    """A rank SIGKILLed after its first shard stops the split build; one process then makes the
+    rest, and the cache is the one a clean run makes."""
+    import subprocess
+
+    cache, fresh = tmp_path / "cache", tmp_path / "fresh"
+    killed = subprocess.run(on_two_ranks(distill_command(teacher_dir, synthetic_dir, tmp_path / "s1", cache)), cwd=REPO,
+                            env=subprocess_env(SYNTHKD_KILL_AFTER_SHARDS="1"), capture_output=True, text=True, timeout=300)
+    assert killed.returncode != 0 and not (cache / "manifest.json").exists()
+    assert 0 < len(list(cache.rglob("*.safetensors"))) < 6 * 3
+    for out, directory in ((tmp_path / "s1", cache), (tmp_path / "s2", fresh)):
+        done = run(distill_command(teacher_dir, synthetic_dir, out, directory))
+        assert done.returncode == 0, done.stderr[-3000:]
+    shards = [name for name in tree_hashes(fresh) if name.endswith(".safetensors")]
+    assert len(shards) == 6 * 3 and all(tree_hashes(cache)[name] == tree_hashes(fresh)[name] for name in shards)

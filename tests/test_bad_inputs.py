@@ -134,6 +134,17 @@ def with_evil_state(work: Path, name: str) -> Path:
     return out
 
 
+def cache_of_other_shapes(work: Path) -> Path:
+    """An activation cache directory whose settings record half the channels at cut layer1."""
+    plan = json.loads(must_pass(*PLAN(work), "--json").output)["neighbourhoods"]
+    shapes = [plan[0]["input_shape"]] + [n["output_shape"] for n in plan]
+    shapes[1][0] //= 2
+    cache = work / "cases" / "cache"
+    cache.mkdir(parents=True, exist_ok=True)
+    (cache / "run.json").write_text(json.dumps({"shapes": shapes}))
+    return cache
+
+
 def three_channel_student(work: Path) -> Path:
     """A valid student for 3-channel 8x8 images (the teacher takes 1 channel)."""
     from synthkd.models import Classifier, InputFormat, ModelConfig
@@ -273,9 +284,27 @@ def resumed(work: Path, name: str) -> Path:
     return copy(work, name, f"{name}-resumed")
 
 
+def unprunable_teacher(work: Path) -> list:
+    """A FILE.py teacher whose per-channel factor is a buffer, which the dependency graph does not prune."""
+    folder = work / "cases" / "unprunable"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "net.py").write_text(
+        "import torch\nfrom torch import nn\n\n\nclass Scale(nn.Module):\n    def __init__(self):\n"
+        "        super().__init__()\n        self.register_buffer('factor', torch.ones(1, 8, 1, 1))\n\n"
+        "    def forward(self, x):\n        return x * self.factor\n\n\n"
+        "def make():\n    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), Scale(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), "
+        "nn.Linear(8, 10))\n")
+    torch.manual_seed(0)
+    from synthkd.models import import_factory
+
+    torch.save(import_factory(f"{folder / 'net.py'}:make")().state_dict(), folder / "weights.pt")
+    return ["--teacher", f"{folder / 'net.py'}:make", "--teacher-weights", folder / "weights.pt", "--input-shape", "1,8,8"]
+
+
 T = lambda w: ["--teacher", w / "teacher"]  # noqa: E731
 DISTILL = lambda w, out: ["distill", *T(w), "--data", w / "set", "--student", "resnet8", "--student-width", "0.25",  # noqa: E731
                           "--epochs", 1, "--batch-size", 16, "--out", out]
+PLAN = lambda w: [*DISTILL(w, w / "cases" / "s"), "--mode", "neighbourhood", "--cuts", "layer1,layer2", "--plan"]  # noqa: E731
 TRAIN = lambda out: ["train-teacher", "--dataset", "digits:train[:256]", *TEACHER, "--epochs", 1, "--out", out]  # noqa: E731
 
 CASES = [
@@ -296,6 +325,13 @@ CASES = [
     Case("distill", "student teacher:inner=abc", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:inner=abc"],
          "inner must be a positive number"),
     Case("distill", "--mixup -1", lambda w: [*DISTILL(w, w / "cases" / "s"), "--mixup", -1], "--mixup must be at least 0"),
+    Case("distill", "--student teacher:params=0.001 (no pruning reaches it)",
+         lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:params=0.001"], "cannot be reached by pruning"),
+    Case("distill", "--student teacher:width=1.5", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:width=1.5"],
+         "in (0, 1]"),
+    Case("distill", "a teacher the dependency graph cannot prune", lambda w: [
+        "distill", *unprunable_teacher(w), "--data", "digits:test[:64]", "--student", "teacher:width=0.5", "--epochs", 1,
+        "--out", w / "cases" / "s"], "'1' (Scale) fails"),
     Case("generate", "--num-images 0", lambda w: ["generate", *T(w), "--num-images", 0, "--out", w / "cases" / "g"], "must be positive"),
     Case("evaluate", "--batch-size 0", lambda w: ["evaluate", "--model", w / "teacher", "--dataset", "digits:test", "--batch-size", 0],
          "--batch-size must be positive"),
@@ -329,6 +365,11 @@ CASES = [
     Case("evaluate", "config.json names code", lambda w: ["evaluate", "--model", model_with(w, "code", arch="os:system",
                                                           arch_kwargs={"command": "echo PWNED"}), "--dataset", "digits:test[:8]"],
          "--trust-code"),
+    Case("distill", "--plan of a cache bigger than the disk", lambda w: [*PLAN(w), "--cache", "disk", "--cache-views", 10**8],
+         "short"),
+    Case("distill", "--plan against a cache of other shapes", lambda w: [*PLAN(w), "--cache", "disk", "--cache-dir",
+                                                                         cache_of_other_shapes(w)], "cut 'layer1'"),
+    Case("distill", "--json without --plan", lambda w: [*DISTILL(w, w / "cases" / "s"), "--json"], "with --plan"),
     Case("distill", "neighbourhood student with 3 channels, teacher 1", lambda w: [
         *DISTILL(w, w / "cases" / "s")[:5], "--student", three_channel_student(w), "--mode", "neighbourhood", "--cuts", "layer1",
         "--epochs", 1, "--out", w / "cases" / "s"], "teacher's input format"),
@@ -466,7 +507,12 @@ CASES = [
                                                                    "detector.ood=[digts:test]"], "digts"),
     Case("run", "distill.cuts naming no module", lambda w: ["run", run_config(w, "run-2"), "distill.mode=neighbourhood",
                                                             "distill.cuts=nolayer"], "nolayer"),
+    Case("run", "student.arch teacher:width=2", lambda w: ["run", run_config(w, "run-6"), "student.arch=teacher:width=2"],
+         "in (0, 1]"),
     Case("run", "eval_dataset misspelt", lambda w: ["run", run_config(w, "run-3"), "eval_dataset=digts:test"], "digts"),
+    Case("run", "--plan before the teacher is trained", lambda w: ["run", run_config(w, "run-plan"), "teacher.model=null",
+                                                                   "teacher.dataset=digits:train", "distill.mode=neighbourhood",
+                                                                   "--plan"], "not trained yet"),
     Case("run", "teacher.arch unknown", lambda w: ["run", run_config(w, "run-4"), "teacher.model=null", "teacher.dataset=digits:train",
                                                    "teacher.arch=resnet99"], "resnet99"),
     Case("run", "YAML alias bomb", lambda w: ["run", config_file(w, "bomb.yaml", ALIAS_BOMB)], "more than 100,000 values"),

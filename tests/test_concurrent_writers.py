@@ -34,7 +34,7 @@ def wait_for_lock(directory: Path, pid: int, process: subprocess.Popen, timeout:
 
 
 def test_two_generate_processes_on_one_directory(teacher_dir, tmp_path):
-    """The issue's reproduction: two `synthkd generate` with the same --out at the same time."""
+    """The reproduction: two `synthkd generate` with the same --out at the same time."""
     out = tmp_path / "gc"
     command = synthkd("generate", "--teacher", teacher_dir, "--num-images", 64, "--batch-size", 16, "--iterations", 60,
                       "--no-flip", "--seed", 5, "--out", out)

@@ -350,7 +350,10 @@ def test_detector_with_the_batchnorm_term(teacher, tmp_path, accelerator):
     assert torch.allclose(scores, expected, atol=1e-5)
     # the deviations alone separate noise from digits: the term carries information of its own
     noise = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
-    assert loaded.features(noise).deviations.mean() > 2 * data.deviations.mean()
+    noisy, clean = loaded.features(noise).deviations.mean(1), data.deviations.mean(1)
+    # AUROC of noise against digits by deviation: 0.95-0.98 across CPUs' kernels (the ratio of the
+    # means, 1.9-2.3, moved with them)
+    assert (noisy[:, None] > clean[None, :]).float().mean() > 0.9
     with pytest.raises(SynthkdError, match="needs the deviations at its"):
         loaded.score_features(data.features)
     with pytest.raises(SynthkdError, match="'fc' is not a BatchNorm layer"):

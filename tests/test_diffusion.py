@@ -22,7 +22,7 @@ from synthkd.pipelines.generate import SelectionSettings, generate
 
 from conftest import REPO, free_port, subprocess_env
 from test_cli import error_line, ok
-from test_multiprocess import launcher
+from conftest import launcher
 
 STEPS = 3
 
@@ -289,10 +289,8 @@ def test_train_diffusion_cli_saves_a_loadable_ddpm_and_resumes(tmp_path):
 
 def generate_with_two_ranks(*args: str) -> None:
     """`accelerate launch` two ranks (CPU processes over gloo without a GPU) of `synthkd generate`."""
-    cmd = [*launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+    cmd = [*launcher(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
            "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m", "synthkd", "generate", *args]
-    if cmd[0] != shutil.which("accelerate"):
-        cmd.remove("launch")  # `python -m accelerate.commands.launch` takes no subcommand
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
 

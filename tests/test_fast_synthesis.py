@@ -30,7 +30,7 @@ from synthkd.training import TrainSettings
 
 from conftest import REPO, run_killed_after_shards, subprocess_env
 from test_cli import error_line, invoke
-from test_multiprocess import launcher
+from conftest import launcher
 
 # 8x8 digits: no sub-pixel jitter/crop and no flips (they change a digit's class).
 NO_VIEWS = InversionLossSettings(flip=False, jitter=0.0, crop_scale=1.0)
@@ -238,14 +238,12 @@ def test_interleaved_distillation_resumes_after_sigkill(teacher_dir, tmp_path):
 def test_two_ranks_make_one_fast_set(teacher_dir, tmp_path):
     out = tmp_path / "set"
     cmd = [
-        *launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+        *launcher(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
         "--dynamo_backend", "no", "--main_process_port", str(__import__("conftest").free_port()),
         "-m", "synthkd", "generate", "--teacher", str(teacher_dir), "--method", "fast", "--num-images", "48",
         "--batch-size", "16", "--steps-per-batch", "2", "--warmup-batches", "1", "--draws-per-adaptation", "1",
         "--out", str(out),
     ]
-    if cmd[0] != __import__("shutil").which("accelerate"):
-        cmd.remove("launch")
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     manifest = json.loads((out / "manifest.json").read_text())

@@ -4,9 +4,7 @@ synthetic set: each rank writes its own shards, together exactly the planned set
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -17,14 +15,9 @@ from synthkd.generators.inversion import ActivationInversion, InversionSettings
 from synthkd.models import Classifier
 from synthkd.pipelines.generate import generate
 
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, free_port, launcher, subprocess_env
 
 NUM_IMAGES, BATCH, ITERATIONS = 64, 16, 5
-
-
-def launcher() -> list[str]:
-    accelerate = shutil.which("accelerate")
-    return [accelerate] if accelerate else [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 @pytest.mark.slow
@@ -32,13 +25,11 @@ def launcher() -> list[str]:
 def test_two_ranks_generate_one_set(teacher_dir, tmp_path, accelerator):
     out = tmp_path / "set"
     cmd = [
-        *launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        *launcher(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "synthkd", "generate", "--teacher", str(teacher_dir), "--num-images", str(NUM_IMAGES),
         "--batch-size", str(BATCH), "--iterations", str(ITERATIONS), "--out", str(out),
     ]
-    if cmd[0] != shutil.which("accelerate"):
-        cmd.remove("launch")  # `python -m accelerate.commands.launch` takes no subcommand
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     # Only the main process reports.

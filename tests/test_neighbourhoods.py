@@ -7,7 +7,6 @@ from __future__ import annotations
 import json
 import math
 import random
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -28,7 +27,7 @@ from synthkd.neighbourhood_training import NeighbourhoodSettings, NeighbourhoodD
 from synthkd.models.neighbourhoods import CutAdapter, fuse_adapters, resolve_cuts, split_network
 from synthkd.pipelines.distill import build_student, data_fingerprint
 
-from conftest import REPO, free_port, subprocess_env
+from conftest import REPO, free_port, launcher, subprocess_env
 
 # The tiny teacher is resnet8 x0.5 (8/16/32 channels); this student is half as wide.
 STUDENT_WIDTH = 0.25
@@ -384,11 +383,6 @@ def test_cli_bad_cut_is_a_one_line_error(teacher_dir, synthetic_dir, tmp_path):
 
 
 # --- processes -------------------------------------------------------------------------------
-
-
-def launcher() -> list[str]:
-    accelerate = shutil.which("accelerate")
-    return [accelerate, "launch"] if accelerate else [sys.executable, "-m", "accelerate.commands.launch"]
 
 
 @pytest.mark.slow

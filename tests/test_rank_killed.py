@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import REPO, free_port, subprocess_env
-from test_neighbourhoods import launcher
+from conftest import launcher
 
 
 def descendants(pid: int) -> list[int]:

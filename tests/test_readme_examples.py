@@ -1,5 +1,5 @@
-"""Every example command in the README runs, in the order written, at tiny scale: the commands are
-read from the README's bash blocks and only sizes change (epochs, images, iterations, batch sizes),
+"""Every example command in the README (and docs/) runs, in the order written, at tiny scale: the
+commands are read from the bash blocks and only sizes change (epochs, images, iterations, batch sizes),
 the datasets become slices of digits and resnet20 becomes resnet8; the spec grammar, the flags and
 every default stay as written, so an example cannot silently break again. Commands that need the
 network, files the README does not make, several GPUs or minutes are listed in SKIPPED, with why."""
@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import shlex
 import shutil
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -40,10 +41,16 @@ SKIPPED = {
 }
 
 
-def readme_commands() -> list[list[str]]:
-    """The ``synthkd`` commands of the README's bash blocks, in order, as argument lists."""
+# Each runs in a directory of its own: the README's summary, then docs/ (commands.md first: its
+# commands make what the other pages use).
+DOCUMENTS = {"README": [REPO / "README.md"],
+             "docs": [REPO / "docs" / "commands.md", *sorted(set((REPO / "docs").glob("*.md")) - {REPO / "docs" / "commands.md"})]}
+
+
+def readme_commands(paths: list[Path]) -> list[list[str]]:
+    """The ``synthkd`` commands of the bash blocks of ``paths``, in order, as argument lists."""
     commands = []
-    for block in re.findall(r"```bash\n(.*?)```", (REPO / "README.md").read_text(), re.S):
+    for block in re.findall(r"```bash\n(.*?)```", "\n".join(path.read_text() for path in paths), re.S):
         for line in block.replace("\\\n", " ").splitlines():
             words = shlex.split(line, comments=True)
             for start in range(len(words)):  # `bash setup.sh && synthkd demo`: from the synthkd
@@ -72,18 +79,19 @@ def tiny(words: list[str]) -> list[str]:
     return out
 
 
-COMMANDS = readme_commands()
+COMMANDS = {name: readme_commands(paths) for name, paths in DOCUMENTS.items()}
 
 
-def test_the_readme_has_its_examples():
-    assert len(COMMANDS) > 30 and all(words[0] == "synthkd" for words in COMMANDS)
-    assert [skip_reason(words) for words in COMMANDS].count(None) > 25
+def test_the_documents_have_their_examples():
+    assert all(words[0] == "synthkd" for commands in COMMANDS.values() for words in commands)
+    assert sum(skip_reason(words) is None for words in COMMANDS["docs"]) > 30 and len(COMMANDS["README"]) > 10
 
 
-def test_every_readme_example_runs_at_tiny_scale(tmp_path, monkeypatch):
+@pytest.mark.parametrize("document", list(DOCUMENTS))
+def test_every_example_runs_at_tiny_scale(document, tmp_path, monkeypatch):
     shutil.copytree(REPO / "configs", tmp_path / "configs")
     monkeypatch.chdir(tmp_path)
-    for words in COMMANDS:
+    for words in COMMANDS[document]:
         if skip_reason(words):
             continue
         args = tiny(words)

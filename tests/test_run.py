@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import pickle
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -23,7 +22,7 @@ from synthkd.io import flatten
 from synthkd.pipelines.run import plan, run_pipeline
 
 from conftest import REPO, free_port, subprocess_env
-from test_multiprocess import launcher
+from conftest import launcher
 
 
 def write_config(path: Path, data: dict) -> Path:
@@ -295,15 +294,13 @@ def test_report_references_only_files_that_exist(tmp_path, teacher_dir, accelera
 def test_quick_config_with_two_processes(tmp_path):
     run_dir = tmp_path / "run"
     cmd = [
-        *launcher(), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+        *launcher(), "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "synthkd", "run", "configs/digits_quick.yaml", f"out={run_dir}", "teacher.epochs=4",
         "generate.num_images=64", "generate.batch_size=32", "generate.iterations=5", "distill.epochs=2",
         "detector.limit=100",
         "--tracker", "tensorboard",
     ]
-    if cmd[0] != shutil.which("accelerate"):
-        cmd.remove("launch")  # `python -m accelerate.commands.launch` takes no subcommand
     done = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-4000:]
     assert done.stderr.count("synthkd run ->") == 1, done.stderr  # only the main process reports

@@ -29,7 +29,7 @@ from synthkd.search.costs import count_parameters
 from synthkd.search.knapsack import Solution
 
 from conftest import REPO, free_port, subprocess_env
-from test_neighbourhoods import launcher
+from conftest import launcher
 
 # The tiny teacher is resnet8 x0.5 (one block per stage); these candidates give each of its five
 # stage-level neighbourhoods six options (three widths, each also pruned to half its weights).

@@ -35,7 +35,7 @@ def rewrite_config(directory: Path, **changes) -> None:
 
 @pytest.fixture
 def evil(tmp_path, teacher_dir, monkeypatch) -> Path:
-    """The issue's reproduction: a model directory whose arch is os:system, with no .py file in it."""
+    """The reproduction: a model directory whose arch is os:system, with no .py file in it."""
     monkeypatch.chdir(tmp_path)
     directory = tmp_path / "evil"
     shutil.copytree(teacher_dir, directory)

@@ -166,13 +166,14 @@ def trust_code_option(function: Callable) -> Callable:
 
 def one_writer(function: Callable) -> Callable:
     """The command is the only writer of its ``--out`` directory while it runs (see
-    :func:`synthkd.io.exclusive_directory`); a second one is refused with exit code 2."""
+    :func:`synthkd.io.exclusive_directory`); a second one is refused with exit code 2. A
+    ``--plan`` writes nothing, so it takes no lock."""
 
     @functools.wraps(function)
     def command(*args: Any, **kwargs: Any) -> Any:
         from ..io import exclusive_directory
 
-        if kwargs.get("out") is None:
+        if kwargs.get("out") is None or kwargs.get("plan"):
             return function(*args, **kwargs)
         with exclusive_directory(kwargs["out"]):
             return function(*args, **kwargs)

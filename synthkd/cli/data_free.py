@@ -137,13 +137,24 @@ def inspect(model_spec, weights, input_shape, mean, std, data, student, as_json)
 @accelerator_options(tracking=True)
 @tagged(loader_options, help_group=RUN_GROUP)
 @tagged(click.option("--out", required=True, type=click.Path(file_okay=False), help="Student model directory to write."),
+        click.option("--plan", is_flag=True, help="Neighbourhood mode: print each neighbourhood's parameters, FLOPs and "
+                                                  "measured step time, their balance across the ranks, the activation "
+                                                  "cache's bytes per rank and the estimated time; train and write nothing."),
+        click.option("--plan-ranks", type=click.IntRange(min=1),
+                     help="With --plan: the number of ranks to plan for (default: the processes launched)."),
+        click.option("--json", "as_json", is_flag=True, help="With --plan: print the plan as JSON."),
         help_group=RUN_GROUP)
 @one_writer
 def distill(model_spec, weights, input_shape, mean, std, student, data, settings, seed, eval_dataset, device, out,
-            synthesis, inputs):
+            synthesis, inputs, plan, plan_ranks, as_json):
     """Distill a student from the teacher on a synthetic set."""
     from synthkd.pipelines.distill import distill as run_distill, student_for
 
+    if (plan_ranks or as_json) and not plan:
+        raise SynthkdError("--plan-ranks and --json describe the plan; use them with --plan")
+    if plan:
+        return print_distill_plan(model_spec, weights, input_shape, mean, std, student, data, settings, seed, device, out,
+                                  inputs, plan_ranks, as_json)
     if synthesis.enabled and settings.mode != "e2e":
         raise SynthkdError("--synthesize trains end to end; use --mode e2e with it")
     if inputs == "activations" and settings.mode != "neighbourhood":
@@ -166,6 +177,23 @@ def distill(model_spec, weights, input_shape, mean, std, student, data, settings
             f"teacher {metrics['teacher']['accuracy']:.4f}  student {metrics['student']['accuracy']:.4f}  "
             f"gap {metrics['gap'] * 100:.2f} points on {eval_dataset}"
         )
+
+
+def print_distill_plan(model_spec, weights, input_shape, mean, std, student, data, settings, seed, device, out, inputs,
+                       plan_ranks, as_json) -> None:
+    """``distill --plan``: no trackers and no output directory, since nothing is written."""
+    from synthkd.neighbourhood_plan import plan_lines
+    from synthkd.pipelines.distill import open_training_data, plan_distillation
+
+    if inputs != "images":
+        raise SynthkdError("--plan sizes a run on images; drop --inputs activations")
+    teacher = open_model(model_spec, weights, input_shape, mean, std)
+    accelerator = make_accelerator(device.mixed_precision)
+    num_images = len(open_training_data(data, teacher, accelerator))
+    found = plan_distillation(teacher, student, num_images, out, settings, seed, plan_ranks or accelerator.num_processes,
+                              accelerator)
+    if accelerator.is_main_process:
+        click.echo(json.dumps(found, indent=2) if as_json else "\n".join(plan_lines(found)))
 
 
 @main.command()

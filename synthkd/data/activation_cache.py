@@ -12,8 +12,12 @@ Layout::
     b-03/v00-shard-00000.safetensors      boundary 3 of view 0's first shard ("activations")
     progress/rank-{r}.json, manifest.json as in every set
 
-One rank makes all boundaries of a (view, shard) unit, from one teacher pass; a rank that trains
-neighbourhood k reads only the files of boundaries k and k+1.
+The cache is split by rank: each boundary is made by one rank, its *builder* (the rank that
+trains the neighbourhood whose target it is, :func:`boundary_builders`), from the boundary before
+it as stored, whichever rank made that one. So the teacher runs once over the set, each rank runs
+only the teacher pieces of its own neighbourhoods and writes only their targets, and a rank that
+trains neighbourhood k reads only the files of boundaries k and k+1. The directory is shared by
+the ranks (one machine, or a shared file system).
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 
 from synthkd.errors import SynthkdError
 
-from .format import ACTIVATION_CACHE, CACHE_TENSORS
+from .format import ACTIVATION_CACHE, CACHE_TENSORS, load_shard
 from .reader import open_manifest, read_listed_shard
 from .writer import ShardStore
 
@@ -36,9 +40,28 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 
 
 def cache_bytes(shapes: list[tuple[int, ...]], num_images: int, views: int, dtype: str) -> int:
-    """Bytes of the tensors of a cache (the files add a few hundred bytes each)."""
+    """Bytes of the tensors of a cache, or of some of its boundaries (the files add a few hundred
+    bytes each)."""
     per_image = sum(math.prod(shape) for shape in shapes)
     return per_image * num_images * views * DTYPES[dtype].itemsize
+
+
+def boundaries_of(neighbourhoods: list[int]) -> list[int]:
+    """The boundaries that training ``neighbourhoods`` reads: k (input) and k+1 (target) of each."""
+    return sorted({b for k in neighbourhoods for b in (k, k + 1)})
+
+
+def boundary_builders(needed: list[list[int]], num_boundaries: int) -> list[int]:
+    """The rank that makes each boundary, from the neighbourhoods each rank trains (``needed[r]``):
+    the first rank whose target it is (boundary b is neighbourhood b-1's target), else the first
+    whose input it is, else the builder of the boundary before it (rank 0 for the image), so every
+    rank computes only the teacher pieces of the neighbourhoods it trains."""
+    builders: list[int] = []
+    for b in range(num_boundaries):
+        targets = [r for r, owned in enumerate(needed) if b - 1 in owned]
+        inputs = [r for r, owned in enumerate(needed) if b in owned]
+        builders.append(min(targets or inputs or [builders[-1] if builders else 0]))
+    return builders
 
 
 class ActivationCacheWriter(ShardStore):
@@ -49,8 +72,11 @@ class ActivationCacheWriter(ShardStore):
     TENSORS = CACHE_TENSORS
 
     def __init__(self, out_dir: str | os.PathLike, record: dict[str, Any], shapes: list[tuple[int, ...]],
-                 num_images: int, shard_size: int, views: int, dtype: str, accelerator=None) -> None:
+                 num_images: int, shard_size: int, views: int, dtype: str, builders: list[int],
+                 accelerator=None) -> None:
+        """``builders``: the rank that makes each boundary (:func:`boundary_builders`)."""
         self.shapes = [tuple(int(d) for d in s) for s in shapes]
+        self.builders = list(builders)
         self.num_images, self.shard_size, self.views = int(num_images), int(shard_size), int(views)
         self.dtype = DTYPES[dtype]
         self.num_shards = math.ceil(self.num_images / self.shard_size)
@@ -64,11 +90,11 @@ class ActivationCacheWriter(ShardStore):
         boundary, unit = divmod(job, self.views * self.num_shards)
         return (boundary, *divmod(unit, self.num_shards))
 
-    def plan_unit(self, job: int) -> int:
-        return job % (self.views * self.num_shards)
+    def share(self, remaining: list[int]) -> list[int]:
+        return [job for job in remaining if self.builders[self._split(job)[0]] == self.rank]
 
     def pending(self) -> dict[tuple[int, int], list[int]]:
-        """This rank's (view, shard) units still to make, each with its missing boundaries."""
+        """This rank's (view, shard) units still to make, each with its missing boundaries in order."""
         units: dict[tuple[int, int], list[int]] = {}
         for job in self.pending_jobs():
             boundary, view, shard = self._split(job)
@@ -81,6 +107,11 @@ class ActivationCacheWriter(ShardStore):
     def write(self, boundary: int, view: int, shard: int, activations: torch.Tensor) -> None:
         tensor = activations.detach().to("cpu", self.dtype).contiguous()
         self.commit((boundary * self.views + view) * self.num_shards + shard, {"activations": tensor}, {})
+
+    def read(self, boundary: int, view: int, shard: int) -> torch.Tensor:
+        """A committed shard of a boundary, as stored (waiting for the rank that makes it)."""
+        job = (boundary * self.views + view) * self.num_shards + shard
+        return load_shard(self.committed_file(job), CACHE_TENSORS)["activations"]
 
     def job_file(self, job: int) -> str:
         boundary, view, shard = self._split(job)
@@ -106,7 +137,7 @@ class ActivationCacheWriter(ShardStore):
             raise ValueError(f"boundary {boundary}, view {view}, shard {shard} is not finite")
 
     def build_manifest(self, entries: list[dict]) -> dict:
-        return {**self.record, "shards": [{key: entry[key] for key in ("file", "sha256", "count")} for entry in entries]}
+        return {**self.record, "shards": [{key: entry[key] for key in ("file", "sha256", "count", "rank")} for entry in entries]}
 
     def manifest_shards(self, manifest: dict) -> list[dict]:
         return list(manifest["shards"])

@@ -20,6 +20,7 @@ import math
 import os
 import re
 import signal
+import time
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable
@@ -97,6 +98,7 @@ class ShardStore(ABC):
         self._check_run()
         self._manifest: dict | None = read_json(self._manifest_path) if self._manifest_path.exists() else None
         self._own_entries = {e["file"]: e for e in self._read_progress_file(self._progress_path(self.rank))}
+        self._remaining: set[int] = set()
         self._pending = [] if self._manifest is not None else self._plan()
         self.accelerator.wait_for_everyone()
 
@@ -188,17 +190,31 @@ class ShardStore(ABC):
         """Jobs of one unit are made together by one rank (e.g. the shards one computation writes)."""
         return job
 
-    def _plan(self) -> list[int]:
-        """This rank's share of the jobs no rank has finished (round-robin over the units left)."""
-        done = {self._job_of_file(name) for name in self._merged_progress(hash_conflicts=False)}
-        remaining = [job for job in range(self.num_jobs) if job not in done]
+    def share(self, remaining: list[int]) -> list[int]:
+        """This rank's jobs among those no rank has finished: round-robin over the units left."""
         units = sorted({self.plan_unit(job) for job in remaining})
         mine = set(units[self.rank :: self.world_size])
         return [job for job in remaining if self.plan_unit(job) in mine]
 
+    def _plan(self) -> list[int]:
+        """This rank's share of the jobs no rank has finished (every rank knows all of them)."""
+        done = {self._job_of_file(name) for name in self._merged_progress(hash_conflicts=False)}
+        self._remaining = {job for job in range(self.num_jobs) if job not in done}
+        return self.share(sorted(self._remaining))
+
     def pending_jobs(self) -> list[int]:
         """Jobs this rank must still make (empty for a finished set)."""
         return list(self._pending)
+
+    def committed_file(self, job: int, poll_seconds: float = 0.05) -> Path:
+        """The shard file of ``job`` once it is committed, by this rank or another one writing the
+        same directory (waiting for it): a rank that makes shards from another rank's ones reads
+        them as they are recorded, never a stale file of an earlier run that is being remade."""
+        name = self.job_file(job)
+        while (job in self._remaining and name not in self._own_entries
+               and name not in self._merged_progress(hash_conflicts=False)):
+            time.sleep(poll_seconds)
+        return self.out_dir / name
 
     # ------------------------------------------------------------------ writing
     def commit(self, job: int, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -240,7 +256,7 @@ class ShardStore(ABC):
             atomic_write_json(self._manifest_path, self.build_manifest([merged[self.job_file(j)] for j in range(self.num_jobs)]))
         self.accelerator.wait_for_everyone()
         self._manifest = read_json(self._manifest_path)
-        self._pending = []
+        self._pending, self._remaining = [], set()
         return self._manifest
 
     # ------------------------------------------------------------------ resuming

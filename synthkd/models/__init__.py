@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 from ..errors import SynthkdError
-from . import chain, resnet, thinning  # noqa: F401  (registers the zoo)
+from . import born, chain, resnet, thinning  # noqa: F401  (registers the zoo)
 from .classifier import (Classifier, InputFormat, ModelConfig, arch_needs_trust, build_network, import_factory, load_weights,
                          trusting_code, unwrap, weights_fingerprint)
 from .registry import MODELS, create_model, is_registered, list_models, parse_zoo_spec, register_model

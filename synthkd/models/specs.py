@@ -12,6 +12,11 @@ MODEL_SPEC_FORMS: tuple[tuple[str, str], ...] = (
                              "cut), resnet20:blocks=1,width=0.5, resnet20:sparsity=0.5"),
     ("teacher[:inner=R]", "for a student: the teacher itself with every inner channel group of each neighbourhood "
                           "thinned to R (any traceable network, found with torch.fx)"),
+    ("teacher:width=W|params=F|flops=F", "for a student: the teacher pruned through its dependency graph (torch-pruning; "
+                                         "residual streams included) to width W of every channel group, or to the widest "
+                                         "width within F of its parameters or FLOPs; importance=l1|bn|taylor and "
+                                         "recalibrate=true|false (here or in a zoo spec that is a narrower copy of the "
+                                         "teacher, e.g. resnet20:width=0.5) choose how it is born"),
     ("FILE.py:FACTORY", "a function in a Python file returning an nn.Module, with --weights / --teacher-weights "
                         "FILE and --input-shape C,H,W (--mean, --std)"),
     ("package.module:FACTORY", "the same, from an importable module"),

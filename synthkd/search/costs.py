@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..accelerator import synchronize
 from ..errors import SynthkdError
-from ..neighbourhood_training import count_flops
+from ..models.born import count_flops
 
 KINDS = ("params", "flops", "latency")
 LATENCY_UNITS = {"s": 1.0, "ms": 1e-3, "us": 1e-6}
@@ -30,11 +31,6 @@ def count_parameters(module: nn.Module) -> int:
     return total - pruned
 
 
-def _synchronize(device: torch.device) -> None:
-    if device.type != "cpu" and hasattr(torch, "accelerator"):
-        torch.accelerator.synchronize(device)
-
-
 @torch.no_grad()
 def measure_latency(module: nn.Module, x: torch.Tensor, device: torch.device, repeats: int = 15, warmup: int = 3) -> float:
     """Median seconds of one forward pass of ``module`` on ``x`` on ``device``."""
@@ -43,10 +39,10 @@ def measure_latency(module: nn.Module, x: torch.Tensor, device: torch.device, re
     x = x.to(device)
     times = []
     for run in range(warmup + repeats):
-        _synchronize(device)
+        synchronize(device)
         started = time.perf_counter()
         module(x)
-        _synchronize(device)
+        synchronize(device)
         if run >= warmup:
             times.append(time.perf_counter() - started)
     module.to(home)

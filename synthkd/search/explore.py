@@ -33,6 +33,7 @@ from ..errors import SynthkdError
 from ..io import atomic_write_json
 from ..models import Classifier, ModelConfig
 from ..models.pruning import hold_at_zero, prune_by_magnitude
+from ..models.born import born_like, format_probe, is_narrower_copy
 from ..models.thinning import copy_from_teacher, is_thinning_of
 from ..teacher_activations import TeacherActivations
 from ..neighbourhood_training import NeighbourhoodSettings, NeighbourhoodDistiller, StudentNeighbourhood, balance
@@ -45,12 +46,14 @@ from .space import Candidate
 def build_candidate(teacher: Classifier, candidate: Candidate, seed: int) -> Classifier:
     """The candidate network with the teacher's input format and classes (same seed, same weights);
     a candidate that is the teacher thinner inside its blocks starts from the teacher's strongest
-    channels."""
+    channels, and one that is narrower (or shallower) as the teacher pruned to its shapes."""
     set_seed(seed)
     model = Classifier.from_config(ModelConfig(arch=candidate.arch, arch_kwargs=dict(candidate.arch_kwargs),
                                                input=teacher.input_format, class_names=list(teacher.config.class_names)))
     if is_thinning_of(model, teacher):
         copy_from_teacher(model.net, teacher.net)
+    elif model.config.arch == teacher.config.arch and is_narrower_copy(model.net, teacher.net):
+        born_like(model.net, teacher.net, format_probe(teacher.input_format))
     return model
 
 
