@@ -28,7 +28,7 @@ from torch import nn
 from ..errors import SynthkdError, one_line, unpickling_problem
 from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
-from .sources import fetch_request, is_library_source, is_source_spec, open_source, source_usages
+from .sources import TRUSTED_ARCHS, fetch_request, is_library_source, is_source_spec, open_source, source_usages
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -165,9 +165,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 # The model directory being loaded without the user's trust: code its config names is refused,
-# except the architectures the user named (True: every one, what --trust-code says).
+# except the architectures trusted (sources.TRUSTED_ARCHS: True, every one, is what --trust-code says).
 _UNTRUSTED_DIRECTORY: ContextVar[Path | None] = ContextVar("synthkd_untrusted_directory", default=None)
-_TRUSTED_ARCHS: ContextVar[bool | frozenset[str]] = ContextVar("synthkd_trusted_archs", default=frozenset())
 
 
 def arch_needs_trust(arch: str) -> bool:
@@ -182,18 +181,12 @@ def trusting_code(trusted: bool = True, archs: Iterable[str] = ()) -> Iterator[N
     """Within: model directories may name code (FILE.py:factory, module:factory) that their loading
     imports and calls: any (``trusted``, what ``--trust-code`` says for directories the user wrote),
     or the architectures in ``archs`` (ones the user named, e.g. in a run config)."""
-    before = _TRUSTED_ARCHS.get()
-    token = _TRUSTED_ARCHS.set(True if trusted or before is True else before | frozenset(archs))
+    before = TRUSTED_ARCHS.get()
+    token = TRUSTED_ARCHS.set(True if trusted or before is True else before | frozenset(archs))
     try:
         yield
     finally:
-        _TRUSTED_ARCHS.reset(token)
-
-
-def code_trusted() -> bool:
-    """Whether ``--trust-code`` is in force: the code any model names may run (an HF repository's
-    own modelling code included), not only the architectures the user named."""
-    return _TRUSTED_ARCHS.get() is True
+        TRUSTED_ARCHS.reset(token)
 
 
 @contextmanager
@@ -208,7 +201,7 @@ def _loading_directory(directory: Path) -> Iterator[None]:
 def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
     """The network ``arch`` names; refused where a model directory loaded without trust names code
     (nested architectures, such as a chain's sources, pass through here too)."""
-    directory, trusted = _UNTRUSTED_DIRECTORY.get(), _TRUSTED_ARCHS.get()
+    directory, trusted = _UNTRUSTED_DIRECTORY.get(), TRUSTED_ARCHS.get()
     if directory is not None and arch_needs_trust(arch) and trusted is not True and arch not in trusted:
         raise SynthkdError(
             f"{directory / CONFIG_NAME} names code (arch {arch!r}); loading a model directory never runs code: "

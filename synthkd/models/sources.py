@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -63,6 +64,16 @@ class ModelSource:
 
 
 SOURCES: Registry[ModelSource] = Registry("model source")
+
+# The code model directories may run: True (every architecture, what --trust-code says) or the
+# architectures the user named; set by :func:`synthkd.models.classifier.trusting_code`.
+TRUSTED_ARCHS: ContextVar[bool | frozenset[str]] = ContextVar("synthkd_trusted_archs", default=frozenset())
+
+
+def code_trusted() -> bool:
+    """Whether ``--trust-code`` is in force: the code any model names may run (an HF repository's
+    own modelling code included), not only the architectures the user named."""
+    return TRUSTED_ARCHS.get() is True
 
 
 def register_source(name: str, *, usage: str, description: str, classes_kwarg: str | None = None,
@@ -277,8 +288,6 @@ def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     modelling code runs only under ``--trust-code``: ``trust_remote_code`` is always passed, so
     transformers never asks on stdin. Classes from ``id2label``; input size and normalisation from
     the image processor config (``preprocessor_config.json``), else ``image_size`` of the model config."""
-    from .classifier import code_trusted
-
     transformers = _library("transformers", "hf", "transformers", "pip install transformers")
     kwargs = dict(kwargs)
     if "trust_remote_code" in kwargs:
