@@ -1,10 +1,10 @@
 """Stage: export a model for use without synthkd (ONNX, TorchScript, a torch.export program),
 checked against PyTorch on a probe batch before the file is put in place.
 
-The exported network is the whole :class:`Classifier`: it takes float images in [0,1] of the
-model's input shape (N x C x H x W, any N) and returns logits; resizing is fixed at that shape
-and the normalisation is built in. A sidecar ``FILE.json`` records the input shape, the class
-names and the parity found.
+The exported network is the :class:`Classifier` for images of its own input shape: it takes float
+images in [0,1] of that shape (N x C x H x W, any N) and returns logits, with the normalisation
+built in (no resizing: the input has the model's shape). A sidecar ``FILE.json`` records the
+input shape, the class names and the parity found.
 """
 
 from __future__ import annotations
