@@ -276,8 +276,10 @@ print(json.dumps(info))
 def build_steps(s: dict, work: Path, have_evaluate_detector: bool, config: Path) -> list[dict]:
     W = lambda name: str(work / name)  # noqa: E731
     bf16 = ["--mixed-precision", "bf16"]
-    kd = ["--student", "resnet8", "--student-width", "0.5", "--batch-size", str(s["kd_batch"]), "--no-flip",
-          "--eval-dataset", "digits:test"]
+    kd_settings = ["--batch-size", str(s["kd_batch"]), "--no-flip", "--eval-dataset", "digits:test"]
+    kd = ["--student", "resnet8", "--student-width", "0.5", *kd_settings]
+    # a neighbourhood student keeps the teacher's activation shape at every cut: thinner inside its blocks
+    nd = ["--student", "resnet8:inner=0.5", *kd_settings]
     steps = [
         dict(name="env", cmd=[sys.executable, "-c", ENV_PROBE], shown="python3 -c ENV_PROBE (versions, CUDA, imports)",
              parse="env"),
@@ -305,7 +307,7 @@ def build_steps(s: dict, work: Path, have_evaluate_detector: bool, config: Path)
                                                        "--mode", "e2e", "--epochs", str(s["fp16_epochs"]),
                                                        "--mixed-precision", "fp16", "--out", W("st-e2e-fp16")],
              needs=["generate fast"], model="st-e2e-fp16"),
-        dict(name="distill neighbourhood bf16", args=["distill", "--teacher", W("teacher"), *kd, "--data", W("syn-inv"),
+        dict(name="distill neighbourhood bf16", args=["distill", "--teacher", W("teacher"), *nd, "--data", W("syn-inv"),
                                                       "--mode", "neighbourhood", "--cuts", "blocks",
                                                       "--epochs", str(s["nb_epochs"]), "--finetune-epochs", str(s["nb_finetune"]),
                                                       *bf16, "--out", W("st-nb")],

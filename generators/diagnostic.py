@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from synthkd.detector.features import default_layer
+from synthkd.errors import SynthkdError, one_line, warn
 from synthkd.io import atomic_write_json, read_json
 from synthkd.models import Classifier
 
@@ -131,6 +132,10 @@ def diagnose_set(directory: str | os.PathLike, teacher: Classifier, student: Cla
     from synthkd.data.reader import SyntheticDataset
 
     data = SyntheticDataset(directory, verify=False)
+    for name, model in (("the teacher", teacher), ("the student", student)):
+        if model is not None and model.num_classes != data.num_classes:
+            raise SynthkdError(f"{directory} has {data.num_classes} classes but {name} predicts {model.num_classes}; "
+                               "inspect a set with the teacher that made it and a student of its classes")
     made_of = {"shards": [shard["sha256"] for shard in data.manifest["shards"]], "teacher": teacher.fingerprint(),
                "student": student.fingerprint() if student is not None else None}
     existing = read_diagnostic(directory)
@@ -138,7 +143,10 @@ def diagnose_set(directory: str | os.PathLike, teacher: Classifier, student: Cla
         return existing
     diagnostic = {**diagnose(teacher, data.images, data.targets, student), "made_of": made_of}
     if write:
-        write_diagnostic(directory, diagnostic)
+        try:
+            write_diagnostic(directory, diagnostic)
+        except OSError as error:  # a read-only set: the diagnostic is still shown
+            warn(f"the diagnostic is not saved in {directory} ({one_line(error)})")
     return diagnostic
 
 

@@ -14,11 +14,11 @@ from typing import Any, Literal
 
 from synthkd.accelerator import accelerate_precision, mixed_precision_setting
 from synthkd.data import check_dataset
-from synthkd.errors import SynthkdError
+from synthkd.errors import SynthkdError, one_line
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings
 from synthkd.generators.registry import GENERATORS
 from synthkd.models import is_source_spec
-from synthkd.settings import Settings, read_value, refusal, setting, show
+from synthkd.settings import Settings, load_yaml, read_value, refusal, setting, show
 
 from .generate import GenerateSettings
 
@@ -99,15 +99,10 @@ class RunConfig(Settings):
 
 def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read, override and validate a config; raises one :class:`SynthkdError` listing every problem."""
-    import yaml
-
     path = Path(path)
     if not path.is_file():
         raise SynthkdError(f"config file {path} does not exist")
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as error:
-        raise SynthkdError(f"{path} is not valid YAML: {error}") from error
+    raw = read_yaml_file(path) or {}
     if not isinstance(raw, dict):
         raise SynthkdError(f"{path} must hold a mapping of sections (teacher:, generate:, ...), got {type(raw).__name__}")
     errors = apply_overrides(raw, overrides)
@@ -121,6 +116,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] | tuple[str, ...] 
     # `accelerate launch --mixed_precision bf16` is not the one without)
     config.mixed_precision = accelerate_precision(config.mixed_precision)
     return config
+
+
+def read_yaml_file(path: Path) -> Any:
+    """The YAML in ``path``, bounded (:func:`load_yaml`); text that is not UTF-8 YAML is refused."""
+    import yaml
+
+    try:
+        return load_yaml(path.read_text(encoding="utf-8"), str(path))
+    except (yaml.YAMLError, UnicodeDecodeError) as error:
+        raise SynthkdError(f"{path} is not a YAML text file ({one_line(error)}); give a run config "
+                           "(see configs/ for examples)") from error
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]) -> list[str]:

@@ -65,9 +65,9 @@ class StudentSettings(Settings):
         if parsed is None:
             return self.arch
         name, kwargs = parsed
-        if mode == "neighbourhood" and self.width is None and not {"width", "inner"} & set(kwargs):
-            same = teacher.config.arch == name
-            kwargs = {"width": teacher.config.arch_kwargs.get("width", 1.0) if same else 1.0, "inner": 0.5, **kwargs}
+        if mode == "neighbourhood" and self.width is None and "width" not in kwargs:  # the teacher's interfaces
+            width = teacher.config.arch_kwargs.get("width", 1.0) if teacher.config.arch == name else 1.0
+            kwargs = {**kwargs, "width": width} if "inner" in kwargs else {"width": width, "inner": 0.5, **kwargs}
         elif "width" not in kwargs:
             kwargs["width"] = 0.5 if self.width is None else self.width
         return f"{name}:" + ",".join(f"{key}={value}" for key, value in kwargs.items())

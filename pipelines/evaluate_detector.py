@@ -12,6 +12,7 @@ PNG plots.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -29,6 +30,7 @@ from synthkd.detector.metrics import detection_metrics, mann_whitney
 from synthkd.detector.plots import plot_roc_curves, plot_score_histograms
 from synthkd.detector.settings import DetectorEvaluationSettings
 from synthkd.errors import SynthkdError
+from synthkd.evaluation import as_model_labels, model_class_ids
 from synthkd.io import atomic_write_json
 from synthkd.models import Classifier
 from synthkd.seeds import derive_seed
@@ -41,14 +43,17 @@ def _limited(dataset: Dataset, limit: int | None) -> Dataset:
 
 
 def adversarial_set(model: Classifier, dataset: Dataset, name: str, epsilon: float, pgd_steps: int,
-                    accelerator: Accelerator, seed: int = 0, batch_size: int = 256) -> LabelledTensors:
-    """Adversarial versions of every image, attacking the true label (the prediction where unknown)."""
+                    accelerator: Accelerator, seed: int = 0, batch_size: int = 256,
+                    ids: torch.Tensor | None = None) -> LabelledTensors:
+    """Adversarial versions of every image, attacking the true label (the prediction where unknown);
+    ``ids``: the model's class id of each of the dataset's labels (:func:`model_class_ids`)."""
     loader = accelerator.prepare_data_loader(DataLoader(dataset, batch_size=batch_size, shuffle=False))
     model = model.to(accelerator.device).eval()
     generator = torch.Generator().manual_seed(derive_seed(seed, "attack start", accelerator.process_index))
     images_out, labels_out = [], []
     for batch in loader:
-        images, labels = batch.images.to(accelerator.device), torch.as_tensor(batch.targets).long().to(accelerator.device)
+        images = batch.images.to(accelerator.device)
+        labels = as_model_labels(torch.as_tensor(batch.targets).long().to(accelerator.device), ids)
         with torch.no_grad():
             predicted = model(images).argmax(1)
         adversarial = attack(name, model, images, torch.where(labels >= 0, labels, predicted), epsilon, pgd_steps, generator)
@@ -66,8 +71,11 @@ def collect_sources(
     each out-of-distribution set and each attack on the first ``attack_limit`` in-distribution
     images, at most ``settings.limit`` inputs of each, extracted once and cached."""
     limit, epsilon, pgd_steps = settings.limit, settings.epsilon, settings.pgd_steps
-    in_data = _limited(load_dataset(dataset), limit)
-    sources = {dataset: cached_extract(model, in_data, accelerator, layer, cache_dir, batchnorm=batchnorm)}
+    loaded = load_dataset(dataset)
+    ids = model_class_ids(model.config.class_names, loaded)  # a [classes=...] subset numbers its labels 0..
+    in_data = _limited(loaded, limit)
+    found = cached_extract(model, in_data, accelerator, layer, cache_dir, batchnorm=batchnorm)
+    sources = {dataset: replace(found, labels=as_model_labels(found.labels, ids))}
     for spec in settings.ood_specs():
         if spec in sources:
             raise SynthkdError(f"{spec} is the in-distribution set; give other sets with --ood")
@@ -77,7 +85,7 @@ def collect_sources(
     attacked_fingerprint = dataset_fingerprint(attacked)
     for name in settings.attacks:
         sources[name] = cached_extract(
-            model, lambda name=name: adversarial_set(model, attacked, name, epsilon, pgd_steps, accelerator),
+            model, lambda name=name: adversarial_set(model, attacked, name, epsilon, pgd_steps, accelerator, ids=ids),
             accelerator, layer, cache_dir if attacked_fingerprint else None,
             data_key=f"{attacked_fingerprint}|{name}|eps={epsilon}|steps={pgd_steps}", batchnorm=batchnorm,
         )

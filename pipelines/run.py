@@ -27,7 +27,7 @@ from typing import Any, Iterator, TextIO
 from accelerate import Accelerator
 
 from synthkd.accelerator import log_shown_from, logger
-from synthkd.pipelines.config import RunConfig, validate
+from synthkd.pipelines.config import RunConfig, read_yaml_file, validate
 from synthkd.data.reader import is_synthetic_dir
 from synthkd.detector.detector import CONFIG_NAME as DETECTOR_CONFIG
 from synthkd.detector.settings import CALIBRATION_KEYS
@@ -296,12 +296,10 @@ def describe_plan(steps: list[Step]) -> str:
 
 def check_run_dir(config: RunConfig, run_dir: Path, force: bool) -> None:
     """Refuse a run directory made by another config, naming what differs, unless ``force``."""
-    import yaml
-
     path = run_dir / CONFIG_NAME
     if force or not path.is_file():
         return
-    old = yaml.safe_load(path.read_text()) or {}
+    old = read_yaml_file(path) or {}
     errors: list[str] = []
     recorded = validate(old, errors) if isinstance(old, dict) else None
     if recorded is not None:  # defaults filled in: keys added to the schema since are no difference

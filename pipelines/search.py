@@ -24,7 +24,7 @@ from synthkd.search.costs import describe, measure_latency
 from synthkd.models.pruning import hold_at_zero
 from synthkd.search.knapsack import Solution, no_student_fits
 from synthkd.search.report import plot_frontier
-from synthkd.settings import Settings, refusal, setting
+from synthkd.settings import Settings, directory_problem, refusal, setting
 from synthkd.training import TrainSettings
 
 from .distill import data_fingerprint, finetune_settings, finish, kd_finetune, open_training_data
@@ -50,9 +50,10 @@ class SearchSettings(Settings):
     finetune_lr: float = setting(0.01, help="SGD learning rate of the fine-tune.", positive=True)
     batch_size: int = setting(128, help="Images per optimiser step.", positive=True)
     lr: float = setting(NEIGHBOURHOOD_LR, help="Adam learning rate of every piece.", positive=True)
-    cache_dir: str | None = setting(None, help="Where distilled candidates are kept, shared by searches of any budget "
-                                               "(default: $SYNTHKD_CACHE/search or ~/.cache/synthkd/search; "
-                                               "synthkd run: RUN_DIR/search-cache).")
+    cache_dir: str | None = setting(None, check=directory_problem,
+                                    help="Where distilled candidates are kept, shared by searches of any budget "
+                                         "(default: $SYNTHKD_CACHE/search or ~/.cache/synthkd/search; "
+                                         "synthkd run: RUN_DIR/search-cache).")
 
     def pieces(self, seed: int) -> NeighbourhoodSettings:
         """How every candidate piece is distilled."""
@@ -90,6 +91,7 @@ def explore(
             raise no_student_fits(describe(budget.kind, limit),
                                   f"the cheapest piece of every neighbourhood together costs {describe(budget.kind, least)}")
     cache_dir = Path(settings.cache_dir) if settings.cache_dir else default_cache_dir()
+    cache_dir.mkdir(parents=True, exist_ok=True)  # a cache that cannot be made (e.g. HOME unwritable) stops before any work
     exploration.distill(training_data, data_fingerprint(data, training_data), cache_dir)
     return exploration
 

@@ -130,7 +130,8 @@ def export(model: "Classifier | str", out: str | os.PathLike, *, format: str = "
     shape, class names). ``settings``: those of ``synthkd export`` (``probe_batch``, ``tolerance``)."""
     from .pipelines.export import ExportSettings, export_model
 
-    return export_model(_model(model), out, _settings(ExportSettings, {"format": format, **settings}), seed)
+    model_dir = model if isinstance(model, (str, os.PathLike)) and os.path.isdir(model) else None
+    return export_model(_model(model), out, _settings(ExportSettings, {"format": format, **settings}), seed, model_dir)
 
 
 def _model(model: Any) -> Any:

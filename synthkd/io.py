@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -39,6 +40,9 @@ def exclusive_directory(directory: str | os.PathLike) -> Iterator[Path]:
     created = not directory.exists()
     directory.mkdir(parents=True, exist_ok=True)
     lock_path = directory / LOCK_NAME
+    if lock_path.is_dir():
+        raise SynthkdError(f"{lock_path} is a directory where synthkd keeps its lock file; remove it (nothing of "
+                           "synthkd's is in it) and run again")
     lock = FileLock(lock_path, timeout=0, is_singleton=False)
     try:
         lock.acquire()
@@ -72,6 +76,14 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], None]) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def temp_target(path: str | os.PathLike) -> Path | None:
+    """The file a temp file of :func:`atomic_write` (``.NAME.XXXXXXXX.tmp``) was to become, or
+    None for any other name."""
+    path = Path(path)
+    match = re.fullmatch(r"\.(.+)\.[A-Za-z0-9_]{8}\.tmp", path.name)
+    return path.with_name(match.group(1)) if match else None
 
 
 def _umask() -> int:

@@ -45,7 +45,7 @@ from .losses import DISTILLATION_LOSSES, relative_squared_error
 from .models import Classifier, unwrap
 from .models.born import count_flops
 from .seeds import derive_seed
-from .settings import setting
+from .settings import directory_problem, setting
 from .training import KDSettings, TrainSettings, warmup_cosine
 from .models.neighbourhoods import (CutAdapter, activation_shapes, adapter_key, attach_cut_adapters, cut_channel_pairs,
                                     evaluating, fuse_adapters, resolve_cuts, split_network)
@@ -73,8 +73,9 @@ class NeighbourhoodSettings(TrainSettings, KDSettings):
     cache: Literal["auto", "memory", "disk"] = setting(
         "auto", help="Where the teacher's activations live: memory, disk (a resumable cache directory), or auto "
                      "(memory when they take under a quarter of the free memory).")
-    cache_dir: str | None = setting(None, help="Disk cache directory (default: OUT/activation-cache); a cache of another "
-                                               "teacher, set, cut list or views is refused.")
+    cache_dir: str | None = setting(None, check=directory_problem,
+                                    help="Disk cache directory (default: OUT/activation-cache); a cache of another "
+                                         "teacher, set, cut list or views is refused.")
     cache_views: int = setting(1, positive=True, help="Views of every image in the cache: the image as made, then "
                                                       "views-1 augmented ones (pad-and-crop, --flip, --mixup).")
     cache_dtype: Literal["float32", "float16"] = setting("float32", help="Precision of the stored activations.")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import types
 import typing
 from dataclasses import MISSING, asdict, fields, is_dataclass
@@ -68,6 +69,12 @@ def refusal(read: Callable[[Any], Any]) -> Check:
         return None
 
     return check
+
+
+def directory_problem(path: str) -> str | None:
+    """A check of a directory setting: refused where the path is something other than a directory."""
+    return f"{path} is a file, not a directory; give a directory" if os.path.lexists(path) and not os.path.isdir(path) \
+        else None
 
 
 def choices_of(spec: dataclasses.Field) -> list[str] | None:
@@ -247,16 +254,68 @@ def describe(hint: Any) -> str:
     return {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}[hint]
 
 
+# The most values one YAML document may stand for, aliases (``*NAME``) expanded: a dozen lines of
+# nested aliases otherwise stand for billions, which every later copy or message would expand.
+YAML_VALUES = 100_000
+
+
+def load_yaml(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)``, refused with a :class:`SynthkdError` naming ``where`` when its
+    aliases expand to more than :data:`YAML_VALUES` values, refer to themselves, or it nests deeper
+    than Python recurses; other malformed YAML raises ``yaml.YAMLError``."""
+    import yaml
+
+    class BoundedLoader(yaml.SafeLoader):
+        def compose_document(self):
+            node = super().compose_document()
+            _expanded_size(node, {}, set(), where)
+            return node
+
+    try:
+        return yaml.load(text, Loader=BoundedLoader)  # noqa: S506 (a SafeLoader)
+    except RecursionError:
+        raise SynthkdError(f"{where} nests too deeply to read; write it with fewer nested levels") from None
+
+
+def _expanded_size(node: Any, sizes: dict[int, int], open_nodes: set[int], where: str) -> int:
+    """Values ``node`` stands for with every alias expanded, counted once per distinct node."""
+    import yaml
+
+    key = id(node)
+    if key in sizes:
+        return sizes[key]
+    if key in open_nodes:
+        raise SynthkdError(f"{where} has an alias inside the value it names (a structure that contains itself); "
+                           "write the values out")
+    open_nodes.add(key)
+    children = (node.value if isinstance(node, yaml.SequenceNode)
+                else [part for pair in node.value for part in pair] if isinstance(node, yaml.MappingNode) else [])
+    size = 1
+    for child in children:
+        size += _expanded_size(child, sizes, open_nodes, where)
+        if size > YAML_VALUES:
+            raise SynthkdError(f"{where} stands for more than {YAML_VALUES:,} values once its aliases (*NAME) are "
+                               "expanded; write a config of ordinary size")
+    open_nodes.discard(key)
+    sizes[key] = size
+    return size
+
+
 def read_value(text: str) -> Any:
     """A value typed on the command line (``KEY=VALUE`` overrides, ``--method-option``) as YAML
     reads it (``0.5``, ``true``, ``[1, 2]``), or the text itself where it is not YAML."""
     import yaml
 
     try:
-        return yaml.safe_load(text)
+        return load_yaml(text, f"the value {text[:40]!r}")
     except yaml.YAMLError:
         return text
 
 
+SHOWN_CHARACTERS = 200  # of a value quoted in a message
+
+
 def show(value: Any) -> str:
-    return json.dumps(value, default=str)
+    """``value`` as JSON for a message, at most :data:`SHOWN_CHARACTERS` long."""
+    text = json.dumps(value, default=str)
+    return text if len(text) <= SHOWN_CHARACTERS else text[: SHOWN_CHARACTERS - 3] + "..."

@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader, Dataset
 from .accelerator import log_progress, logger, progress_bar, training_memory_format
 from .data.loading import loader_options
 from .evaluation import evaluate
-from .errors import SynthkdError, one_line, warn
+from .errors import SynthkdError, unpickling_problem, warn
 from .io import atomic_write, atomic_write_json, read_json, refuse_changed_settings
 from .models import Classifier, unwrap
 from .settings import Settings, setting
@@ -93,7 +93,7 @@ class Checkpoint:
             else:
                 recorded = json.loads(state["record"])
         except Exception as error:  # an unpickler refusal, a truncated file, an older format
-            raise SynthkdError(f"{self.path} is not a training state of this synthkd ({one_line(error)}); "
+            raise SynthkdError(f"{self.path} is not a training state of this synthkd ({unpickling_problem(error)}); "
                                "delete it to start again") from error
         refuse_changed_settings(f"{self.path} was written", recorded, self.record)
         model.load_state_dict(state["model"])

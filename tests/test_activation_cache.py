@@ -54,6 +54,10 @@ def test_zoo_spec_grammar_and_mode_defaults(teacher):
     assert student.spec("neighbourhood", teacher) == "resnet8:width=0.5,inner=0.5"  # the teacher's width
     assert StudentSettings(arch="resnet8", width=0.25).spec("neighbourhood", teacher) == "resnet8:width=0.25"
     assert StudentSettings(arch="resnet8:inner=0.25").spec("neighbourhood", teacher) == "resnet8:inner=0.25,width=0.5"
+    # naming inner keeps the mode's width, the teacher's (the README's example), also for a narrower teacher
+    teacher.config.arch_kwargs["width"] = 0.25  # the fixture is this test's own copy
+    assert StudentSettings(arch="resnet8:inner=0.5").spec("neighbourhood", teacher) == "resnet8:inner=0.5,width=0.25"
+    assert StudentSettings(arch="resnet8:inner=0.5").spec("e2e", teacher) == "resnet8:inner=0.5,width=0.5"
 
 
 def test_interface_keeping_student_starts_from_the_teacher_and_merges_without_adapters(teacher, accelerator,

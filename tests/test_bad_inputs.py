@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import pickle
 import shutil
 from dataclasses import dataclass
@@ -23,8 +24,9 @@ from synthkd.io import LOCK_NAME
 TEACHER = ["--arch", "resnet8", "--width", "0.25", "--batch-size", "64"]
 
 
-def invoke(*args):
-    return CliRunner().invoke(main, [str(a) for a in args])
+def invoke(*args, env: dict | None = None):
+    """The command with "y" on stdin: no bad input may be accepted by answering a prompt."""
+    return CliRunner().invoke(main, [str(a) for a in args], input="y\n", env=env)
 
 
 def must_pass(*args):
@@ -93,6 +95,7 @@ class Case:
     bad: str
     make: Callable[[Path], list]
     expect: str  # a phrase the one error line must contain
+    env: Callable[[Path], dict] | None = None  # environment variables of the command
 
     @property
     def id(self) -> str:
@@ -154,6 +157,85 @@ def three_channel_student(work: Path) -> Path:
     return student
 
 
+def hf_with_remote_code(work: Path) -> str:
+    """A transformers model directory whose config maps its classes to its own code, which leaves a
+    marker file when imported (transformers asks "[y/N]" on stdin for such a model by default)."""
+    model = work / "cases" / "hf-remote-code"
+    model.mkdir(parents=True, exist_ok=True)
+    (model / "config.json").write_text(json.dumps({"model_type": "evil-net", "auto_map": {
+        "AutoConfig": "evil.EvilConfig", "AutoModelForImageClassification": "evil.EvilModel"}}))
+    (model / "evil.py").write_text(f"open({str(work / 'MARKER')!r}, 'w').close()\nprint('PWNED')\n")
+    return f"hf:{model}"
+
+
+BRANCHY = """import torch
+
+
+class Branchy(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.head = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        logits = self.head(x.flatten(1))
+        return logits * 3 if x.mean() > 0.9 else logits  # another answer on bright images
+
+
+def branchy():
+    return Branchy()
+"""
+
+
+def branchy_model(work: Path) -> list:
+    """A model given as code whose forward branches on the data, as --model and its flags."""
+    from safetensors.torch import save_file
+
+    folder = work / "cases" / "branchy"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "branchy.py").write_text(BRANCHY)
+    save_file({"head.weight": torch.randn(10, 64), "head.bias": torch.zeros(10)}, str(folder / "w.safetensors"))
+    return ["--model", f"{folder / 'branchy.py'}:branchy", "--weights", folder / "w.safetensors", "--input-shape", "1,8,8"]
+
+
+def existing_file(work: Path, name: str) -> Path:
+    path = work / "cases" / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("the user's own file\n")
+    return path
+
+
+def student_of_classes(work: Path, count: int) -> Path:
+    """A valid student for the teacher's images that predicts ``count`` classes."""
+    from synthkd.models import Classifier, InputFormat, ModelConfig
+
+    student = work / "cases" / f"{count}-class-student"
+    if not student.is_dir():
+        config = ModelConfig(arch="resnet8", arch_kwargs={"width": 0.25, "in_channels": 1, "num_classes": count},
+                             input=InputFormat(1, 8, 8), class_names=[str(i) for i in range(count)])
+        Classifier.from_config(config).save_pretrained(student)
+    return student
+
+
+def png_claiming(folder: Path, width: int, height: int) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` pixels (and holds none)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    (folder / "c").mkdir(parents=True, exist_ok=True)
+    (folder / "c" / "big.png").write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0))
+                                      + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b""))
+    return folder
+
+
+def out_with_lock_directory(work: Path) -> Path:
+    out = work / "cases" / "locked"
+    (out / LOCK_NAME).mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def set_with_shard_name(work: Path, name: str) -> Path:
     data = copy(work, "set", "renamed-shard")
     manifest = json.loads((data / "manifest.json").read_text())
@@ -183,6 +265,18 @@ def run_config(work: Path, name: str) -> Path:
     config.parent.mkdir(parents=True, exist_ok=True)
     config.write_text((work / "run.yaml").read_text().replace(str(work / "run"), str(work / "cases" / name)))
     return config
+
+
+def config_file(work: Path, name: str, content: str | bytes) -> Path:
+    config = work / "cases" / name
+    config.parent.mkdir(parents=True, exist_ok=True)
+    config.write_bytes(content.encode() if isinstance(content, str) else content)
+    return config
+
+
+# 10 levels of 10 aliases each: 10^10 values once expanded, in 11 lines.
+ALIAS_BOMB = "a0: &a0 [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 10)}]\n" for i in range(1, 10)) + "teacher: *a9\n"
 
 
 def resumed(work: Path, name: str) -> Path:
@@ -222,6 +316,14 @@ CASES = [
     Case("distill", "--batch-size 0", lambda w: [*DISTILL(w, w / "cases" / "s"), "--batch-size", 0], "--batch-size must be positive"),
     Case("distill", "--epochs 0", lambda w: [*DISTILL(w, w / "cases" / "s"), "--epochs", 0], "--epochs must be positive"),
     Case("distill", "--student-width -1", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student-width", -1], "must be positive"),
+    Case("distill", "student resnet8:inner=-1", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "resnet8:inner=-1"],
+         "inner must be a positive number"),
+    Case("distill", "student resnet8:blocks=0", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "resnet8:blocks=0"],
+         "blocks must be a positive whole number"),
+    Case("distill", "student resnet8:sparsity=abc", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student",
+                                                               "resnet8:sparsity=abc"], "sparsity must be a number in [0, 1)"),
+    Case("distill", "student teacher:inner=abc", lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:inner=abc"],
+         "inner must be a positive number"),
     Case("distill", "--mixup -1", lambda w: [*DISTILL(w, w / "cases" / "s"), "--mixup", -1], "--mixup must be at least 0"),
     Case("distill", "--student teacher:params=0.001 (no pruning reaches it)",
          lambda w: [*DISTILL(w, w / "cases" / "s"), "--student", "teacher:params=0.001"], "cannot be reached by pruning"),
@@ -242,11 +344,24 @@ CASES = [
          "is not a readable safetensors file"),
     Case("evaluate", "config.json bad arch_kwargs", lambda w: ["evaluate", "--model", model_with(w, "kw", arch_kwargs={"depth": 3}),
                                                                "--dataset", "digits:test[:8]"], "cannot build 'resnet8' with arch_kwargs"),
+    Case("evaluate", "config.json width 2000", lambda w: ["evaluate", "--model", model_with(
+        w, "wide", arch_kwargs={**json.loads((w / "teacher" / "config.json").read_text())["arch_kwargs"], "width": 2000}),
+        "--dataset", "digits:test[:8]"], "does not belong to these weights"),
+    Case("evaluate", "config.json asks torchvision for weights=DEFAULT", lambda w: ["evaluate", "--model", model_with(
+        w, "tv-weights", arch="torchvision:resnet18", arch_kwargs={"weights": "DEFAULT"}), "--dataset", "digits:test[:8]"],
+         "never downloads"),
+    Case("evaluate", "config.json asks timm for pretrained weights", lambda w: ["evaluate", "--model", model_with(
+        w, "timm-weights", arch="timm:test_resnet?pretrained=true", arch_kwargs={"num_classes": 10}), "--dataset",
+        "digits:test[:8]"], "never downloads"),
+    Case("evaluate", "config.json names an hf id without its config", lambda w: ["evaluate", "--model", model_with(
+        w, "hf-id", arch="hf:google/vit-base-patch16-224", arch_kwargs={}), "--dataset", "digits:test[:8]"], "never downloads"),
     Case("evaluate", "config.json input_shape 0", lambda w: ["evaluate", "--model", model_with(w, "shape", input_shape=[1, 0, 8]),
                                                              "--dataset", "digits:test[:8]"], "three positive integers"),
     Case("evaluate", "config.json class_names of wrong length",
          lambda w: ["evaluate", "--model", model_with(w, "names", class_names=["a", "b"]), "--dataset", "digits:test[:8]"],
          "class names"),
+    Case("evaluate", "hf: directory with remote code, 'y' on stdin", lambda w: ["evaluate", "--model", hf_with_remote_code(w),
+                                                                              "--dataset", "digits:test[:8]"], "--trust-code"),
     Case("evaluate", "config.json names code", lambda w: ["evaluate", "--model", model_with(w, "code", arch="os:system",
                                                           arch_kwargs={"command": "echo PWNED"}), "--dataset", "digits:test[:8]"],
          "--trust-code"),
@@ -258,9 +373,16 @@ CASES = [
     Case("distill", "neighbourhood student with 3 channels, teacher 1", lambda w: [
         *DISTILL(w, w / "cases" / "s")[:5], "--student", three_channel_student(w), "--mode", "neighbourhood", "--cuts", "layer1",
         "--epochs", 1, "--out", w / "cases" / "s"], "teacher's input format"),
+    Case("inspect", "--student of another class count", lambda w: ["inspect", "--teacher", w / "teacher", "--data", w / "set",
+                                                                   "--student", student_of_classes(w, 3)],
+         "the student predicts 3"),
     # Data that cannot be read.
     Case("evaluate", "empty slice digits:test[5:2]", lambda w: ["evaluate", "--model", w / "teacher", "--dataset", "digits:test[5:2]"],
          "empty"),
+    Case("evaluate", "classes=0-100000,1-100000", lambda w: ["evaluate", "--model", w / "teacher", "--dataset",
+                                                            "digits:test[classes=0-100000,1-100000]"], "has classes 0-9, not 100000"),
+    Case("evaluate", "slice before classes", lambda w: ["evaluate", "--model", w / "teacher", "--dataset",
+                                                        "digits:test[:10][classes=0-7]"], "write the classes first"),
     Case("train-teacher", "empty slice", lambda w: ["train-teacher", "--dataset", "digits:train[5:2]", *TEACHER, "--epochs", 1,
                                                     "--out", w / "cases" / "t"], "empty"),
     Case("distill", "empty slice as --data", lambda w: [*DISTILL(w, w / "cases" / "s")[:3], "--data", "digits:test[5:2]",
@@ -285,6 +407,26 @@ CASES = [
         "distill", *T(w), "--data", activation_set_with_shard(w, str(w / "set" / "shard-00000.safetensors")), "--mode",
         "neighbourhood", "--inputs", "activations", "--cuts", "layer1", "--student", "resnet8", "--student-width", "0.25",
         "--epochs", 1, "--out", w / "cases" / "s"], "outside"),
+    Case("detect", "PNG header claiming 100000x100000", lambda w: ["detect", "--detector", w / "detector", "--inputs",
+                                                                  f"folder:{png_claiming(w / 'cases' / 'bomb', 100000, 100000)}"],
+         "claims more pixels than an image may have"),
+    Case("evaluate", "hf:imagefolder with a PNG header claiming 100000x100000", lambda w: [
+        "evaluate", "--model", w / "teacher", "--dataset", f"hf:imagefolder:{png_claiming(w / 'cases' / 'bomb', 100000, 100000)}:train"],
+         "claims more pixels than an image may have"),
+    Case("distill", "--cache-dir a regular file", lambda w: [
+        *DISTILL(w, w / "cases" / "s")[:-2], "--mode", "neighbourhood", "--cache", "disk", "--cache-dir",
+        existing_file(w, "cache-file"), "--out", w / "cases" / "s"], "is a file, not a directory"),
+    Case("search", "--cache-dir a regular file", lambda w: ["search", *T(w), "--data", w / "set", "--cache-dir",
+                                                            existing_file(w, "cache-file"), "--out", w / "cases" / "q"],
+         "is a file, not a directory"),
+    Case("search", "HOME a regular file (the default cache)", lambda w: ["search", *T(w), "--data", w / "set", "--epochs", 1,
+                                                                        "--out", w / "cases" / "q"], "Not a directory",
+         env=lambda w: {"HOME": str(existing_file(w, "home-file")), "XDG_CACHE_HOME": None, "SYNTHKD_CACHE": None}),
+    Case("distill", "--out holding a directory named like the lock file", lambda w: DISTILL(w, out_with_lock_directory(w)),
+         "where synthkd keeps its lock file"),
+    Case("evaluate", "evil pickle as --weights", lambda w: ["evaluate", *branchy_model(w)[:2], "--weights",
+                                                            with_evil_state(w, "teacher") / "training_state.pt", "--input-shape",
+                                                            "1,8,8", "--dataset", "digits:test[:8]"], "Unsupported global"),
     # Resumes: an evil pickle as the checkpoint, and every changed setting or input.
     Case("train-teacher", "evil pickle as training_state.pt", lambda w: [*TRAIN(with_evil_state(w, "teacher"))],
          "is not a training state"),
@@ -346,6 +488,20 @@ CASES = [
     Case("evaluate", "--ood with a misspelt dataset", lambda w: [
         "evaluate", "--model", w / "teacher", "--dataset", "digits:test[:40]", "--detector", w / "detector", "--ood", "digts:test",
         "--out", w / "cases" / "e"], "digts"),
+    Case("export", "--out the model's own weights, with --overwrite", lambda w: [
+        "export", "--model", w / "teacher", "--overwrite", "--out", w / "teacher" / "model.safetensors"], "inside the model directory"),
+    Case("export", "--out an existing file", lambda w: ["export", "--model", w / "teacher", "--out", existing_file(w, "mine.onnx")],
+         "already exists"),
+    Case("export", "--out an existing FILE.json", lambda w: ["export", "--model", w / "teacher", "--out", existing_file(
+        w, "new.onnx.json").with_suffix("")], "already exists"),
+    Case("export", "torchscript of a forward branching on the data",
+         lambda w: ["export", *branchy_model(w), "--format", "torchscript", "--out", w / "cases" / "b.pt"], "trace may be wrong"),
+    Case("export", "exported-program of a forward branching on the data",
+         lambda w: ["export", *branchy_model(w), "--format", "exported-program", "--out", w / "cases" / "b.pt2"],
+         "cannot export this model"),
+    Case("export", "onnx of a forward branching on the data",
+         lambda w: ["export", *branchy_model(w), "--format", "onnx", "--out", w / "cases" / "b.onnx"], "cannot export this model"),
+    Case("export", "no --out", lambda w: ["export", "--model", w / "teacher"], "Missing option '--out'"),
     # synthkd run: every spec checked before the first stage.
     Case("run", "detector.ood with a misspelt dataset", lambda w: ["run", run_config(w, "run-1"), "detector.enabled=true",
                                                                    "detector.ood=[digts:test]"], "digts"),
@@ -359,6 +515,13 @@ CASES = [
                                                                    "--plan"], "not trained yet"),
     Case("run", "teacher.arch unknown", lambda w: ["run", run_config(w, "run-4"), "teacher.model=null", "teacher.dataset=digits:train",
                                                    "teacher.arch=resnet99"], "resnet99"),
+    Case("run", "YAML alias bomb", lambda w: ["run", config_file(w, "bomb.yaml", ALIAS_BOMB)], "more than 100,000 values"),
+    Case("run", "YAML alias bomb as an override", lambda w: ["run", run_config(w, "run-6"), "seed=" + " ".join(
+        ALIAS_BOMB.replace("\n", ", ").rstrip(", ").join("{}").split())], "more than 100,000 values"),
+    Case("run", "YAML alias naming itself", lambda w: ["run", config_file(w, "recursive.yaml", "teacher: &a [*a]\n")],
+         "contains itself"),
+    Case("run", "config of binary garbage", lambda w: ["run", config_file(w, "garbage.yaml", bytes(range(256)) * 4)],
+         "is not a YAML text file"),
     Case("run", "teacher.model naming code", lambda w: ["run", run_config(w, "run-5"), f"teacher.model={model_with(w, 'run-code', arch='os:system')}"],
          "--trust-code"),
 ]
@@ -367,13 +530,27 @@ CASES = [
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_bad_input(case: Case, work: Path, monkeypatch):
     monkeypatch.chdir(work)
-    args = case.make(work)
+    args, env = case.make(work), case.env(work) if case.env else None
     before = tree_state(work)
-    result = invoke(*args)
+    result = invoke(*args, env=env)
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert result.exit_code == 2, (result.exit_code, result.output, result.exception)
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert case.expect in lines[0], lines[0]
-    assert "PWNED" not in result.output
+    assert "PWNED" not in result.output and not (work / "MARKER").exists()
+    assert "weights_only=False" not in result.output  # torch's advice to load a pickle with its code is never passed on
     changed = {name for name in set(before) | set(tree_state(work)) if before.get(name) != tree_state(work).get(name)}
     assert not changed, f"files changed: {sorted(changed)}"
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root writes into read-only directories")
+def test_inspect_of_a_read_only_set_prints_the_diagnostic(work):
+    data = copy(work, "set", "read-only-set")
+    (data / "diagnostic.json").unlink()
+    data.chmod(0o555)
+    try:
+        result = invoke("inspect", "--teacher", work / "teacher", "--data", data, "--json")
+    finally:
+        data.chmod(0o755)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["made_of"] and "not saved" in result.stderr

@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from PIL import Image
 
 from synthkd.data import load_dataset
 from synthkd.detector import Detector, Features, conformal_p_values, doctor
@@ -159,6 +160,27 @@ def test_class_subsets_keep_the_near_ood_classes_apart():
     for bad in ("digits:train[classes=7-2]", "digits:train[classes=a]", "digits:train[classes=0-10]"):
         with pytest.raises(SynthkdError, match="classes"):
             load_dataset(bad)
+
+
+def test_a_class_subset_is_scored_as_the_models_classes(teacher, accelerator, tmp_path):
+    from synthkd.evaluation import evaluate
+
+    everything = evaluate(teacher, load_dataset("digits:test"), accelerator)["per_class"]
+    subset = evaluate(teacher, load_dataset("digits:test[classes=9,8]"), accelerator)
+    assert subset["per_class"] == {"8": everything["8"], "9": everything["9"]}  # ids 8, 9, not renumbered 0, 1
+    # the detector's evaluation takes the model's ids too: its mistakes and the attacks' true labels
+    from synthkd.detector.features import default_layer
+    from synthkd.detector.settings import DetectorEvaluationSettings
+    from synthkd.pipelines.evaluate_detector import collect_sources
+
+    sources = collect_sources(teacher, "digits:test[classes=9,8]", DetectorEvaluationSettings(ood=[], attacks=["fgsm"]),
+                              default_layer(teacher), accelerator, cache_dir=None)
+    assert set(sources["digits:test[classes=9,8]"].labels.tolist()) == set(sources["fgsm"].labels.tolist()) == {8, 9}
+    for name in ("cat", "dog"):  # classes the model does not have
+        (tmp_path / name).mkdir()
+        Image.new("L", (8, 8)).save(tmp_path / name / "a.png")
+    with pytest.raises(SynthkdError, match="classes cat, dog are not among the model's 10 classes"):
+        evaluate(teacher, load_dataset(f"folder:{tmp_path}"), accelerator)
 
 
 # ---------------------------------------------------------------------------- command line

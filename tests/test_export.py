@@ -28,7 +28,7 @@ def test_export_matches_pytorch(format, teacher_dir, tmp_path):
     out = tmp_path / ("model.pt2" if format == "exported-program" else f"model.{format}")
     result = CliRunner().invoke(main, ["export", "--model", str(teacher_dir), "--format", format, "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert "max abs difference from PyTorch on 8 probe images" in result.stdout
+    assert "max abs difference from PyTorch on 8 random and 3 constant probe images" in result.stdout
     record = json.loads(out.with_name(out.name + ".json").read_text())
     assert record["format"] == format and record["input_shape"] == [1, 8, 8] and len(record["class_names"]) == 10
     assert 0 <= record["max_abs_diff"] <= 1e-3
@@ -37,6 +37,17 @@ def test_export_matches_pytorch(format, teacher_dir, tmp_path):
     images = torch.stack([load_dataset("digits:test[:5]")[i].images for i in range(5)])  # another batch size
     with torch.no_grad():
         assert torch.allclose(RUNTIMES[format](out, images), model(images), atol=1e-4)
+
+
+def test_an_existing_export_is_replaced_only_with_overwrite(teacher_dir, tmp_path):
+    out = tmp_path / "model.pt"
+    args = ["export", "--model", str(teacher_dir), "--format", "torchscript", "--out", str(out)]
+    assert CliRunner().invoke(main, args).exit_code == 0
+    out.write_bytes(b"changed")
+    refused = CliRunner().invoke(main, args)
+    assert refused.exit_code == 2 and "already exist" in refused.stderr and out.read_bytes() == b"changed"
+    assert CliRunner().invoke(main, [*args, "--overwrite"]).exit_code == 0
+    assert torch.jit.load(str(out)) is not None
 
 
 def test_a_failed_parity_check_writes_nothing(teacher, tmp_path):

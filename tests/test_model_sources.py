@@ -187,7 +187,7 @@ def test_only_hub_runs_foreign_code():
     ("hub:tiny", "write hub:DIR:ENTRY"),
     ("hf:/no/such/dir", "there is no directory /no/such/dir"),
     ("torchvision:resnet18?num_classes", "write torchvision:resnet18?KEY=VALUE"),
-    ("hf:someone/model?trust_remote_code=true", "models with remote code are not loaded"),
+    ("hf:someone/model?trust_remote_code=true", "runs only with --trust-code"),
 ])
 def test_a_bad_spec_is_one_error(spec, message):
     with pytest.raises(SynthkdError, match=None) as error:

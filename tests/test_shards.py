@@ -159,6 +159,20 @@ def test_resume_after_kill(tmp_path):
     assert torch.equal(data.images[4:6], fake_batch(second, 2)[0])  # kept from the first run
 
 
+def test_a_resume_sweeps_only_the_temp_files_of_its_own_writes(tmp_path):
+    """A reused directory (a --cache-dir) keeps the user's own hidden .tmp files."""
+    out = tmp_path / "set"
+    write(make_writer(out, num_images=10, shard_size=2), [0])  # then "killed"
+    ours = [out / f".{shard_name(1)}.a1b2c3d4.tmp", out / ".manifest.json.k_9zq0xy.tmp", out / ".run.json.abcdefgh.tmp"]
+    users = [out / ".notes.tmp", out / f".{shard_name(1)}.tmp", out / "mine" / ".draft.txt.abcdefgh.tmp",
+             out / f".{shard_name(99)}.a1b2c3d4.tmp"]
+    for path in ours + users:
+        path.parent.mkdir(exist_ok=True)
+        path.write_text("x")
+    make_writer(out, num_images=10, shard_size=2)
+    assert [path.exists() for path in ours + users] == [False] * len(ours) + [True] * len(users)
+
+
 def test_unrecorded_shard_is_adopted(tmp_path):
     out = tmp_path / "set"
     first = make_writer(out, num_images=6, shard_size=2)

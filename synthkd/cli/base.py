@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from typing import Any, Callable
@@ -65,9 +66,9 @@ def tagged(*decorators: Callable, **attributes: Any) -> Callable:
 
 
 class SynthkdGroup(click.Group):
-    """Turns :class:`SynthkdError` into a one-line message and exit code 2, and closes the
-    process group a command under ``accelerate launch`` opened (left to interpreter exit, gloo's
-    threads can abort the process after the work is done)."""
+    """Turns :class:`SynthkdError` and a command's usage errors into a one-line message and exit
+    code 2, and closes the process group a command under ``accelerate launch`` opened (left to
+    interpreter exit, gloo's threads can abort the process after the work is done)."""
 
     command_class = SynthkdCommand
 
@@ -77,8 +78,39 @@ class SynthkdGroup(click.Group):
         except SynthkdError as error:
             click.echo(f"error: {one_line(error, limit=2000)}", err=True)
             ctx.exit(2)
+        except click.UsageError as error:  # a command's missing or malformed option: one line, not click's three
+            where = error.ctx.command_path if error.ctx is not None else ctx.command_path
+            click.echo(f"error: {one_line(error.format_message(), limit=2000)} (see {where} -h)", err=True)
+            ctx.exit(2)
+        except OSError as error:
+            problem = filesystem_problem(error)
+            if problem is None:
+                raise
+            click.echo(f"error: {problem}", err=True)
+            ctx.exit(2)
         finally:
             close_process_group()
+
+
+# Where a write stopped because there is no room: each file is put in place whole (atomic_write),
+# so what was written before is intact and a rerun resumes.
+NO_ROOM = {errno.ENOSPC: "the disk is full", errno.EDQUOT: "the disk quota is used up",
+           errno.EFBIG: "a file would pass the file size limit (ulimit -f)"}
+# A path that cannot be used as the command needs it.
+UNUSABLE_PATH = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOTDIR, errno.EISDIR, errno.EEXIST}
+
+
+def filesystem_problem(error: OSError) -> str | None:
+    """The one line for a file system error any command can meet (disk full, a read-only or
+    misplaced path, an unwritable HOME and its caches), or None for another error."""
+    where = f" ({error.filename})" if error.filename else ""
+    if error.errno in NO_ROOM:
+        return (f"{NO_ROOM[error.errno]}{where}; nothing already written is lost (every file is put in place whole): "
+                "make room and run the same command again to resume")
+    if error.errno in UNUSABLE_PATH:
+        return (f"{error.strerror or one_line(error)}{where}; use a path this command can write, a directory where one "
+                "is needed (--out, --cache-dir; for the caches under HOME, a writable HOME or XDG_CACHE_HOME)")
+    return None
 
 
 def close_process_group() -> None:

@@ -141,41 +141,48 @@ class _Spec:
     kind: str
     args: list[str]
     index: slice | None
-    classes: list[int] | None = None
+    classes: list[tuple[int, int]] | None = None
 
 
-def parse_classes(text: str) -> list[int]:
-    """``0-7`` or ``8,9`` or ``0-3,5``: class ids in the order given, each once."""
-    classes: list[int] = []
+def parse_classes(text: str) -> list[tuple[int, int]]:
+    """``0-7`` or ``8,9`` or ``0-3,5``: (first, last) ranges of class ids in the order given; they
+    are expanded by :func:`select_classes` once the class count bounds them."""
+    ranges = []
     for item in text.split(","):
         match = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", item)
         if not match or (match.group(2) is not None and int(match.group(2)) < int(match.group(1))):
             raise SynthkdError(f"classes={text!r} is not a list of class ids or ranges; write e.g. classes=0-7 or classes=8,9")
-        first, last = int(match.group(1)), int(match.group(2) or match.group(1))
-        classes += [c for c in range(first, last + 1) if c not in classes]
-    return classes
+        ranges.append((int(match.group(1)), int(match.group(2) or match.group(1))))
+    return ranges
+
+
+SLICE = r"\[(-?\d*):(-?\d*)\]"
 
 
 def _parse(spec: str) -> _Spec:
-    index, classes = None, None
-    match = re.fullmatch(r"(.*)\[(-?\d*):(-?\d*)\]", spec)
+    given, index, classes = spec, None, None
+    match = re.fullmatch(rf"(.*){SLICE}", spec)
     if match:
         spec = match.group(1)
         index = slice(int(match.group(2)) if match.group(2) else None, int(match.group(3)) if match.group(3) else None)
     match = re.fullmatch(r"(.*)\[classes=([^\]]*)\]", spec)
     if match:
         spec, classes = match.group(1), parse_classes(match.group(2))
+        if re.fullmatch(rf".*{SLICE}", spec):
+            raise SynthkdError(f"{given!r} slices before choosing classes; write the classes first, "
+                               f"SPEC[classes=...][START:STOP] (the slice is of the chosen classes' images)")
     kind, _, rest = spec.partition(":")
     return _Spec(kind, rest.split(":") if rest else [], index, classes)
 
 
-def select_classes(dataset: Dataset, classes: list[int], spec: str) -> ImageDataset:
-    """The images of ``classes`` only, their labels renumbered 0.. in the order of ``classes``."""
+def select_classes(dataset: Dataset, ranges: list[tuple[int, int]], spec: str) -> ImageDataset:
+    """The images of the classes in ``ranges`` only, their labels renumbered 0.. in the order given."""
     if not isinstance(dataset, ImageDataset):
         raise SynthkdError(f"[classes=...] needs a labelled dataset held in memory; {spec!r} is not one")
-    unknown = [c for c in classes if c >= dataset.num_classes]
+    unknown = [last for _, last in ranges if last >= dataset.num_classes]
     if unknown:
         raise SynthkdError(f"{spec!r} has classes 0-{dataset.num_classes - 1}, not {unknown[0]}")
+    classes = list(dict.fromkeys(c for first, last in ranges for c in range(first, last + 1)))
     keep = torch.isin(dataset.labels, torch.tensor(classes))
     renumber = torch.full((dataset.num_classes,), -1, dtype=torch.long)
     renumber[torch.tensor(classes)] = torch.arange(len(classes))

@@ -3,13 +3,31 @@ Hugging Face ``datasets``), read on access as the typed items every stage takes.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+import warnings
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Sequence
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ..errors import SynthkdError, one_line
 from .batches import LabelledBatch
+
+
+@contextmanager
+def decoding(what: Any) -> Iterator[None]:
+    """Opening or decoding images inside: PIL's decompression-bomb warning is held back, and its
+    error (a header claiming billions of pixels) is one line naming ``what``."""
+    from PIL import Image
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            yield
+        except Image.DecompressionBombError as error:
+            raise SynthkdError(f"{what} claims more pixels than an image may have ({one_line(error)}); "
+                               "remove it or give it at a real size") from error
 
 
 def pil_to_tensor(image: Any, mode: str, size: tuple[int, int]) -> torch.Tensor:
@@ -37,15 +55,19 @@ class PILDataset(Dataset):
         self.indices = range(length) if indices is None else indices
         first = None
         if (mode is None or size is None) and len(self.indices):
-            first, _ = read(self.indices[0])
+            first, _ = self._read(self.indices[0])
         self.mode = mode or ("L" if first is not None and first.mode in ("L", "1", "I", "I;16", "F") else "RGB")
         self.size = size or ((first.height, first.width) if first is not None else (1, 1))
 
     def __len__(self) -> int:
         return len(self.indices)
 
+    def _read(self, item: int) -> tuple[Any, int]:
+        with decoding(f"item {item} of {self.name}"):
+            return self.read(item)
+
     def __getitem__(self, index: int) -> LabelledBatch:
-        image, label = self.read(self.indices[index])
+        image, label = self._read(self.indices[index])
         return LabelledBatch(pil_to_tensor(image, self.mode, self.size), int(label))
 
     @property

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Iterable
 import torch
 
 from synthkd.errors import SynthkdError, one_line, warn
-from synthkd.io import atomic_write_json, changed_settings, read_json, refuse_changed_settings, sha256_file
+from synthkd.io import atomic_write_json, changed_settings, read_json, refuse_changed_settings, sha256_file, temp_target
 
 from .format import (
     IMAGE_TENSORS, MANIFEST_NAME, PROGRESS_DIR, RUN_NAME, SHARD_PATTERN, SYNTHETIC, SetFormat,
@@ -278,9 +278,18 @@ class ShardStore(ABC):
         return changed_settings(self._recorded(), self.record)
 
     def _remove_stale_temp_files(self) -> None:
-        """Temp files of writes killed before their rename; nobody else is writing now."""
+        """Temp files of this store's writes killed before their rename (nobody else is writing
+        now); other files, such as a user's own in a reused --cache-dir, are left alone."""
         for path in self.out_dir.rglob(".*.tmp"):
-            path.unlink(missing_ok=True)
+            target = temp_target(path)
+            if target is not None and self._writes(target):
+                path.unlink(missing_ok=True)
+
+    def _writes(self, path: Path) -> bool:
+        """Whether ``path`` is a file this store writes: run.json, the manifest, a progress file, a shard."""
+        relative = path.relative_to(self.out_dir).as_posix()
+        return (relative in (RUN_NAME, MANIFEST_NAME) or self._job_of_file(relative) is not None
+                or (path.parent == self._progress_dir and progress_rank(path.name) is not None))
 
     def _finished_manifest_ok(self) -> bool:
         """True if a manifest exists and all its shards are intact; else drop it so we resume."""

@@ -25,10 +25,10 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import SynthkdError, one_line
+from ..errors import SynthkdError, one_line, unpickling_problem
 from ..io import atomic_write, atomic_write_json, read_json, read_safetensors
 from .registry import create_model, is_registered, list_models
-from .sources import is_library_source, is_source_spec, open_source, source_usages
+from .sources import TRUSTED_ARCHS, fetch_request, is_library_source, is_source_spec, open_source, source_usages
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -165,9 +165,8 @@ def import_factory(spec: str) -> Callable[..., nn.Module]:
 
 
 # The model directory being loaded without the user's trust: code its config names is refused,
-# except the architectures the user named (True: every one, what --trust-code says).
+# except the architectures trusted (sources.TRUSTED_ARCHS: True, every one, is what --trust-code says).
 _UNTRUSTED_DIRECTORY: ContextVar[Path | None] = ContextVar("synthkd_untrusted_directory", default=None)
-_TRUSTED_ARCHS: ContextVar[bool | frozenset[str]] = ContextVar("synthkd_trusted_archs", default=frozenset())
 
 
 def arch_needs_trust(arch: str) -> bool:
@@ -182,12 +181,12 @@ def trusting_code(trusted: bool = True, archs: Iterable[str] = ()) -> Iterator[N
     """Within: model directories may name code (FILE.py:factory, module:factory) that their loading
     imports and calls: any (``trusted``, what ``--trust-code`` says for directories the user wrote),
     or the architectures in ``archs`` (ones the user named, e.g. in a run config)."""
-    before = _TRUSTED_ARCHS.get()
-    token = _TRUSTED_ARCHS.set(True if trusted or before is True else before | frozenset(archs))
+    before = TRUSTED_ARCHS.get()
+    token = TRUSTED_ARCHS.set(True if trusted or before is True else before | frozenset(archs))
     try:
         yield
     finally:
-        _TRUSTED_ARCHS.reset(token)
+        TRUSTED_ARCHS.reset(token)
 
 
 @contextmanager
@@ -202,12 +201,18 @@ def _loading_directory(directory: Path) -> Iterator[None]:
 def build_network(arch: str, arch_kwargs: dict[str, Any]) -> nn.Module:
     """The network ``arch`` names; refused where a model directory loaded without trust names code
     (nested architectures, such as a chain's sources, pass through here too)."""
-    directory, trusted = _UNTRUSTED_DIRECTORY.get(), _TRUSTED_ARCHS.get()
+    directory, trusted = _UNTRUSTED_DIRECTORY.get(), TRUSTED_ARCHS.get()
     if directory is not None and arch_needs_trust(arch) and trusted is not True and arch not in trusted:
         raise SynthkdError(
             f"{directory / CONFIG_NAME} names code (arch {arch!r}); loading a model directory never runs code: "
             f"pass --trust-code if you wrote it, or name the factory yourself as the model, with "
             f"{directory / WEIGHTS_NAME} as its weights and --input-shape"
+        )
+    request = fetch_request(arch, arch_kwargs) if directory is not None else None
+    if request:
+        raise SynthkdError(
+            f"{directory / CONFIG_NAME} asks {arch} for its weights ({request}); loading a model directory never "
+            f"downloads, its weights are {directory / WEIGHTS_NAME}: remove that from the config"
         )
     if is_registered(arch):
         return create_model(arch, **arch_kwargs)
@@ -271,6 +276,7 @@ class Classifier(nn.Module):
             raise SynthkdError(f"{directory / CONFIG_NAME} is not a valid model config: {error}") from error
         try:
             with _loading_directory(directory):
+                _check_size(directory, config)
                 model = cls.from_config(config)
         except (TypeError, ValueError, KeyError) as error:
             raise SynthkdError(f"{directory / CONFIG_NAME}: cannot build {config.arch!r} with arch_kwargs "
@@ -281,6 +287,20 @@ class Classifier(nn.Module):
     def fingerprint(self) -> str:
         """A hash of config and weights: synthetic data records which teacher made it."""
         return weights_fingerprint(self.config.to_dict(), [("", self.net)])
+
+
+def _check_size(directory: Path, config: ModelConfig) -> None:
+    """Refuse a config whose network has more values than its weights file has bytes (a
+    hand-edited ``"width": 2000`` asks for tens of GB), sized on the meta device, allocating nothing."""
+    with torch.device("meta"):
+        shapes = Classifier.from_config(config)
+    values = sum(tensor.numel() for tensor in shapes.net.state_dict().values())
+    stored = (directory / WEIGHTS_NAME).stat().st_size
+    if values > stored:
+        raise SynthkdError(
+            f"{directory / CONFIG_NAME} describes a network of {values:,} values but {directory / WEIGHTS_NAME} holds "
+            f"{stored:,} bytes: the config does not belong to these weights; restore the config.json saved with them"
+        )
 
 
 def weights_fingerprint(header: Any, modules: Iterable[tuple[str, nn.Module]]) -> str:
@@ -313,7 +333,7 @@ def load_weights(net: nn.Module, path: str | os.PathLike) -> None:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
             raise SynthkdError(
-                f"cannot load {path} as a state dict with weights_only=True ({one_line(error)}); "
+                f"cannot load {path} as a state dict with weights_only=True ({unpickling_problem(error)}); "
                 "save it as safetensors or as model.state_dict()"
             ) from error
         if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):

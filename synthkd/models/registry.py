@@ -6,6 +6,7 @@ A new architecture is one module whose factory carries ``@register_model("name")
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from torch import nn
@@ -45,13 +46,30 @@ def parse_zoo_spec(spec: str) -> tuple[str, dict[str, Any]] | None:
     return name, spec_arguments(arguments, spec)
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What the arguments every spec shares must be (an architecture checks the others itself).
+SPEC_VALUES: dict[str, tuple[Callable[[Any], bool], str]] = {
+    "width": (lambda v: _number(v) and v > 0, "a positive number"),
+    "inner": (lambda v: _number(v) and v > 0, "a positive number"),
+    "blocks": (lambda v: isinstance(v, int) and not isinstance(v, bool) and v > 0, "a positive whole number"),
+    "sparsity": (lambda v: _number(v) and 0 <= v < 1, "a number in [0, 1)"),
+}
+
+
 def spec_arguments(arguments: str, spec: str) -> dict[str, Any]:
-    """``inner=0.5,blocks=1`` -> {"inner": 0.5, "blocks": 1}, values read as YAML; ``spec`` (the
-    whole spec) names where a malformed part was."""
+    """``inner=0.5,blocks=1`` -> {"inner": 0.5, "blocks": 1}, values read as YAML and the shared
+    ones checked (:data:`SPEC_VALUES`); ``spec`` (the whole spec) names where a bad part was."""
     kwargs: dict[str, Any] = {}
     for part in filter(None, (p.strip() for p in arguments.split(","))):
         key, sep, value = part.partition("=")
-        if not sep or not key.strip().isidentifier():
+        key = key.strip()
+        if not sep or not key.isidentifier():
             raise SynthkdError(f"cannot read {part!r} in {spec!r}; write {ZOO_SPEC_GRAMMAR}")
-        kwargs[key.strip()] = read_value(value.strip())
+        kwargs[key] = read_value(value.strip())
+        valid, what = SPEC_VALUES.get(key, (lambda v: True, ""))
+        if not valid(kwargs[key]):
+            raise SynthkdError(f"{part!r} in {spec!r}: {key} must be {what}")
     return kwargs

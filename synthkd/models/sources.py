@@ -21,6 +21,7 @@ from __future__ import annotations
 import difflib
 import importlib
 import json
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -50,7 +51,8 @@ class SourceModel:
 class ModelSource:
     """What a source registers: ``open(name, kwargs)`` builds the network; ``classes_kwarg`` is the
     builder's argument for the number of classes (given the teacher's for a student);
-    ``runs_code``: building runs code from outside the installed libraries."""
+    ``runs_code``: building runs code from outside the installed libraries; ``fetches(name,
+    kwargs)``: what in them fetches weights (from the network or a cache), or None."""
 
     open: Callable[[str, dict[str, Any]], SourceModel]
     usage: str
@@ -58,18 +60,51 @@ class ModelSource:
     classes_kwarg: str | None = None
     runs_code: bool = False
     check: Callable[[str], str | None] = field(default=lambda name: None)
+    fetches: Callable[[str, dict[str, Any]], str | None] = field(default=lambda name, kwargs: None)
 
 
 SOURCES: Registry[ModelSource] = Registry("model source")
 
+# The code model directories may run: True (every architecture, what --trust-code says) or the
+# architectures the user named; set by :func:`synthkd.models.classifier.trusting_code`.
+TRUSTED_ARCHS: ContextVar[bool | frozenset[str]] = ContextVar("synthkd_trusted_archs", default=frozenset())
+
+
+def code_trusted() -> bool:
+    """Whether ``--trust-code`` is in force: the code any model names may run (an HF repository's
+    own modelling code included), not only the architectures the user named."""
+    return TRUSTED_ARCHS.get() is True
+
 
 def register_source(name: str, *, usage: str, description: str, classes_kwarg: str | None = None,
-                    runs_code: bool = False, check: Callable[[str], str | None] | None = None) -> Callable:
+                    runs_code: bool = False, check: Callable[[str], str | None] | None = None,
+                    fetches: Callable[[str, dict[str, Any]], str | None] | None = None) -> Callable:
     def decorate(open_: Callable[[str, dict[str, Any]], SourceModel]) -> Callable:
-        SOURCES.add(name, ModelSource(open_, usage, description, classes_kwarg, runs_code, check or (lambda _: None)))
+        SOURCES.add(name, ModelSource(open_, usage, description, classes_kwarg, runs_code, check or (lambda _: None),
+                                      fetches or (lambda _, __: None)))
         return open_
 
     return decorate
+
+
+def fetching_kwargs(*keys: str) -> Callable[[str, dict[str, Any]], str | None]:
+    """A source's ``fetches``: the builder arguments among ``keys`` that are set (not None/false)."""
+
+    def fetches(name: str, kwargs: dict[str, Any]) -> str | None:
+        asked = [f"{key}={kwargs[key]}" for key in keys if kwargs.get(key) not in (None, False)]
+        return ", ".join(asked) or None
+
+    return fetches
+
+
+def fetch_request(spec: str, arch_kwargs: dict[str, Any]) -> str | None:
+    """What in ``spec`` (with ``arch_kwargs``) would fetch weights instead of building the bare
+    architecture, or None (also for a spec that names no source)."""
+    parsed = parse_source(spec)
+    if parsed is None:
+        return None
+    source, name, kwargs = parsed
+    return SOURCES.get(source).fetches(name, {**kwargs, **arch_kwargs})
 
 
 def source_usages() -> str:
@@ -154,6 +189,7 @@ def _fetch_problem(spec: str, error: Exception, offline_hint: str) -> SynthkdErr
 
 # ----------------------------------------------------------------------------- torchvision
 @register_source("torchvision", usage="torchvision:NAME[?weights=DEFAULT&num_classes=N]", classes_kwarg="num_classes",
+                 fetches=fetching_kwargs("weights", "weights_backbone"),
                  description="torchvision.models.get_model(NAME, **kwargs); input format and classes from the weights' meta")
 def torchvision_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``torchvision.models.get_model(name, **kwargs)``; ``weights`` is the name of a weights enum
@@ -192,7 +228,11 @@ def torchvision_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
 
 
 # ----------------------------------------------------------------------------- timm
+TIMM_FETCHES = ("pretrained", "pretrained_cfg_overlay", "checkpoint_path")
+
+
 @register_source("timm", usage="timm:NAME[?pretrained=true&num_classes=N]", classes_kwarg="num_classes",
+                 fetches=fetching_kwargs(*TIMM_FETCHES),
                  description="timm.create_model(NAME, **kwargs); input size and normalisation from its pretrained_cfg")
 def timm_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     """``timm.create_model(name, **kwargs)``; its ``pretrained_cfg`` gives input size and
@@ -208,8 +248,7 @@ def timm_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
     except (OSError, RuntimeError) as error:
         raise _fetch_problem(f"timm:{name}", error, "offline, pass pretrained_cfg_overlay={file: PATH} "
                                                     "or the weights as a file (--teacher-weights)") from error
-    fetched = ("pretrained", "pretrained_cfg_overlay", "checkpoint_path")
-    made = SourceModel(net, f"timm:{name}", {k: v for k, v in kwargs.items() if k not in fetched})
+    made = SourceModel(net, f"timm:{name}", {k: v for k, v in kwargs.items() if k not in TIMM_FETCHES})
     made.arch_kwargs["num_classes"] = net.num_classes
     config = dict(getattr(net, "pretrained_cfg", {}) or {})
     if "input_size" in config:
@@ -240,26 +279,32 @@ class LogitsOf(nn.Module):
 
 
 @register_source("hf", usage="hf:DIR_OR_ID[?KEY=VALUE]", classes_kwarg="num_labels",
+                 fetches=lambda name, kwargs: None if "config" in kwargs else f"the model {name} itself, no recorded config",
                  description="a transformers image classifier (its logits); classes from id2label, input from its "
                              "image processor config")
 def hf_model(name: str, kwargs: dict[str, Any]) -> SourceModel:
-    """``AutoModelForImageClassification.from_pretrained(name, **kwargs)`` (never with remote code);
-    a saved model rebuilds it from the HF config it recorded (``config``), with no access to
-    ``name``. Classes from ``id2label``; input size and normalisation from the image processor
-    config (``preprocessor_config.json``), else ``image_size`` of the model config."""
+    """``AutoModelForImageClassification.from_pretrained(name, **kwargs)``; a saved model rebuilds
+    it from the HF config it recorded (``config``), with no access to ``name``. A repository's own
+    modelling code runs only under ``--trust-code``: ``trust_remote_code`` is always passed, so
+    transformers never asks on stdin. Classes from ``id2label``; input size and normalisation from
+    the image processor config (``preprocessor_config.json``), else ``image_size`` of the model config."""
     transformers = _library("transformers", "hf", "transformers", "pip install transformers")
     kwargs = dict(kwargs)
-    if kwargs.get("trust_remote_code"):
-        raise SynthkdError(f"hf:{name}: models with remote code are not loaded; a repository's own code goes through "
-                           "hub:DIR:ENTRY (a hubconf.py you have read)")
+    if "trust_remote_code" in kwargs:
+        raise SynthkdError(f"hf:{name}: trust_remote_code is not an argument here; a repository's own code runs "
+                           "only with --trust-code (pass it if you have read that code)")
+    trust = {"trust_remote_code": code_trusted()}
     recorded = kwargs.pop("config", None)
     try:
         if recorded is not None:
             config = transformers.AutoConfig.for_model(**recorded)
-            model = transformers.AutoModelForImageClassification.from_config(config)
+            model = transformers.AutoModelForImageClassification.from_config(config, **trust)
         else:
-            model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs)
+            model = transformers.AutoModelForImageClassification.from_pretrained(name, **kwargs, **trust)
     except (OSError, ValueError, KeyError, TypeError, RuntimeError) as error:
+        if "trust_remote_code" in str(error):
+            raise SynthkdError(f"hf:{name} needs its repository's own modelling code (auto_map in its config), which "
+                               "runs only with --trust-code: pass it if you have read that code") from error
         if Path(name).is_dir():
             where = ""
         elif name.startswith((".", "/", "~")) or name.count("/") > 1:

@@ -16,7 +16,7 @@ from typing import Any
 
 from ...errors import SynthkdError
 from ..datasets import register_dataset
-from ..pil import PILDataset
+from ..pil import PILDataset, decoding
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 # Largest image (width x height) a folder may hold, like PIL's Image.MAX_IMAGE_PIXELS;
@@ -66,7 +66,7 @@ def _header(path: Path, limit: int) -> tuple[str, tuple[int, int]]:
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
+        with decoding(path), Image.open(path) as image:
             mode, size = image.mode, image.size
     except (UnidentifiedImageError, OSError, ValueError) as error:
         raise SynthkdError(f"{path} is not an image PIL can read ({type(error).__name__}); remove it or "

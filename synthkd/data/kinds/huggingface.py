@@ -42,6 +42,8 @@ def hf_dataset(args: list[str]) -> PILDataset:
         datasets = importlib.import_module("datasets")
     except ImportError as error:
         raise SynthkdError(f"hf: datasets need the datasets package ({error}); pip install 'synthkd[datasets]'") from error
+    datasets.disable_progress_bars()  # its progress lines and notices are not ours to show
+    datasets.logging.set_verbosity_error()
     where: dict[str, Any] = {"data_dir": path} if builder == "imagefolder" else {"data_files": _data_files(path)}
     try:
         dataset = datasets.load_dataset(builder, split=split, **where)
