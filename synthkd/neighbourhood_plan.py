@@ -44,7 +44,7 @@ def plan_neighbourhoods(distiller: NeighbourhoodDistiller, num_images: int, num_
     where = cache_location(config.cache, total_bytes)
     directory = cache_directory(config, out)
     if where == "disk":
-        require_cache_fits(directory, shapes, distiller.names)
+        require_cache_fits(directory, shapes, distiller.names, distiller.kept)
         if not (directory / MANIFEST_NAME).is_file():
             require_free_disk(directory, total_bytes)
 
@@ -93,7 +93,7 @@ def _output_shape(neighbourhood: torch.nn.Module, probe: torch.Tensor) -> tuple[
 def _teacher_forward_seconds(distiller: NeighbourhoodDistiller, batch: int, repeats: int) -> list[float]:
     """Seconds of each teacher piece's forward pass on a batch: the cost of making its boundary."""
     timed = []
-    for piece, probe in zip(distiller.teacher_split.pieces, distiller.probes):
+    for piece, probe in zip(distiller.teacher_split.pieces, distiller.teacher_probes):
         x = batch_of(probe, batch)
         timed.append(best_seconds(lambda: piece(x), repeats, x.device))
     return timed
