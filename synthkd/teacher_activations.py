@@ -33,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .accelerator import logger
 from .augment import distillation_augmentation
 from .data.activation_cache import (DTYPES, ActivationCache, ActivationCacheWriter, boundaries_of, boundary_builders,
-                                    cache_bytes)
+                                    cache_bytes, computed_boundaries)
 from .data.activations import ActivationDataset
 from .data.format import MANIFEST_NAME, RUN_NAME
 from .errors import SynthkdError
@@ -274,25 +274,19 @@ class TeacherActivations:
         writer = ActivationCacheWriter(directory, record, shapes, self.num_images, SHARD_SIZE, self.views,
                                        config.cache_dtype, builders, self.accelerator)
         pending = writer.pending()
+        sliced = [channels is not None for channels in self._kept_at]
         for shard in range(writer.num_shards):
             for view in range(self.views):
-                made_here = pending.get((view, shard), [])
+                made = pending.get((view, shard), [])
                 whole: dict[int, torch.Tensor] = {}  # this unit's boundaries with every teacher channel
-
-                def boundary(b: int) -> torch.Tensor:
-                    """Boundary ``b`` whole: made here, read as another rank stored it, or (where only
-                    kept channels are stored) recomputed from the boundary before it."""
-                    if b not in whole:
-                        if b == 0 and b in made_here:
-                            whole[b] = self._image_boundary(self._shard_images(dataset, shard), view, shard)
-                        elif b in made_here or self._kept_at[b] is not None:
-                            whole[b] = self._next_boundary(b, boundary(b - 1))
-                        else:
-                            whole[b] = writer.read(b, view, shard)
-                    return whole[b]
-
-                for b in made_here:
-                    writer.write(b, view, shard, self._stored(b, boundary(b)))
+                for b in computed_boundaries(made, sliced):
+                    if b == 0:
+                        whole[b] = self._image_boundary(self._shard_images(dataset, shard), view, shard)
+                    else:
+                        previous = whole[b - 1] if b - 1 in whole else writer.read(b - 1, view, shard)
+                        whole[b] = self._next_boundary(b, previous)
+                    if b in made:
+                        writer.write(b, view, shard, self._stored(b, whole[b]))
         writer.finalize()
         cache = ActivationCache(directory)
         return {b: cache.boundary(b) for b in boundaries_of(needed)}

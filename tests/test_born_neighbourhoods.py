@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from torch import nn
 
 from synthkd.cli import main
+from synthkd.data.activation_cache import computed_boundaries
 from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
@@ -30,6 +31,7 @@ from synthkd.pipelines.distill import build_student, data_fingerprint
 from synthkd.teacher_activations import TeacherActivations
 
 from test_born import LIBRARY_TEACHERS, teacher_of, zoo_teacher
+from test_activation_cache import distill_command, on_two_ranks, run, tree_hashes
 from test_neighbourhoods import chain
 
 
@@ -181,3 +183,40 @@ def test_a_cache_of_other_kept_channels_names_the_cut(teacher, teacher_dir, synt
         distiller = distiller_of(teacher, build_student("teacher:width=0.25", teacher, from_teacher=True), accelerator,
                                  cache="disk", cache_dir=str(cache))
         cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept)
+
+
+def test_a_rank_recomputes_the_whole_activations_the_cache_does_not_hold():
+    sliced = [False, True, True, False, True, False]
+    assert computed_boundaries([3], sliced) == [1, 2, 3]  # boundary 0 is read: stored whole
+    assert computed_boundaries([0, 3], sliced) == [0, 1, 2, 3]
+    assert computed_boundaries([2, 5], sliced) == [1, 2, 4, 5]  # boundary 3 is read
+    assert computed_boundaries([4], [False] * 6) == [4]  # nothing sliced: one piece per boundary
+
+
+def test_cli_plans_a_born_student(teacher_dir, synthetic_dir, tmp_path):
+    out = tmp_path / "student"
+    result = CliRunner().invoke(main, distill_args(teacher_dir, synthetic_dir, out, "teacher:width=0.5", "--cache",
+                                                   "disk", "--plan", "--plan-ranks", "2", "--json"))
+    assert result.exit_code == 0, (result.output, result.exception)
+    plan = json.loads(result.stdout)
+    teacher = Classifier.from_pretrained(teacher_dir)
+    stem = next(n for n in plan["neighbourhoods"] if n["name"] == "stem")
+    assert stem["output_shape"][0] == teacher.net.stem[0].out_channels // 2  # only the kept channels are cached
+    assert not out.exists()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
+def test_two_ranks_make_the_same_sliced_cache_as_one(teacher_dir, synthetic_dir, tmp_path):
+    """Under 2 ranks a rank whose target follows a sliced boundary another rank made recomputes
+    the teacher's whole activation, and the cache is byte for byte the one a single process makes."""
+    two, one = tmp_path / "two-cache", tmp_path / "one-cache"
+    born = ("--student", "teacher:width=0.5")
+    done = run(on_two_ranks(distill_command(teacher_dir, synthetic_dir, tmp_path / "s2", two, *born)))
+    assert done.returncode == 0, done.stderr[-3000:]
+    done = run(distill_command(teacher_dir, synthetic_dir, tmp_path / "s1", one, *born))
+    assert done.returncode == 0, done.stderr[-3000:]
+    ranks = {shard["rank"] for shard in json.loads((two / "manifest.json").read_text())["shards"]}
+    shards = [name for name in tree_hashes(one) if name.endswith(".safetensors")]
+    assert ranks == {0, 1} and len(shards) == 6 * 3
+    assert all(tree_hashes(two)[name] == tree_hashes(one)[name] for name in shards)

@@ -64,6 +64,19 @@ def boundary_builders(needed: list[list[int]], num_boundaries: int) -> list[int]
     return builders
 
 
+def computed_boundaries(made: list[int], sliced: list[bool]) -> list[int]:
+    """The boundaries a rank computes to make ``made``: those, and below each every boundary stored
+    with only some channels (``sliced[b]``: a born student's kept ones), down to one stored whole
+    or made by this rank: the teacher's next piece needs the whole activation."""
+    computed = set(made)
+    for b in made:
+        below = b - 1
+        while below >= 0 and below not in computed and sliced[below]:
+            computed.add(below)
+            below -= 1
+    return sorted(computed)
+
+
 class ActivationCacheWriter(ShardStore):
     """Plans a cache of ``len(shapes)`` boundaries x ``views`` x shards and writes it resumably."""
 
