@@ -220,3 +220,12 @@ def test_two_ranks_make_the_same_sliced_cache_as_one(teacher_dir, synthetic_dir,
     shards = [name for name in tree_hashes(one) if name.endswith(".safetensors")]
     assert ranks == {0, 1} and len(shards) == 6 * 3
     assert all(tree_hashes(two)[name] == tree_hashes(one)[name] for name in shards)
+
+
+def test_a_student_born_from_another_teacher_is_refused_without_adapters(teacher, accelerator):
+    student = build_student("teacher:width=0.5", teacher, from_teacher=True)
+    with torch.no_grad():
+        teacher.net.fc.bias.add_(1.0)  # another teacher: its channels are not the ones the student kept
+    with pytest.raises(SynthkdError, match="cut 'stem'.*born from another teacher.*--adapters"):
+        distiller_of(teacher, student, accelerator)
+    assert distiller_of(teacher, student, accelerator, adapters=True).channel_pairs[0] is not None
