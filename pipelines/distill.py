@@ -277,8 +277,8 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
             copy_from_teacher(model.net, teacher.net)
         elif born and is_narrower_copy(model.net, unwrap(teacher.net)):
             inputs = None if images is None else network_inputs(teacher, images)
-            born_net = born_like(model.net, unwrap(teacher.net).cpu(), format_probe(teacher.input_format), options["importance"],
-                             inputs)
+            born_net = born_like(model.net, unwrap(teacher.net).cpu(), format_probe(teacher.input_format),
+                                 options["importance"], inputs)
             model.config.born_from = birth_record(teacher.fingerprint(), born_net)
         else:
             born = False

@@ -44,12 +44,12 @@ def plan_neighbourhoods(distiller: NeighbourhoodDistiller, num_images: int, num_
     where = cache_location(config.cache, total_bytes)
     directory = cache_directory(config, out)
     if where == "disk":
-        require_cache_fits(directory, shapes, distiller.names, distiller.kept)
+        require_cache_fits(directory, shapes, distiller.names, distiller.kept_channels)
         if not (directory / MANIFEST_NAME).is_file():
             require_free_disk(directory, total_bytes)
 
     needs = [[k for k, owners in enumerate(ranks) if rank in owners] for rank in range(num_ranks)]
-    sliced = [False, *(channels is not None for channels in distiller.kept), False]
+    sliced = [False, *(channels is not None for channels in distiller.kept_channels), False]
     builders = boundary_builders(needs, len(shapes))
     per_rank = []
     for rank, owned in enumerate(needs):

@@ -180,9 +180,9 @@ class NeighbourhoodDistiller:
         probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0))).to(device)
         student.to(device).eval()
         self.channel_pairs = cut_channel_pairs(self.teacher_split, self.student_split, probe)
-        self.kept = self._kept_channels(student_cuts, probe)
+        self.kept_channels = self._kept_channels(student_cuts, probe)
         # A cut whose channels are the teacher's kept ones needs no adapter.
-        self.channel_pairs = [None if kept else pair for pair, kept in zip(self.channel_pairs, self.kept + [None])]
+        self.channel_pairs = [None if kept else pair for pair, kept in zip(self.channel_pairs, self.kept_channels + [None])]
         if not config.adapters:
             self._require_same_interfaces(probe)
         self.neighbourhoods = nn.ModuleList()
@@ -201,7 +201,7 @@ class NeighbourhoodDistiller:
         for piece in self.teacher_split.pieces[:-1]:
             with torch.no_grad():
                 self.teacher_probes.append(piece(self.teacher_probes[-1]))
-        self.probes = [x if kept is None else x[:, kept] for x, kept in zip(self.teacher_probes, [None] + self.kept)]
+        self.probes = [x if kept is None else x[:, kept] for x, kept in zip(self.teacher_probes, [None] + self.kept_channels)]
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, self.probes)]
         self.local = owned is not None
         if self.local:
@@ -303,7 +303,7 @@ class NeighbourhoodDistiller:
         started, cpu_started = time.perf_counter(), time.process_time()
         if activations is None and (todo or not self.local):  # the cache build is collective
             activations = TeacherActivations(self.teacher, self.teacher_split, dataset, self.config, data_fingerprint,
-                                              accelerator, out, needed=todo, local=self.local, kept=self.kept)
+                                              accelerator, out, needed=todo, local=self.local, kept=self.kept_channels)
         cache_seconds, cache_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if todo:
             results.update(self._train(todo, activations, folder, key))

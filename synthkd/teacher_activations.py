@@ -115,11 +115,6 @@ def channel_list(channels: list[int] | None) -> str:
     return f"{len(channels)} ({shown})"
 
 
-def kept_record(cuts: list[str], kept: list[list[int] | None]) -> dict[str, list[int]]:
-    """The kept channels of a cache's record: only the cuts that keep some of the teacher's channels."""
-    return {cut: channels for cut, channels in zip(cuts, kept) if channels is not None}
-
-
 def human(size: float) -> str:
     for unit in ("B", "KB", "MB", "GB"):
         if size < 1024 or unit == "GB":
@@ -140,8 +135,8 @@ class TeacherActivations:
                  accelerator: Accelerator, out: Path, needed: list[int], local: bool = False,
                  kept: list[list[int] | None] | None = None) -> None:
         self.teacher, self.split, self.config = teacher, split, config
-        self.kept = list(kept) if kept is not None else [None] * len(split.cuts)
-        self._kept_at = [None, *self.kept, None]  # per boundary: the image and the logits are whole
+        self.kept_channels = list(kept) if kept is not None else [None] * len(split.cuts)
+        self._kept_at = [None, *self.kept_channels, None]  # per boundary: the image and the logits are whole
         self.accelerator = accelerator
         self.per_neighbourhood = isinstance(dataset, ActivationDataset)
         self.views = 1 if self.per_neighbourhood else config.cache_views
@@ -156,7 +151,8 @@ class TeacherActivations:
             return
         fmt = teacher.input_format
         probe = fmt.normalize(torch.zeros(1, *fmt.shape)).to(self._device)
-        shapes = [self._stored_shape(b, shape) for b, shape in enumerate([tuple(probe.shape[1:])] + activation_shapes(split, probe))]
+        whole_shapes = [tuple(probe.shape[1:])] + activation_shapes(split, probe)
+        shapes = [self._stored_shape(b, shape) for b, shape in enumerate(whole_shapes)]
         size = cache_bytes(shapes, self.num_images, self.views, config.cache_dtype)
         where = self._where(size, local)
         directory = cache_directory(config, out)
@@ -262,14 +258,14 @@ class TeacherActivations:
         """Build (collectively) or reuse the disk cache, split by rank: this rank makes the
         boundaries it is the builder of, in (shard, view, boundary) order on every rank, so a
         boundary made from another rank's one never waits for a shard that waits on it."""
-        require_cache_fits(directory, shapes, self.split.names, self.kept)
+        require_cache_fits(directory, shapes, self.split.names, self.kept_channels)
         if not (directory / MANIFEST_NAME).is_file():
             require_free_disk(directory, size)
         config = self.config
         record = {"teacher": self.teacher.fingerprint(), "data": data_fingerprint, "cuts": list(self.split.cuts),
                   "augmentation": {"flip": config.flip, "mixup": config.mixup, "seed": config.seed} if self.views > 1 else None}
-        if any(channels is not None for channels in self.kept):
-            record["kept_channels"] = kept_record(self.split.cuts, self.kept)
+        if any(channels is not None for channels in self.kept_channels):
+            record["kept_channels"] = {cut: channels for cut, channels in zip(self.split.cuts, self.kept_channels) if channels}
         builders = boundary_builders(gather_object([needed]), len(shapes))
         writer = ActivationCacheWriter(directory, record, shapes, self.num_images, SHARD_SIZE, self.views,
                                        config.cache_dtype, builders, self.accelerator)

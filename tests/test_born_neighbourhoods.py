@@ -18,11 +18,11 @@ from click.testing import CliRunner
 from torch import nn
 
 from synthkd.cli import main
+from synthkd.data import load_dataset
 from synthkd.data.activation_cache import computed_boundaries
 from synthkd.data.reader import SyntheticDataset
 from synthkd.errors import SynthkdError
 from synthkd.evaluation import evaluate
-from synthkd.data import load_dataset
 from synthkd.models import Classifier
 from synthkd.models.born import format_probe
 from synthkd.models.neighbourhoods import evaluating
@@ -30,8 +30,8 @@ from synthkd.neighbourhood_training import NeighbourhoodDistiller, Neighbourhood
 from synthkd.pipelines.distill import build_student, data_fingerprint
 from synthkd.teacher_activations import TeacherActivations
 
-from test_born import LIBRARY_TEACHERS, teacher_of, zoo_teacher
 from test_activation_cache import distill_command, on_two_ranks, run, tree_hashes
+from test_born import LIBRARY_TEACHERS, teacher_of, zoo_teacher
 from test_neighbourhoods import chain
 
 
@@ -77,12 +77,12 @@ def test_the_kept_channels_at_every_cut_are_the_teachers(spec, accelerator, tmp_
     teacher.eval()
     student = build_student("teacher:width=0.5", teacher, from_teacher=True).eval()
     distiller = distiller_of(teacher, student, accelerator)
-    assert any(kept is not None for kept in distiller.kept)
+    assert any(kept is not None for kept in distiller.kept_channels)
     assert all(pair is None for pair in distiller.channel_pairs)  # no adapter anywhere
     dead = with_dead_channels(teacher, student)
     x = format_probe(teacher.input_format, count=4)
     boundaries = [x] + activations_at_cuts(dead, distiller.cuts, x)
-    kept = [None] + distiller.kept + [None]
+    kept = [None] + distiller.kept_channels + [None]
     sliced = [b if channels is None else b[:, channels] for b, channels in zip(boundaries, kept)]
     with evaluating(*distiller.student_split.pieces), torch.no_grad():
         for k, piece in enumerate(distiller.student_split.pieces):
@@ -107,22 +107,22 @@ def cached(distiller: NeighbourhoodDistiller, synthetic_dir, accelerator, out, k
 def test_the_cached_targets_are_the_teachers_activations_sliced(teacher, synthetic_dir, accelerator, tmp_path):
     distiller = born_half(teacher, accelerator, cache_views=2)
     whole = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=None)
-    memory = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept)
+    memory = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept_channels)
     distiller.config = dataclasses.replace(distiller.config, cache="disk", cache_dir=str(tmp_path / "c"))
-    disk = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept)
-    kept = [None] + distiller.kept + [None]
+    disk = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept_channels)
+    kept = [None] + distiller.kept_channels + [None]
     for k in range(len(distiller.names)):
         for side in (0, 1):
             channels = kept[k + side]
             expected = whole.pair(k)[side] if channels is None else whole.pair(k)[side][:, channels]
             assert torch.equal(memory.pair(k)[side], expected)
             assert torch.equal(disk.pair(k)[side], expected)
-    assert memory.pair(1)[0].shape[1] == len(distiller.kept[0]) < whole.pair(1)[0].shape[1]
+    assert memory.pair(1)[0].shape[1] == len(distiller.kept_channels[0]) < whole.pair(1)[0].shape[1]
     # A damaged shard of a sliced boundary is made again from the teacher's whole activation,
     # which the cache no longer holds: recomputed from the image, to the same values.
     damaged = tmp_path / "c" / "b-03" / "v01-shard-00000.safetensors"
     damaged.write_bytes(damaged.read_bytes()[:-16] + b"\0" * 16)
-    redone = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept)
+    redone = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept_channels)
     assert torch.equal(redone.pair(2)[1], disk.pair(2)[1])
 
 
@@ -142,7 +142,7 @@ def test_a_merged_born_student_is_its_chained_pieces(teacher, synthetic_dir, acc
 def test_a_width_one_born_students_pieces_are_the_teachers(teacher, synthetic_dir, accelerator, tmp_path):
     student = build_student("teacher:width=1.0", teacher, from_teacher=True)
     distiller = distiller_of(teacher, student, accelerator)
-    activations = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept)
+    activations = cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept_channels)
     for k in range(len(distiller.names)):
         inputs, targets = activations.pair(k)
         assert distiller._local_error(k, inputs, targets) == pytest.approx(0.0, abs=1e-10)
@@ -182,7 +182,7 @@ def test_a_cache_of_other_kept_channels_names_the_cut(teacher, teacher_dir, synt
     with pytest.raises(SynthkdError, match="at cut 'stem'"):  # a narrower student: the shapes differ there
         distiller = distiller_of(teacher, build_student("teacher:width=0.25", teacher, from_teacher=True), accelerator,
                                  cache="disk", cache_dir=str(cache))
-        cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept)
+        cached(distiller, synthetic_dir, accelerator, tmp_path, kept=distiller.kept_channels)
 
 
 def test_a_rank_recomputes_the_whole_activations_the_cache_does_not_hold():
