@@ -229,3 +229,21 @@ def test_a_student_born_from_another_teacher_is_refused_without_adapters(teacher
     with pytest.raises(SynthkdError, match="cut 'stem'.*born from another teacher.*--adapters"):
         distiller_of(teacher, student, accelerator)
     assert distiller_of(teacher, student, accelerator, adapters=True).channel_pairs[0] is not None
+
+
+def test_a_born_student_learns_from_a_per_neighbourhood_activation_set(teacher, accelerator, tmp_path):
+    """Each neighbourhood's own synthetic inputs, restricted to the kept channels, and the teacher
+    piece's outputs on the whole of them, restricted the same way."""
+    from synthkd.generators.activations import ActivationSynthesizer
+    from synthkd.pipelines.activations import generate_activations
+    from synthkd.pipelines.distill import distill_neighbourhood
+
+    out = tmp_path / "activations"
+    generate_activations(teacher, ActivationSynthesizer(teacher, iterations=2), 16, out, batch_size=16, seed=0,
+                         accelerator=accelerator)
+    student = build_student("teacher:width=0.5", teacher, from_teacher=True)
+    config = NeighbourhoodSettings(epochs=1, batch_size=8, holdout=4)
+    merged, metrics = distill_neighbourhood(teacher, student, out, tmp_path / "student", config, None, None, accelerator,
+                                            inputs="activations")
+    assert not merged.config.cut_adapters
+    assert all(0 <= record["relative_mse"] < float("inf") for record in metrics["neighbourhoods"].values())
