@@ -71,12 +71,16 @@ def activations_at_cuts(net: nn.Module, cuts: list[str], x: torch.Tensor) -> lis
     return [found[cut] for cut in cuts] + [logits]
 
 
-@pytest.mark.parametrize("spec", ["zoo", "make", *LIBRARY_TEACHERS])
+# A transformers model is cut at explicit paths of its own modules (its top level is one wrapper).
+HF_CUTS = "model.resnet.embedder,model.resnet.encoder.stages.0"
+
+
+@pytest.mark.parametrize("spec", ["zoo", "make", *LIBRARY_TEACHERS, "hf"])
 def test_the_kept_channels_at_every_cut_are_the_teachers(spec, accelerator, tmp_path):
     teacher = zoo_teacher("resnet8", width=1.0) if spec == "zoo" else teacher_of(spec, tmp_path)
     teacher.eval()
     student = build_student("teacher:width=0.5", teacher, from_teacher=True).eval()
-    distiller = distiller_of(teacher, student, accelerator)
+    distiller = distiller_of(teacher, student, accelerator, cuts=HF_CUTS if spec == "hf" else "blocks")
     assert any(kept is not None for kept in distiller.kept_channels)
     assert all(pair is None for pair in distiller.channel_pairs)  # no adapter anywhere
     dead = with_dead_channels(teacher, student)
