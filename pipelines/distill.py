@@ -31,8 +31,8 @@ from synthkd.models import (Classifier, ModelConfig, classes_kwarg, import_facto
 from synthkd.models.pruning import hold_at_zero, prune_by_magnitude
 from synthkd.models.registry import ZOO_SPEC_GRAMMAR, parse_zoo_spec, spec_arguments
 from synthkd.models.sources import parse_source
-from synthkd.models.born import (IMPORTANCES, PRUNED_ARCH, born_like, format_probe, is_narrower_copy, prune_to_budget,
-                                 prune_to_width, pruned_arch_kwargs, recalibrate_batchnorm)
+from synthkd.models.born import (IMPORTANCES, PRUNED_ARCH, birth_record, born_like, format_probe, is_narrower_copy,
+                                 prune_to_budget, prune_to_width, pruned_arch_kwargs, recalibrate_batchnorm)
 from synthkd.models.thinning import THINNED_ARCH, copy_from_teacher, is_thinning_of, thin, thinned_arch_kwargs
 from synthkd.seeds import derive_seed
 from synthkd.teacher_activations import cache_directory
@@ -233,7 +233,8 @@ def teacher_student(spec: str, teacher: Classifier, cuts: str | list[str], from_
     else:
         born = prune_to_budget(net, probe, key, value, options["importance"], inputs)
     config = ModelConfig(arch=PRUNED_ARCH, arch_kwargs=pruned_arch_kwargs(teacher.config.arch, teacher.config.arch_kwargs, born),
-                         input=teacher.input_format, class_names=list(teacher.config.class_names))
+                         input=teacher.input_format, class_names=list(teacher.config.class_names),
+                         born_from=birth_record(teacher.fingerprint(), born))
     return Classifier(born.net, config) if from_teacher else Classifier.from_config(config)
 
 
@@ -276,7 +277,9 @@ def build_student(student: str, teacher: Classifier, width: float = 1.0, seed: i
             copy_from_teacher(model.net, teacher.net)
         elif born and is_narrower_copy(model.net, unwrap(teacher.net)):
             inputs = None if images is None else network_inputs(teacher, images)
-            born_like(model.net, unwrap(teacher.net).cpu(), format_probe(teacher.input_format), options["importance"], inputs)
+            born_net = born_like(model.net, unwrap(teacher.net).cpu(), format_probe(teacher.input_format),
+                                 options["importance"], inputs)
+            model.config.born_from = birth_record(teacher.fingerprint(), born_net)
         else:
             born = False
         if born and options["recalibrate"]:

@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from .data.activation_cache import boundaries_of, boundary_builders, cache_bytes
+from .data.activation_cache import boundaries_of, boundary_builders, cache_bytes, computed_boundaries
 from .data.format import MANIFEST_NAME
 from .models.neighbourhoods import evaluating
 from .models.born import count_flops
@@ -44,21 +44,23 @@ def plan_neighbourhoods(distiller: NeighbourhoodDistiller, num_images: int, num_
     where = cache_location(config.cache, total_bytes)
     directory = cache_directory(config, out)
     if where == "disk":
-        require_cache_fits(directory, shapes, distiller.names)
+        require_cache_fits(directory, shapes, distiller.names, distiller.kept_channels)
         if not (directory / MANIFEST_NAME).is_file():
             require_free_disk(directory, total_bytes)
 
     needs = [[k for k, owners in enumerate(ranks) if rank in owners] for rank in range(num_ranks)]
+    sliced = [False, *(channels is not None for channels in distiller.kept_channels), False]
     builders = boundary_builders(needs, len(shapes))
     per_rank = []
     for rank, owned in enumerate(needs):
         read = boundaries_of(owned)
         if where == "disk":  # the rank makes the boundaries it is the builder of, each from the one before
             made = [b for b, builder in enumerate(builders) if builder == rank]
+            computed = computed_boundaries(made, sliced)
         else:  # every rank runs the teacher up to the deepest boundary it trains on
-            made = list(range(max(read) + 1)) if read else []
+            made = computed = list(range(max(read) + 1)) if read else []
         train = sum(config.epochs * steps_per_epoch * step_seconds[k] / len(ranks[k]) for k in owned)
-        cache = sum(rows * teacher_seconds[b - 1] / batch for b in made if b > 0)
+        cache = sum(rows * teacher_seconds[b - 1] / batch for b in computed if b > 0)
         per_rank.append({
             "rank": rank, "neighbourhoods": [distiller.names[k] for k in owned], "boundaries_read": read,
             "boundaries_made": made, "disk_bytes": sum(boundary_bytes[b] for b in made) if where == "disk" else 0,
@@ -93,7 +95,7 @@ def _output_shape(neighbourhood: torch.nn.Module, probe: torch.Tensor) -> tuple[
 def _teacher_forward_seconds(distiller: NeighbourhoodDistiller, batch: int, repeats: int) -> list[float]:
     """Seconds of each teacher piece's forward pass on a batch: the cost of making its boundary."""
     timed = []
-    for piece, probe in zip(distiller.teacher_split.pieces, distiller.probes):
+    for piece, probe in zip(distiller.teacher_split.pieces, distiller.teacher_probes):
         x = batch_of(probe, batch)
         timed.append(best_seconds(lambda: piece(x), repeats, x.device))
     return timed

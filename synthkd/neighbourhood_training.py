@@ -7,7 +7,11 @@ of it, is computed up front (in memory, or as a checksummed, resumable cache on 
 pairs read from it, with no teacher forward pass. A student keeps the teacher's activation
 shape at every cut (e.g. ``resnet20:inner=0.5``: thinner inside each block, same residual
 width), so the pieces chain without adapters and the merged student is the student network
-itself; ``adapters`` allows narrower interfaces with learned 1x1 convolutions between them.
+itself. A student born from the teacher by pruning (``teacher:width=0.5``) is narrower at the
+cuts but its channels there are teacher channels: neighbourhood k learns the teacher's activation
+at cut k-1 restricted to the channels kept there to the one at cut k restricted to the same, and
+the pieces chain with nothing learned at the cuts. ``adapters`` allows other narrower interfaces
+with learned 1x1 convolutions between them.
 
 Each rank owns a set of neighbourhoods (balanced by counted FLOPs) and reads only their
 activations; with more ranks than neighbourhoods the extra ranks train the costliest ones
@@ -43,7 +47,7 @@ from .errors import SynthkdError, warn
 from .io import atomic_write, atomic_write_json, read_json
 from .losses import DISTILLATION_LOSSES, relative_squared_error
 from .models import Classifier, unwrap
-from .models.born import count_flops
+from .models.born import count_flops, kept_channels_at
 from .seeds import derive_seed
 from .settings import directory_problem, setting
 from .training import KDSettings, TrainSettings, warmup_cosine
@@ -177,6 +181,9 @@ class NeighbourhoodDistiller:
         probe = fmt.normalize(torch.rand(2, *fmt.shape, generator=torch.Generator().manual_seed(0))).to(device)
         student.to(device).eval()
         self.channel_pairs = cut_channel_pairs(self.teacher_split, self.student_split, probe)
+        self.kept_channels = self._kept_channels(student_cuts, probe)
+        # A cut whose channels are the teacher's kept ones needs no adapter.
+        self.channel_pairs = [None if kept else pair for pair, kept in zip(self.channel_pairs, self.kept_channels + [None])]
         if not config.adapters:
             self._require_same_interfaces(probe)
         self.neighbourhoods = nn.ModuleList()
@@ -189,11 +196,13 @@ class NeighbourhoodDistiller:
                 CutAdapter(before[0], before[1]) if before else None,
                 CutAdapter(after[1], after[0]) if after else None,
             ).to(device))
-        # The teacher's activation entering each neighbourhood, on the probe.
-        self.probes = [probe]
+        # The teacher's activation entering each neighbourhood, on the probe, whole and as the
+        # student's piece takes it (the kept channels).
+        self.teacher_probes = [probe]
         for piece in self.teacher_split.pieces[:-1]:
             with torch.no_grad():
-                self.probes.append(piece(self.probes[-1]))
+                self.teacher_probes.append(piece(self.teacher_probes[-1]))
+        self.probes = [x if kept is None else x[:, kept] for x, kept in zip(self.teacher_probes, [None] + self.kept_channels)]
         self.flops = [count_flops(n, x) for n, x in zip(self.neighbourhoods, self.probes)]
         self.local = owned is not None
         if self.local:
@@ -230,15 +239,38 @@ class NeighbourhoodDistiller:
         broadcast_object_list(costs)
         return costs[0]
 
+    def _kept_channels(self, student_cuts: list[str], probe: torch.Tensor) -> list[list[int] | None]:
+        """Per cut, the teacher's indices of the channels a student born from this teacher keeps
+        there (None where it keeps all of them, or was not born from this teacher)."""
+        born = self.student.config.born_from
+        if not born or born.get("teacher") != self.teacher.fingerprint():
+            return [None] * len(self.cuts)
+        found = kept_channels_at(unwrap(self.student.net), born["channels"], student_cuts, probe)
+        kept: list[list[int] | None] = []
+        for name, student_cut, pair in zip(self.cuts, student_cuts, self.channel_pairs):
+            channels = found.get(student_cut)
+            if pair is None:
+                kept.append(None)
+            elif channels is None or len(channels) != pair[1]:
+                raise SynthkdError(
+                    f"cannot tell which of the teacher's {pair[0]} channels the born student's {pair[1]} at cut {name!r} "
+                    "are; choose cuts after pruned modules (e.g. --cuts blocks), or pass --adapters to learn 1x1 "
+                    "convolutions between them")
+            else:
+                kept.append(channels)
+        return kept
+
     def _require_same_interfaces(self, probe: torch.Tensor) -> None:
         """Without adapters every cut must carry the teacher's activation shape."""
         for name, pair, t, s in zip(self.names, self.channel_pairs, activation_shapes(self.teacher_split, probe),
                                     activation_shapes(self.student_split, probe)):
             if pair is not None:
+                born = self.student.config.born_from
+                why = " (it was born from another teacher, so its channels are not this one's)" if born else ""
                 raise SynthkdError(
-                    f"the student's activation at cut {name!r} is {s}, the teacher's {t}; a neighbourhood student keeps "
-                    "the teacher's interfaces (e.g. --student resnet20:inner=0.5), or pass --adapters to learn 1x1 "
-                    "convolutions between them")
+                    f"the student's activation at cut {name!r} is {s}, the teacher's {t}{why}; a neighbourhood student "
+                    "keeps the teacher's interfaces (e.g. --student resnet20:inner=0.5) or its kept channels "
+                    "(--student teacher:width=0.5), or pass --adapters to learn 1x1 convolutions between them")
 
     def fingerprint(self, data_fingerprint: str) -> str:
         """Key of a finished neighbourhood file: teacher, student, cuts, data and settings."""
@@ -272,7 +304,7 @@ class NeighbourhoodDistiller:
         started, cpu_started = time.perf_counter(), time.process_time()
         if activations is None and (todo or not self.local):  # the cache build is collective
             activations = TeacherActivations(self.teacher, self.teacher_split, dataset, self.config, data_fingerprint,
-                                              accelerator, out, needed=todo, local=self.local)
+                                              accelerator, out, needed=todo, local=self.local, kept=self.kept_channels)
         cache_seconds, cache_cpu_seconds = time.perf_counter() - started, time.process_time() - cpu_started
         if todo:
             results.update(self._train(todo, activations, folder, key))

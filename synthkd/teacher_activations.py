@@ -12,6 +12,10 @@ Each boundary is computed from the one before it *as stored* (in the cache's dty
 is the teacher's output on exactly the input its neighbourhood trains on, and the disk cache can
 be split by rank: each rank makes only the targets of the neighbourhoods it trains, from inputs
 another rank may have made.
+
+For a student born from the teacher by pruning, ``kept`` names the teacher's channels the student
+keeps at each cut: only those are stored, and the boundary after a sliced one is computed from the
+teacher's whole activation, recomputed from the last boundary stored whole (at worst the image).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from .accelerator import logger
 from .augment import distillation_augmentation
 from .data.activation_cache import (DTYPES, ActivationCache, ActivationCacheWriter, boundaries_of, boundary_builders,
-                                    cache_bytes)
+                                    cache_bytes, computed_boundaries)
 from .data.activations import ActivationDataset
 from .data.format import MANIFEST_NAME, RUN_NAME
 from .errors import SynthkdError
@@ -80,18 +84,35 @@ def require_free_disk(directory: Path, size: int) -> None:
             "use --cache-dtype float16, fewer --cache-views, another --cache-dir or --cache memory (nothing was written)")
 
 
-def require_cache_fits(directory: Path, shapes: list[tuple[int, ...]], names: list[str]) -> None:
+def require_cache_fits(directory: Path, shapes: list[tuple[int, ...]], names: list[str],
+                       kept: list[list[int] | None] | None = None) -> None:
     """Refuse an existing cache whose activation at some cut has another shape than the one the
-    neighbourhoods take there, naming the cut (``names``: of boundaries 1.., the cuts then the head)."""
+    neighbourhoods take there, or other teacher channels than the student keeps (``kept``, per
+    cut), naming the cut (``names``: of boundaries 1.., the cuts then the head)."""
     run = directory / RUN_NAME
     if not run.is_file():
         return
-    stored = [tuple(shape) for shape in read_json(run).get("shapes", [])]
+    record = read_json(run)
+    stored = [tuple(shape) for shape in record.get("shapes", [])]
     for b, (mine, theirs) in enumerate(zip(shapes, stored)):
         if tuple(mine) != theirs:
             where = "the input" if b == 0 else f"cut {names[b - 1]!r}"
             raise SynthkdError(f"the activation cache {directory} holds {theirs} at {where}, the student's neighbourhoods "
                                f"take {tuple(mine)} there; use another --cache-dir or delete this one")
+    stored_kept = record.get("kept_channels", {})
+    for name, channels in zip(names, kept or []):
+        if stored_kept.get(name) != channels:
+            raise SynthkdError(f"the activation cache {directory} holds {channel_list(stored_kept.get(name))} of the "
+                               f"teacher's channels at cut {name!r}, the student keeps {channel_list(channels)}; use "
+                               "another --cache-dir or delete this one")
+
+
+def channel_list(channels: list[int] | None) -> str:
+    """A short description of a set of teacher channels (None: all of them)."""
+    if channels is None:
+        return "all"
+    shown = ", ".join(map(str, channels[:4])) + (", ..." if len(channels) > 4 else "")
+    return f"{len(channels)} ({shown})"
 
 
 def human(size: float) -> str:
@@ -107,11 +128,15 @@ class TeacherActivations:
     hold out (the held-out images' plain view measures each neighbourhood's local error).
 
     ``needed``: the neighbourhoods this rank trains. Building a disk cache is collective (every
-    rank makes its share of it) unless ``local``, which keeps the activations in memory."""
+    rank makes its share of it) unless ``local``, which keeps the activations in memory. ``kept``:
+    per cut, the teacher's channels a born student keeps there (None: all), the only ones stored."""
 
     def __init__(self, teacher: Classifier, split: Split, dataset: Dataset, config: Any, data_fingerprint: str,
-                 accelerator: Accelerator, out: Path, needed: list[int], local: bool = False) -> None:
+                 accelerator: Accelerator, out: Path, needed: list[int], local: bool = False,
+                 kept: list[list[int] | None] | None = None) -> None:
         self.teacher, self.split, self.config = teacher, split, config
+        self.kept_channels = list(kept) if kept is not None else [None] * len(split.cuts)
+        self._kept_at = [None, *self.kept_channels, None]  # per boundary: the image and the logits are whole
         self.accelerator = accelerator
         self.per_neighbourhood = isinstance(dataset, ActivationDataset)
         self.views = 1 if self.per_neighbourhood else config.cache_views
@@ -126,7 +151,8 @@ class TeacherActivations:
             return
         fmt = teacher.input_format
         probe = fmt.normalize(torch.zeros(1, *fmt.shape)).to(self._device)
-        shapes = [tuple(probe.shape[1:])] + activation_shapes(split, probe)
+        whole_shapes = [tuple(probe.shape[1:])] + activation_shapes(split, probe)
+        shapes = [self._stored_shape(b, shape) for b, shape in enumerate(whole_shapes)]
         size = cache_bytes(shapes, self.num_images, self.views, config.cache_dtype)
         where = self._where(size, local)
         directory = cache_directory(config, out)
@@ -149,6 +175,15 @@ class TeacherActivations:
     def train_rows(self) -> torch.Tensor:
         """Every view of every image not held out."""
         return (torch.arange(self.views)[:, None] * self.num_images + self._train_images[None]).flatten()
+
+    def _stored_shape(self, b: int, shape: tuple[int, ...]) -> tuple[int, ...]:
+        channels = self._kept_at[b]
+        return shape if channels is None else (len(channels), *shape[1:])
+
+    def _stored(self, b: int, activations: torch.Tensor) -> torch.Tensor:
+        """Boundary ``b`` as the cache stores it: the kept channels only."""
+        channels = self._kept_at[b]
+        return activations if channels is None else activations[:, channels]
 
     def pair(self, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Inputs and teacher targets of neighbourhood ``k``, every row (see :attr:`train_rows`)."""
@@ -215,7 +250,7 @@ class TeacherActivations:
                 found = self._boundaries(images, view, shard, max(boundaries))
                 offset = view * self.num_images + start
                 for b in boundaries:
-                    stored[b][offset : offset + len(images)] = found[b].cpu().to(dtype)
+                    stored[b][offset : offset + len(images)] = self._stored(b, found[b]).cpu().to(dtype)
         return stored
 
     def _from_disk(self, dataset: Dataset, directory: Path, shapes: list[tuple[int, ...]], size: int,
@@ -223,26 +258,31 @@ class TeacherActivations:
         """Build (collectively) or reuse the disk cache, split by rank: this rank makes the
         boundaries it is the builder of, in (shard, view, boundary) order on every rank, so a
         boundary made from another rank's one never waits for a shard that waits on it."""
-        require_cache_fits(directory, shapes, self.split.names)
+        require_cache_fits(directory, shapes, self.split.names, self.kept_channels)
         if not (directory / MANIFEST_NAME).is_file():
             require_free_disk(directory, size)
         config = self.config
         record = {"teacher": self.teacher.fingerprint(), "data": data_fingerprint, "cuts": list(self.split.cuts),
                   "augmentation": {"flip": config.flip, "mixup": config.mixup, "seed": config.seed} if self.views > 1 else None}
+        if any(channels is not None for channels in self.kept_channels):
+            record["kept_channels"] = {cut: channels for cut, channels in zip(self.split.cuts, self.kept_channels) if channels}
         builders = boundary_builders(gather_object([needed]), len(shapes))
         writer = ActivationCacheWriter(directory, record, shapes, self.num_images, SHARD_SIZE, self.views,
                                        config.cache_dtype, builders, self.accelerator)
         pending = writer.pending()
+        sliced = [channels is not None for channels in self._kept_at]
         for shard in range(writer.num_shards):
             for view in range(self.views):
-                made: dict[int, torch.Tensor] = {}
-                for b in pending.get((view, shard), []):
+                made = pending.get((view, shard), [])
+                whole: dict[int, torch.Tensor] = {}  # this unit's boundaries with every teacher channel
+                for b in computed_boundaries(made, sliced):
                     if b == 0:
-                        made[b] = self._image_boundary(self._shard_images(dataset, shard), view, shard)
+                        whole[b] = self._image_boundary(self._shard_images(dataset, shard), view, shard)
                     else:
-                        previous = made[b - 1] if b - 1 in made else writer.read(b - 1, view, shard)
-                        made[b] = self._next_boundary(b, previous)
-                    writer.write(b, view, shard, made[b])
+                        previous = whole[b - 1] if b - 1 in whole else writer.read(b - 1, view, shard)
+                        whole[b] = self._next_boundary(b, previous)
+                    if b in made:
+                        writer.write(b, view, shard, self._stored(b, whole[b]))
         writer.finalize()
         cache = ActivationCache(directory)
         return {b: cache.boundary(b) for b in boundaries_of(needed)}
@@ -254,4 +294,4 @@ class TeacherActivations:
         piece = self.split.pieces[k]
         targets = torch.cat([piece(inputs[i : i + SHARD_SIZE].to(self._device).clone()).cpu()
                              for i in range(0, len(inputs), SHARD_SIZE)])
-        return inputs, targets
+        return self._stored(k, inputs), self._stored(k + 1, targets)

@@ -16,7 +16,10 @@ The cache is split by rank: each boundary is made by one rank, its *builder* (th
 trains the neighbourhood whose target it is, :func:`boundary_builders`), from the boundary before
 it as stored, whichever rank made that one. So the teacher runs once over the set, each rank runs
 only the teacher pieces of its own neighbourhoods and writes only their targets, and a rank that
-trains neighbourhood k reads only the files of boundaries k and k+1. The directory is shared by
+trains neighbourhood k reads only the files of boundaries k and k+1. For a student born from the
+teacher a boundary holds only the channels the student keeps at its cut (``kept_channels`` in
+run.json); the teacher's next piece needs them all, so a rank recomputes such a boundary from the
+last one stored whole (:func:`computed_boundaries`). The directory is shared by
 the ranks (one machine, or a shared file system).
 """
 
@@ -62,6 +65,19 @@ def boundary_builders(needed: list[list[int]], num_boundaries: int) -> list[int]
         inputs = [r for r, owned in enumerate(needed) if b in owned]
         builders.append(min(targets or inputs or [builders[-1] if builders else 0]))
     return builders
+
+
+def computed_boundaries(made: list[int], sliced: list[bool]) -> list[int]:
+    """The boundaries a rank computes to make ``made``: those, and below each every boundary stored
+    with only some channels (``sliced[b]``: a born student's kept ones), down to one stored whole
+    or made by this rank: the teacher's next piece needs the whole activation."""
+    computed = set(made)
+    for b in made:
+        below = b - 1
+        while below >= 0 and below not in computed and sliced[below]:
+            computed.add(below)
+            below -= 1
+    return sorted(computed)
 
 
 class ActivationCacheWriter(ShardStore):

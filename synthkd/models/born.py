@@ -299,6 +299,40 @@ def recalibrate_batchnorm(model: nn.Module, images: torch.Tensor, batch_size: in
         model.train(training)
 
 
+def birth_record(teacher_fingerprint: str, born: BornNetwork) -> dict[str, Any]:
+    """A born student's ``born_from`` config entry: which teacher it was pruned from and, per pruned
+    module, the teacher's indices of the output channels it kept, so a saved born student can still
+    learn the teacher's kept channels at its cuts."""
+    return {"teacher": teacher_fingerprint,
+            "channels": {path: sides["out"] for path, sides in born.kept.items() if "out" in sides}}
+
+
+def kept_channels_at(net: nn.Module, kept_out: dict[str, list[int]], cuts: list[str],
+                     probe: torch.Tensor) -> dict[str, list[int]]:
+    """The teacher's indices of the channels each cut module of a born ``net`` outputs, for the cuts
+    that follow a pruned module: the kept outputs of the last pruned module to finish before the
+    cut module returns (for a residual block its last batch norm, coupled with the shortcut and the
+    whole stream). Found on one forward pass of ``probe``, so it follows the network's own order."""
+    finished: list[str] = []
+    watched = set(kept_out) | set(cuts)
+    hooks = [module.register_forward_hook(lambda _module, _inputs, _output, path=path: finished.append(path))
+             for path, module in net.named_modules() if path in watched]
+    try:
+        with _evaluating(net), torch.no_grad():
+            net(probe.to(next(net.parameters()).device))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    found: dict[str, list[int]] = {}
+    last = None
+    for path in finished:
+        if path in kept_out:
+            last = path
+        if path in cuts and last is not None:
+            found[path] = list(kept_out[last])
+    return found
+
+
 def pruned_arch_kwargs(base_arch: str, base_kwargs: dict[str, Any], born: BornNetwork) -> dict[str, Any]:
     """The ``arch_kwargs`` of a ``pruned`` model config: the base network and its kept channel counts."""
     return {"base": {"arch": base_arch, "arch_kwargs": dict(base_kwargs)}, "channels": born.channel_counts()}

@@ -103,6 +103,9 @@ class ModelConfig:
     class_names: list[str] = field(default_factory=list)
     # 1x1 convolutions after cut modules, left by merging neighbourhoods of a narrower student.
     cut_adapters: dict[str, int] = field(default_factory=dict)
+    # A student born from a teacher by pruning: the teacher's fingerprint and, per pruned module,
+    # the teacher's indices of the output channels it kept (its interfaces in neighbourhood mode).
+    born_from: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         data = {
@@ -115,11 +118,13 @@ class ModelConfig:
         }
         if self.cut_adapters:
             data["cut_adapters"] = dict(self.cut_adapters)
+        if self.born_from:
+            data["born_from"] = self.born_from
         return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
-        known = {"arch", "arch_kwargs", "input_shape", "mean", "std", "class_names", "cut_adapters"}
+        known = {"arch", "arch_kwargs", "input_shape", "mean", "std", "class_names", "cut_adapters", "born_from"}
         unknown = set(data) - known
         if unknown or "arch" not in data or "input_shape" not in data:
             raise SynthkdError(
@@ -133,6 +138,7 @@ class ModelConfig:
             input=InputFormat(channels, height, width, data.get("mean", (0.0,)), data.get("std", (1.0,))),
             class_names=list(data.get("class_names", [])),
             cut_adapters={str(k): int(v) for k, v in data.get("cut_adapters", {}).items()},
+            born_from=dict(data.get("born_from", {})),
         )
 
 
