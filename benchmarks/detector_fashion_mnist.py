@@ -36,9 +36,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import CACHE, load_setting, print_table, standard_synthetic, timed, write_json  # noqa: E402
 
 from synthkd.accelerator import make_accelerator  # noqa: E402
-from synthkd.data import load_dataset  # noqa: E402
 from synthkd.data.reader import is_synthetic_dir  # noqa: E402
-from synthkd.detector import CONVENTION, Detector, cached_extract, detection_metrics  # noqa: E402
+from synthkd.detector import CONVENTION, Detector, detection_metrics  # noqa: E402
 from synthkd.detector.features import CACHE_ENV, default_batchnorm_layers  # noqa: E402
 from synthkd.detector.settings import CalibrationSettings, DetectorEvaluationSettings  # noqa: E402
 from synthkd.models import Classifier  # noqa: E402
@@ -337,7 +336,8 @@ def main() -> None:
     cache = Path(args.cache)
     os.environ[CACHE_ENV] = str(cache / "detector-features")  # features are reused across runs (keyed by content)
     timings: dict[str, float] = {}
-    results: dict[str, Any] = {"settings": {"quick": args.quick, "teacher": args.teacher, "synthetic": args.synthetic, "alpha": ALPHA, "epsilon": args.epsilon,
+    results: dict[str, Any] = {"settings": {"quick": args.quick, "teacher": args.teacher, "synthetic": args.synthetic,
+                                            "alpha": ALPHA, "epsilon": args.epsilon,
                                             "pgd_steps": args.pgd_steps, "smoothing": SMOOTHING,
                                             "synthetic_components": SMOOTH_COMPONENTS,
                                             "batchnorm_weight": BATCHNORM_WEIGHT, "near_ood_split": [INSIDE, HELD_OUT],

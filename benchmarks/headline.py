@@ -21,6 +21,10 @@ after it: a figure counts when ``alone`` (the load stayed within the threads thi
     python benchmarks/headline.py --minutes 5,10,20,30 --out benchmarks/results/headline.json
     python benchmarks/headline.py --quick --teacher DIR --data SET --eval-dataset digits:test \
         --validation 'digits:train[-200:]' --out headline_quick.json     # seconds: a smoke test
+
+``--summary-of ROW=DIR,...`` reads finished `synthkd distill --eval-dataset ...` runs instead (one
+long schedule per row, its per-epoch test accuracy read off as a curve) and charges
+``--generation-minutes`` to each: the figures of benchmarks/results/headline_runs.json.
 """
 
 from __future__ import annotations
@@ -132,12 +136,48 @@ def choose_birth(row: dict[str, Any], teacher: Classifier, data: str, images: to
     return max(trials, key=lambda trial: trial["validation"])["options"], trials
 
 
+def summarize_runs(pairs: str, generation_seconds: float, minutes: list[float]) -> dict[str, Any]:
+    """The curve of each finished distill run ``ROW=DIR``: test accuracy after the last epoch that
+    fits each budget of generation + KD, in one-thread CPU minutes (robust to a busy machine) and
+    wall minutes; the final per-class accuracy next to the teacher's."""
+    from synthkd.io import read_json
+
+    rows, curve = [], []
+    for pair in pairs.split(","):
+        row, _, directory = pair.partition("=")
+        metrics = read_json(Path(directory) / "metrics.json")
+        config = read_json(Path(directory) / "config.json")
+        history = metrics["history"]
+        cpu = [generation_seconds + used for used in itertools.accumulate(epoch["cpu_seconds"] for epoch in history)]
+        wall = list(itertools.accumulate(epoch["seconds"] for epoch in history))
+        points = {}
+        for budget in minutes:
+            fitting = [i for i, used in enumerate(cpu) if used <= 60 * budget]
+            if fitting:
+                points[f"{budget:g} min"] = history[fitting[-1]]["eval_accuracy"]
+        teacher, student = metrics["teacher"], metrics["student"]
+        parameters = sum(p.numel() for p in load_model(directory).parameters())
+        rows.append({"row": row, "student": config["arch"], "arch_kwargs": config.get("arch_kwargs"), "epochs": len(history),
+                     "cpu_minutes": cpu[-1] / 60, "kd_wall_minutes": wall[-1] / 60, "accuracy": student["accuracy"],
+                     "gap_points": 100 * metrics["gap"], "curve": points, "per_class": student["per_class"],
+                     "teacher_per_class": teacher["per_class"], "teacher_accuracy": teacher["accuracy"],
+                     "parameters": parameters, "directory": recorded_path(directory, Path(CACHE))})
+        curve.append({"row": row, **points, "final": student["accuracy"], "gap": 100 * metrics["gap"],
+                      "cpu min": cpu[-1] / 60, "epochs": len(history)})
+    print_table(curve, f"test accuracy after the last epoch within each budget (one-thread CPU minutes, generation "
+                       f"{generation_seconds / 60:.1f} min charged)")
+    print_table([{"class": name, "teacher": accuracy, **{r["row"]: r["per_class"][name] for r in rows}}
+                 for name, accuracy in rows[0]["teacher_per_class"].items()], "per-class accuracy at the end")
+    return {"benchmark": "headline (finished runs)", "generation_seconds": generation_seconds, "runs": rows}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--teacher", default=str(SHIPPED_TEACHER), help="teacher model directory (default: %(default)s)")
     parser.add_argument("--data", help="a synthetic set directory (default: made here with the fast generator, timed)")
     parser.add_argument("--generation-minutes", type=float,
-                        help="with --data: the minutes its generation took, charged to every row (default 0)")
+                        help="with --data or --summary-of: the minutes its generation took, charged to every row "
+                             "(default 0)")
     parser.add_argument("--num-images", type=int, help=f"fast-generator images (default {FULL['num_images']})")
     parser.add_argument("--minutes", help=f"budgets of generation + birth + KD (default {FULL['minutes']})")
     parser.add_argument("--rows", default="a,b,c,d", help="which rows to run (default: %(default)s)")
@@ -151,9 +191,14 @@ def main() -> None:
     parser.add_argument("--config", help="settings file (default: configs/fashion_mnist.yaml)")
     parser.add_argument("--cache", default=str(CACHE))
     parser.add_argument("--quick", action="store_true", help="the same measurement, tiny (seconds to minutes)")
+    parser.add_argument("--summary-of", help="ROW=DIR,...: finished distill runs to read instead of running")
     parser.add_argument("--out")
     args = parser.parse_args()
     defaults = QUICK if args.quick else FULL
+    if args.summary_of:
+        budgets = [float(m) for m in (args.minutes or defaults["minutes"]).split(",")]
+        write_json(args.out, summarize_runs(args.summary_of, 60 * (args.generation_minutes or 0.0), budgets))
+        return
     config = load_setting(args.config)
     minutes = [float(m) for m in (args.minutes or defaults["minutes"]).split(",")]
     seeds = [int(s) for s in (args.seeds or defaults["seeds"]).split(",")]

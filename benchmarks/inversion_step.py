@@ -75,7 +75,8 @@ def main() -> None:
         cases = {"inversion_step": inversion_step, "fwd_bwd_input": input_floor, "fwd_bwd_weights": weight_floor}
         times: dict[str, list[float]] = {name: [] for name in cases}
         for fn in cases.values():  # warm-up
-            fn(); fn()
+            fn()
+            fn()
         for _ in range(repeats):
             for name, fn in cases.items():
                 if device.type == "cuda":

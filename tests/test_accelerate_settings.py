@@ -103,7 +103,8 @@ def test_run_sends_every_stage_live_to_one_tracker_run(tmp_path, teacher_dir):
 def test_a_tracker_whose_package_is_missing_is_one_line(tmp_path, teacher_dir, synthetic_dir):
     from accelerate.tracking import get_available_trackers
 
-    missing = next((t for t in ("wandb", "mlflow", "aim", "comet_ml") if t not in {str(getattr(a, "value", a)) for a in get_available_trackers()}), None)
+    available = {str(getattr(a, "value", a)) for a in get_available_trackers()}
+    missing = next((t for t in ("wandb", "mlflow", "aim", "comet_ml") if t not in available), None)
     if missing is None:
         pytest.skip("every tracker tried is installed")
     result = CliRunner().invoke(main, ["distill", "--teacher", str(teacher_dir), "--data", str(synthetic_dir),

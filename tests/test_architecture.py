@@ -49,3 +49,9 @@ def test_every_package_folder_is_installed():
             if not any(p for p in roots if p != package and p.startswith(package + ".") and init.is_relative_to(ROOT / roots[p])):
                 found.add(".".join((package, *parts)))
     assert found == listed
+
+
+def test_the_code_passes_the_linter():
+    """ruff's pyflakes and pycodestyle rules (pyproject.toml [tool.ruff]) over the whole repository."""
+    result = subprocess.run([sys.executable, "-m", "ruff", "check", "--no-cache", str(ROOT)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

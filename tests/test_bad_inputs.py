@@ -522,7 +522,8 @@ CASES = [
          "contains itself"),
     Case("run", "config of binary garbage", lambda w: ["run", config_file(w, "garbage.yaml", bytes(range(256)) * 4)],
          "is not a YAML text file"),
-    Case("run", "teacher.model naming code", lambda w: ["run", run_config(w, "run-5"), f"teacher.model={model_with(w, 'run-code', arch='os:system')}"],
+    Case("run", "teacher.model naming code",
+         lambda w: ["run", run_config(w, "run-5"), f"teacher.model={model_with(w, 'run-code', arch='os:system')}"],
          "--trust-code"),
 ]
 

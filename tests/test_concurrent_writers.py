@@ -56,7 +56,8 @@ def test_two_generate_processes_on_one_directory(teacher_dir, tmp_path):
     assert rerun.returncode == 0, rerun.stderr  # the lock is free once the writer is done
 
 
-HOLD = "import sys, time; from synthkd.io import exclusive_directory\nwith exclusive_directory(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)"
+HOLD = ("import sys, time; from synthkd.io import exclusive_directory\n"
+        "with exclusive_directory(sys.argv[1]):\n    print('held', flush=True); time.sleep(120)")
 
 
 @pytest.mark.parametrize("command", [

@@ -88,7 +88,7 @@ def test_digits_split_is_a_disjoint_stratified_partition():
     # Together the splits are exactly the whole set (as a multiset of image+label rows): no
     # image is in both and none is lost.
     def rows(images, labels):
-        return sorted(bytes(i.flatten().tolist()) + bytes([l]) for i, l in zip(images, labels))
+        return sorted(bytes(image.flatten().tolist()) + bytes([label]) for image, label in zip(images, labels))
 
     all_images = torch.from_numpy(np.round(digits.images * (255.0 / 16.0)).astype(np.uint8))
     assert rows(torch.cat([train.images[:, 0], test.images[:, 0]]), torch.cat([train.labels, test.labels]).tolist()) == rows(
@@ -159,7 +159,9 @@ def test_fashion_mnist_truncated_or_not_idx(tmp_path, gz):
     suffix = ".gz" if gz else ""
     images_file = tmp_path / f"train-images-idx3-ubyte{suffix}"
     raw = gzip.decompress(images_file.read_bytes()) if gz else images_file.read_bytes()
-    write_idx_bytes = (lambda data: images_file.write_bytes(gzip.compress(data) if gz else data))
+
+    def write_idx_bytes(data: bytes) -> None:
+        images_file.write_bytes(gzip.compress(data) if gz else data)
 
     write_idx_bytes(raw[:-100])
     with pytest.raises(SynthkdError, match="truncated"):

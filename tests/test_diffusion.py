@@ -284,7 +284,8 @@ def test_train_diffusion_cli_saves_a_loadable_ddpm_and_resumes(tmp_path):
     ok(*args)
     assert json.loads((out / "metrics.json").read_text())["history"] == history
     assert (out / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() == weights
-    assert "must be divisible by 2" in error_line(CliRunner().invoke(main, [str(a) for a in [*args[:-2], "--image-size", 9, "--out", tmp_path / "x"]]))
+    odd_size = [str(a) for a in [*args[:-2], "--image-size", 9, "--out", tmp_path / "x"]]
+    assert "must be divisible by 2" in error_line(CliRunner().invoke(main, odd_size))
 
 
 def generate_with_two_ranks(*args: str) -> None:

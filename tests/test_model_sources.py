@@ -20,7 +20,7 @@ from synthkd.cli import main
 from synthkd.errors import SynthkdError
 from synthkd.models import Classifier, is_library_source, load_model, model_source_problem, trusting_code
 
-from conftest import REPO, subprocess_env
+from conftest import subprocess_env
 
 PROBE = torch.rand(3, 3, 16, 16, generator=torch.Generator().manual_seed(0))
 

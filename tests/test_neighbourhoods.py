@@ -389,7 +389,8 @@ def test_cli_bad_cut_is_a_one_line_error(teacher_dir, synthetic_dir, tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() == 1, reason="two ranks on one GPU: NCCL refuses a shared device")
 def test_same_student_from_one_or_two_processes(teacher_dir, synthetic_dir, tmp_path):
     def distill_args(out: Path) -> list[str]:
-        return ["distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--data", str(synthetic_dir), "--mode", "neighbourhood", "--epochs", "2", "--finetune-epochs", "0",
+        return ["distill", "--teacher", str(teacher_dir), "--student", "resnet8", "--data", str(synthetic_dir),
+                "--mode", "neighbourhood", "--epochs", "2", "--finetune-epochs", "0",
                 "--batch-size", "8", "--seed", "3", "--out", str(out)]
 
     def check(done, what):

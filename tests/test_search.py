@@ -24,7 +24,7 @@ from synthkd.errors import SynthkdError
 from synthkd.models import Classifier, ModelConfig
 from synthkd.neighbourhood_training import count_flops
 from synthkd.pipelines.search import SearchSettings, explore, search
-from synthkd.search import Candidate, candidate_space, pareto_frontier, parse_budget, select
+from synthkd.search import candidate_space, pareto_frontier, parse_budget, select
 from synthkd.search.costs import count_parameters
 from synthkd.search.knapsack import Solution
 

@@ -92,7 +92,8 @@ def _cifar_resnet(depth: int):
         channels = tuple(scaled(c, width) for c in (16, 32, 64))
         return ResNet(channels, (blocks or default_blocks,) * 3, in_channels, num_classes, inner)
 
-    factory.__doc__ = f"CIFAR-style ResNet-{depth}: 3 stages of {default_blocks} basic blocks (``blocks``: another number per stage), 16/32/64 channels x width, ``inner``: the blocks' middle channels x inner."
+    factory.__doc__ = (f"CIFAR-style ResNet-{depth}: 3 stages of {default_blocks} basic blocks (``blocks``: another number "
+                       "per stage), 16/32/64 channels x width, ``inner``: the blocks' middle channels x inner.")
     return factory
 
 
@@ -103,7 +104,8 @@ def _imagenet_resnet(depth: int, stage_blocks: tuple[int, ...]):
         channels = tuple(scaled(c, width) for c in (64, 128, 256, 512))
         return ResNet(channels, (blocks,) * len(stage_blocks) if blocks else stage_blocks, in_channels, num_classes, inner)
 
-    factory.__doc__ = f"ImageNet-style ResNet-{depth} with a 3x3 stem and no max-pool, for small inputs (``blocks``: the same number in every stage; ``inner``: the blocks' middle channels x inner)."
+    factory.__doc__ = (f"ImageNet-style ResNet-{depth} with a 3x3 stem and no max-pool, for small inputs (``blocks``: the "
+                       "same number in every stage; ``inner``: the blocks' middle channels x inner).")
     return factory
 
 
