@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -41,9 +43,13 @@ def test_two_generate_processes_on_one_directory(teacher_dir, tmp_path):
     first = subprocess.Popen(command, cwd=REPO, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         wait_for_lock(out, first.pid, first)
+        # The first writer is paused while the second runs, so it outlives the second however long
+        # the second takes to start on a busy machine.
+        os.kill(first.pid, signal.SIGSTOP)
         second = subprocess.run(command, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=300)
         first_still_running = first.poll() is None
     finally:
+        os.kill(first.pid, signal.SIGCONT)
         stdout, stderr = first.communicate(timeout=600)
     assert first_still_running, "the test needs the first writer to outlive the second"
     assert second.returncode == 2, second.stderr
